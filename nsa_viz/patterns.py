@@ -1,0 +1,206 @@
+"""Sparse attention patterns: small validated specs that compile to a ``BlockLayout``.
+
+Each pattern states its meaning as ``mask_mod(q_pos, k_pos)`` (absolute positions, broadcasting
+tensors, as in FlexAttention) and compiles to the tile layout that the kernels execute; tests
+check that the two agree token by token.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Callable, Optional, Tuple
+
+import torch
+
+from .kernels.layout import BlockLayout, TokenRule, layout_from_block_mask, layout_from_mask_mod, layout_from_rule
+
+
+def _positive_int(owner: str, name: str, value, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{owner}.{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _power_of_two(owner: str, name: str, value, low: int = 16, high: int = 256) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or value > high or value & (value - 1):
+        raise ValueError(f"{owner}.{name} must be a power of two between {low} and {high}, got {value!r}")
+
+
+class Pattern:
+    """Base class. Subclasses are frozen dataclasses defining ``rule()`` (or overriding ``compile``)."""
+
+    dynamic = False  # True when the layout depends on the input (NSA)
+
+    def rule(self) -> TokenRule:
+        raise NotImplementedError
+
+    def global_mask(self, kv_len: int, device) -> Optional[torch.Tensor]:
+        return None
+
+    def mask_mod(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        """Boolean visibility of absolute query positions against key positions (broadcasting)."""
+        return self.rule().visible(q_pos, k_pos)
+
+    def compile(self, q_len: int, kv_len: Optional[int] = None, *, block_q: int = 64, block_kv: int = 64,
+                device=None) -> BlockLayout:
+        """The layout for ``q_len`` queries at the end of ``kv_len`` keys (default ``kv_len = q_len``)."""
+        kv_len = q_len if kv_len is None else kv_len
+        _positive_int(type(self).__name__, "q_len", q_len)
+        _positive_int(type(self).__name__, "kv_len", kv_len)
+        if q_len > kv_len:
+            raise ValueError(f"q_len ({q_len}) must not exceed kv_len ({kv_len})")
+        dev = str(torch.device(device) if device is not None else torch.device("cpu"))
+        return _compile_cached(self, q_len, kv_len, block_q, block_kv, dev)
+
+    def _compile(self, q_len: int, kv_len: int, block_q: int, block_kv: int, device) -> BlockLayout:
+        return layout_from_rule(self.rule(), q_len, kv_len, block_q, block_kv,
+                                self.global_mask(kv_len, device), device=device, name=self.label)
+
+    @property
+    def label(self) -> str:
+        return repr(self)
+
+
+@lru_cache(maxsize=64)
+def _compile_cached(pattern: Pattern, q_len: int, kv_len: int, block_q: int, block_kv: int, device: str) -> BlockLayout:
+    return pattern._compile(q_len, kv_len, block_q, block_kv, torch.device(device))
+
+
+@dataclass(frozen=True)
+class Dense(Pattern):
+    """Every key (up to the query, when causal)."""
+
+    causal: bool = True
+
+    def rule(self) -> TokenRule:
+        return TokenRule(causal=self.causal)
+
+
+@dataclass(frozen=True)
+class SlidingWindow(Pattern):
+    """The ``window`` most recent keys, the query itself included (``|q - k| < window`` when bidirectional)."""
+
+    window: int = 512
+    causal: bool = True
+
+    def __post_init__(self):
+        _positive_int("SlidingWindow", "window", self.window)
+
+    def rule(self) -> TokenRule:
+        return TokenRule(causal=self.causal, window=self.window)
+
+
+@dataclass(frozen=True)
+class Dilated(Pattern):
+    """Every ``stride``-th key block of ``block`` tokens, plus a local window so each query sees its neighbours.
+
+    The hardware-aligned form of strided attention: whole blocks, never single scattered keys.
+    """
+
+    stride: int = 4
+    block: int = 64
+    window: int = 64
+    causal: bool = True
+
+    def __post_init__(self):
+        _positive_int("Dilated", "stride", self.stride)
+        _power_of_two("Dilated", "block", self.block, 16, 4096)
+        _positive_int("Dilated", "window", self.window)
+
+    def rule(self) -> TokenRule:
+        return TokenRule(causal=self.causal, window=self.window, dilation_block=self.block, dilation_stride=self.stride)
+
+
+@dataclass(frozen=True)
+class GlobalLocal(Pattern):
+    """A sliding window plus ``sink`` leading tokens and ``global_tokens`` positions that every query sees
+    (and that see every key, as in Longformer's global attention)."""
+
+    window: int = 512
+    sink: int = 4
+    global_tokens: Tuple[int, ...] = ()
+    causal: bool = True
+
+    def __post_init__(self):
+        _positive_int("GlobalLocal", "window", self.window)
+        _positive_int("GlobalLocal", "sink", self.sink, minimum=0)
+        if not isinstance(self.global_tokens, tuple):
+            object.__setattr__(self, "global_tokens", tuple(self.global_tokens))
+        for p in self.global_tokens:
+            _positive_int("GlobalLocal", "global_tokens[i]", p, minimum=0)
+        if self.sink == 0 and not self.global_tokens:
+            raise ValueError("GlobalLocal needs sink >= 1 or at least one position in global_tokens; use SlidingWindow otherwise")
+
+    def rule(self) -> TokenRule:
+        return TokenRule(causal=self.causal, window=self.window, sink=self.sink)
+
+    def global_mask(self, kv_len: int, device) -> Optional[torch.Tensor]:
+        if not self.global_tokens:
+            return None
+        g = torch.zeros(kv_len, dtype=torch.bool, device=device)
+        pos = torch.tensor([p for p in self.global_tokens if p < kv_len], dtype=torch.long, device=device)
+        g[pos] = True
+        return g
+
+    def mask_mod(self, q_pos, k_pos):
+        n = int(max(q_pos.max().item(), k_pos.max().item())) + 1
+        return self.rule().visible(q_pos, k_pos, self.global_mask(n, q_pos.device))
+
+
+@dataclass(frozen=True, eq=False)
+class Custom(Pattern):
+    """Any mask given as ``mask_fn(q_pos, k_pos) -> bool tensor`` (broadcasting), stored exactly in tile bitmaps.
+
+    Compiling evaluates the function on every (query, key) pair, so keep it to moderate lengths.
+    """
+
+    mask_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = None
+    name: str = "custom"
+
+    def __post_init__(self):
+        if not callable(self.mask_fn):
+            raise ValueError(f"Custom.mask_fn must be callable(q_pos, k_pos) -> bool tensor, got {self.mask_fn!r}")
+
+    def mask_mod(self, q_pos, k_pos):
+        return self.mask_fn(q_pos, k_pos)
+
+    def _compile(self, q_len, kv_len, block_q, block_kv, device):
+        return layout_from_mask_mod(self.mask_fn, q_len, kv_len, block_q, block_kv, device=device, name=self.name)
+
+    @property
+    def label(self) -> str:
+        return f"Custom({self.name})"
+
+
+@dataclass(frozen=True, eq=False)
+class BlockSparse(Pattern):
+    """An explicit boolean block mask ``[NQB, NKB]`` over tiles of ``block_q × block_kv`` (causal inside tiles)."""
+
+    block_mask: torch.Tensor = None
+    block_q: int = 64
+    block_kv: int = 64
+    causal: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.block_mask, torch.Tensor) or self.block_mask.dim() != 2:
+            raise ValueError("BlockSparse.block_mask must be a 2-D boolean tensor [num_q_blocks, num_kv_blocks]")
+        _power_of_two("BlockSparse", "block_q", self.block_q)
+        _power_of_two("BlockSparse", "block_kv", self.block_kv)
+
+    def mask_mod(self, q_pos, k_pos):
+        bm = self.block_mask.to(q_pos.device, torch.bool)
+        qb = (q_pos // self.block_q).clamp(max=bm.shape[0] - 1)
+        kb = (k_pos // self.block_kv).clamp(max=bm.shape[1] - 1)
+        vis = bm[qb, kb]
+        return vis & (k_pos <= q_pos) if self.causal else vis
+
+    def compile(self, q_len, kv_len=None, *, block_q=None, block_kv=None, device=None):
+        kv_len = q_len if kv_len is None else kv_len
+        if (block_q or self.block_q) != self.block_q or (block_kv or self.block_kv) != self.block_kv:
+            raise ValueError(f"BlockSparse fixes its blocks at {self.block_q}x{self.block_kv}; got block_q={block_q}, block_kv={block_kv}")
+        device = torch.device(device) if device is not None else self.block_mask.device
+        return layout_from_block_mask(self.block_mask.to(device), q_len, kv_len, self.block_q, self.block_kv,
+                                      self.causal, name="BlockSparse")
+
+
+__all__ = ["Pattern", "Dense", "SlidingWindow", "Dilated", "GlobalLocal", "Custom", "BlockSparse"]
