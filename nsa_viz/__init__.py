@@ -1,5 +1,5 @@
 """nsa-viz: see and measure native sparse attention on real models."""
-from .patterns import BlockSparse, Custom, Dense, Dilated, GlobalLocal, Pattern, SlidingWindow
+from .patterns import BlockSparse, Custom, Dense, Dilated, GlobalLocal, NSA, Pattern, SlidingWindow
 
 __version__ = "0.1.0"
-__all__ = ["Pattern", "Dense", "SlidingWindow", "Dilated", "GlobalLocal", "Custom", "BlockSparse"]
+__all__ = ["Pattern", "Dense", "SlidingWindow", "Dilated", "GlobalLocal", "Custom", "BlockSparse", "NSA"]

@@ -203,4 +203,56 @@ class BlockSparse(Pattern):
                                       self.causal, name="BlockSparse")
 
 
-__all__ = ["Pattern", "Dense", "SlidingWindow", "Dilated", "GlobalLocal", "Custom", "BlockSparse"]
+@dataclass(frozen=True)
+class NSA(Pattern):
+    """Native sparse attention (arXiv 2502.11089): compressed keys choose ``top_n`` blocks of ``block`` tokens
+    per query (or per query block), plus a sliding ``window``.
+
+    ``cmp_block``/``cmp_stride`` are the compression block length l and stride d; ``init_blocks`` leading
+    and ``local_blocks`` most recent selection blocks are always chosen. ``combine="union"`` takes one
+    softmax over the union of selected blocks and window (what a pretrained dense model needs);
+    ``"gated"`` mixes the three branch outputs with caller-given gates. ``granularity="token"`` selects
+    per query token (the paper), ``"block"`` once per query block of ``block`` tokens (faster).
+    The layout depends on the input, so ``compile`` is not available: the kernels build it.
+    """
+
+    dynamic = True
+    block: int = 64
+    top_n: int = 16
+    window: int = 512
+    cmp_block: int = 32
+    cmp_stride: int = 16
+    init_blocks: int = 1
+    local_blocks: int = 2
+    combine: str = "union"
+    granularity: str = "token"
+
+    def __post_init__(self):
+        _power_of_two("NSA", "block", self.block, 16, 256)
+        _positive_int("NSA", "top_n", self.top_n)
+        _positive_int("NSA", "window", self.window, minimum=0)
+        _power_of_two("NSA", "cmp_stride", self.cmp_stride, 1, 256)
+        _positive_int("NSA", "cmp_block", self.cmp_block)
+        _positive_int("NSA", "init_blocks", self.init_blocks, minimum=0)
+        _positive_int("NSA", "local_blocks", self.local_blocks, minimum=0)
+        if self.cmp_block < self.cmp_stride or self.cmp_block % self.cmp_stride:
+            raise ValueError(f"NSA.cmp_block must be a multiple of cmp_stride ({self.cmp_stride}), got {self.cmp_block}")
+        if self.block % self.cmp_stride:
+            raise ValueError(f"NSA.block (l'={self.block}) must be a multiple of cmp_stride (d={self.cmp_stride})")
+        if self.top_n < self.init_blocks + self.local_blocks:
+            raise ValueError(f"NSA.top_n ({self.top_n}) must be >= init_blocks + local_blocks "
+                             f"({self.init_blocks} + {self.local_blocks}), the blocks that are always selected")
+        if self.combine not in ("union", "gated"):
+            raise ValueError(f"NSA.combine must be 'union' or 'gated', got {self.combine!r}")
+        if self.granularity not in ("token", "block"):
+            raise ValueError(f"NSA.granularity must be 'token' or 'block', got {self.granularity!r}")
+
+    def compile(self, *args, **kwargs):
+        raise TypeError("NSA chooses its key blocks per input; its layout comes from the NSA kernels "
+                        "(nsa_viz.kernels.nsa), not from compile()")
+
+    def mask_mod(self, q_pos, k_pos):
+        raise TypeError("NSA has no fixed mask: its selection depends on the input")
+
+
+__all__ = ["Pattern", "Dense", "SlidingWindow", "Dilated", "GlobalLocal", "Custom", "BlockSparse", "NSA"]
