@@ -1,0 +1,384 @@
+"""Triton block-sparse attention over a BlockLayout: forward, backward, autograd wrapper.
+
+Each program owns one query block (forward, dQ) or one key block (dK/dV) and walks the layout's
+index lists: full tiles first with no token mask, then partial tiles with the layout's TokenRule
+(causal, window, sinks, dilation, global tokens, optional bitmaps) evaluated in registers.
+Online softmax in base 2; a row with no visible key keeps l = 0 and gets output 0, LSE -inf.
+Same signature and semantics as ``block_sparse_ref.block_sparse_attention_ref``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .checks import check_layout, check_qkv
+from .layout import BlockLayout
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _mm(a, b, PRECISION: tl.constexpr):
+    """tl.dot, except under the CPU interpreter where bf16 operands are widened first: the interpreter's
+    bf16 dot is wrong (Triton 3.9: a 16x16 product off by 1e10) while the operands' rounding is kept."""
+    if PRECISION == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _token_visible(q_pos, k_pos, q_idx, q_len, kv_len, glob_ptr, tile_bits_ptr, tile_id,
+                   CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SINK: tl.constexpr, DIL_BLOCK: tl.constexpr,
+                   DIL_STRIDE: tl.constexpr, HAS_GLOBAL: tl.constexpr, HAS_BITS: tl.constexpr,
+                   BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, q_in_tile, k_in_tile):
+    """Token visibility inside a partial tile; q_pos [M, 1] and k_pos [1, N] are absolute positions."""
+    vis = (k_pos < kv_len) & (q_idx < q_len)
+    if CAUSAL:
+        vis = vis & (k_pos <= q_pos)
+    if WINDOW > 0:
+        if CAUSAL:
+            admitted = (q_pos - k_pos) < WINDOW
+        else:
+            diff = q_pos - k_pos
+            admitted = (diff < WINDOW) & (diff > -WINDOW)
+        if SINK > 0:
+            admitted = admitted | (k_pos < SINK)
+        if DIL_STRIDE > 1:
+            admitted = admitted | (((k_pos // DIL_BLOCK) % DIL_STRIDE) == 0)
+        if HAS_GLOBAL:
+            gk = tl.load(glob_ptr + k_pos, mask=k_pos < kv_len, other=0)
+            gq = tl.load(glob_ptr + q_pos, mask=q_idx < q_len, other=0)
+            admitted = admitted | (gk != 0) | (gq != 0)
+        vis = vis & admitted
+    if HAS_BITS:
+        bits = tl.load(tile_bits_ptr + tile_id.to(tl.int64) * (BLOCK_Q * BLOCK_KV) + q_in_tile * BLOCK_KV + k_in_tile)
+        vis = vis & (bits != 0)
+    return vis
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, O, LSE,
+    sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, sob, sot, soh, sod,
+    FULL_IDX, FULL_CNT, PART_IDX, PART_CNT, PART_TID, layout_heads, num_rows, full_w, part_w,
+    GLOB, BITS,
+    q_len, kv_len, num_q_heads, q_offset, qk_scale_log2,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SINK: tl.constexpr, DIL_BLOCK: tl.constexpr, DIL_STRIDE: tl.constexpr,
+    HAS_GLOBAL: tl.constexpr, HAS_BITS: tl.constexpr, LAYOUT_PER_BATCH: tl.constexpr, LAYOUT_PER_HEAD: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    qb = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // num_q_heads
+    h = bh % num_q_heads
+    hk = h // GROUP
+    lb = b if LAYOUT_PER_BATCH else 0
+    lh = hk if LAYOUT_PER_HEAD else 0
+
+    offs_m = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    offs_n = tl.arange(0, BLOCK_KV)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_ptrs = Q + b.to(tl.int64) * sqb + h * sqh + offs_m[:, None].to(tl.int64) * sqt + offs_d[None, :] * sqd
+    q = tl.load(q_ptrs, mask=offs_m[:, None] < q_len, other=0.0)
+    k_base = K + b.to(tl.int64) * skb + hk * skh
+    v_base = V + b.to(tl.int64) * svb + hk * svh
+
+    m_i = tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_Q], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_Q, HEAD_DIM], dtype=tl.float32)
+
+    crow = (lb * layout_heads + lh) * num_rows + qb  # this query block's row in the layout's index lists
+    row = crow.to(tl.int64) * full_w
+    # full tiles: every (query, key) pair visible, no mask and no bounds checks on keys
+    n_full = tl.load(FULL_CNT + crow)
+    for j in range(0, n_full):
+        kb = tl.load(FULL_IDX + row + j)
+        offs_k = kb * BLOCK_KV + offs_n
+        k = tl.load(k_base + offs_k[None, :].to(tl.int64) * skt + offs_d[:, None] * skd)
+        s = _mm(q, k, PRECISION) * qk_scale_log2
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs_k[:, None].to(tl.int64) * svt + offs_d[None, :] * svd)
+        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PRECISION)
+        m_i = m_new
+    # partial tiles: token rule applied; rows may stay empty (m = -inf) so subtract a safe max
+    n_part = tl.load(PART_CNT + crow)
+    q_pos = (offs_m + q_offset)[:, None]
+    prow = crow.to(tl.int64) * part_w
+    for j in range(0, n_part):
+        kb = tl.load(PART_IDX + prow + j)
+        tid = 0
+        if HAS_BITS:
+            tid = tl.load(PART_TID + prow + j)
+        offs_k = kb * BLOCK_KV + offs_n
+        kmask = offs_k < kv_len
+        k = tl.load(k_base + offs_k[None, :].to(tl.int64) * skt + offs_d[:, None] * skd, mask=kmask[None, :], other=0.0)
+        s = _mm(q, k, PRECISION) * qk_scale_log2
+        vis = _token_visible(q_pos, offs_k[None, :], offs_m[:, None], q_len, kv_len, GLOB, BITS, tid,
+                             CAUSAL, WINDOW, SINK, DIL_BLOCK, DIL_STRIDE, HAS_GLOBAL, HAS_BITS, BLOCK_Q, BLOCK_KV,
+                             tl.arange(0, BLOCK_Q)[:, None], offs_n[None, :])
+        s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs_k[:, None].to(tl.int64) * svt + offs_d[None, :] * svd, mask=kmask[:, None], other=0.0)
+        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PRECISION)
+        m_i = m_new
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    o_ptrs = O + b.to(tl.int64) * sob + h * soh + offs_m[:, None].to(tl.int64) * sot + offs_d[None, :] * sod
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_m[:, None] < q_len)
+    tl.store(LSE + bh.to(tl.int64) * q_len + offs_m, lse, mask=offs_m < q_len)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV,
+    sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, sob, sot, soh, sod,
+    sdkb, sdkt, sdkh, sdkd, sdvb, sdvt, sdvh, sdvd,
+    FULL_IDX, FULL_CNT, PART_IDX, PART_CNT, PART_TID, layout_heads, num_rows, full_w, part_w,
+    GLOB, BITS,
+    q_len, kv_len, num_kv_heads, q_offset, qk_scale_log2, sm_scale,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SINK: tl.constexpr, DIL_BLOCK: tl.constexpr, DIL_STRIDE: tl.constexpr,
+    HAS_GLOBAL: tl.constexpr, HAS_BITS: tl.constexpr, LAYOUT_PER_BATCH: tl.constexpr, LAYOUT_PER_HEAD: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """One program per (key block, sequence, kv head): sums dK, dV over the query heads of its GQA group."""
+    kb = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // num_kv_heads
+    hk = bh % num_kv_heads
+    lb = b if LAYOUT_PER_BATCH else 0
+    lh = hk if LAYOUT_PER_HEAD else 0
+    num_q_heads = num_kv_heads * GROUP
+
+    offs_k = kb * BLOCK_KV + tl.arange(0, BLOCK_KV)
+    offs_m0 = tl.arange(0, BLOCK_Q)
+    offs_d = tl.arange(0, HEAD_DIM)
+    kmask = offs_k < kv_len
+    k = tl.load(K + b.to(tl.int64) * skb + hk * skh + offs_k[:, None].to(tl.int64) * skt + offs_d[None, :] * skd,
+                mask=kmask[:, None], other=0.0)
+    v = tl.load(V + b.to(tl.int64) * svb + hk * svh + offs_k[:, None].to(tl.int64) * svt + offs_d[None, :] * svd,
+                mask=kmask[:, None], other=0.0)
+    dk = tl.zeros([BLOCK_KV, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_KV, HEAD_DIM], dtype=tl.float32)
+
+    crow = (lb * layout_heads + lh) * num_rows + kb
+    n_full = tl.load(FULL_CNT + crow)
+    n_part = tl.load(PART_CNT + crow)
+    k_pos = offs_k[:, None]
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        q_base = Q + b.to(tl.int64) * sqb + h * sqh
+        do_base = DO + b.to(tl.int64) * sob + h * soh
+        stat_base = (b * num_q_heads + h).to(tl.int64) * q_len
+        for j in range(0, n_full + n_part):
+            is_part = j >= n_full
+            if is_part:
+                qb = tl.load(PART_IDX + crow.to(tl.int64) * part_w + (j - n_full))
+            else:
+                qb = tl.load(FULL_IDX + crow.to(tl.int64) * full_w + j)
+            offs_m = qb * BLOCK_Q + offs_m0
+            mrow = offs_m < q_len
+            q = tl.load(q_base + offs_m[:, None].to(tl.int64) * sqt + offs_d[None, :] * sqd, mask=mrow[:, None], other=0.0)
+            do = tl.load(do_base + offs_m[:, None].to(tl.int64) * sot + offs_d[None, :] * sod, mask=mrow[:, None], other=0.0)
+            lse = tl.load(LSE + stat_base + offs_m, mask=mrow, other=float("inf"))
+            lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+            delta = tl.load(DELTA + stat_base + offs_m, mask=mrow, other=0.0)
+            s_t = _mm(k, tl.trans(q), PRECISION) * qk_scale_log2  # [N, M]
+            p_t = tl.math.exp2(s_t - lse[None, :])
+            if is_part:
+                tid = 0
+                if HAS_BITS:
+                    tid = tl.load(PART_TID + crow.to(tl.int64) * part_w + (j - n_full))
+                vis = _token_visible((offs_m + q_offset)[None, :], k_pos, offs_m[None, :], q_len, kv_len, GLOB, BITS, tid,
+                                     CAUSAL, WINDOW, SINK, DIL_BLOCK, DIL_STRIDE, HAS_GLOBAL, HAS_BITS, BLOCK_Q, BLOCK_KV,
+                                     offs_m0[None, :], tl.arange(0, BLOCK_KV)[:, None])
+                p_t = tl.where(vis, p_t, 0.0)
+            dv += _mm(p_t.to(do.dtype), do, PRECISION)
+            dp_t = _mm(v, tl.trans(do), PRECISION)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += _mm(ds_t.to(q.dtype), q, PRECISION)
+    dk = dk * sm_scale
+    tl.store(DK + b.to(tl.int64) * sdkb + hk * sdkh + offs_k[:, None].to(tl.int64) * sdkt + offs_d[None, :] * sdkd,
+             dk.to(DK.dtype.element_ty), mask=kmask[:, None])
+    tl.store(DV + b.to(tl.int64) * sdvb + hk * sdvh + offs_k[:, None].to(tl.int64) * sdvt + offs_d[None, :] * sdvd,
+             dv.to(DV.dtype.element_ty), mask=kmask[:, None])
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ,
+    sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, sob, sot, soh, sod, sdqb, sdqt, sdqh, sdqd,
+    FULL_IDX, FULL_CNT, PART_IDX, PART_CNT, PART_TID, layout_heads, num_rows, full_w, part_w,
+    GLOB, BITS,
+    q_len, kv_len, num_q_heads, q_offset, qk_scale_log2, sm_scale,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SINK: tl.constexpr, DIL_BLOCK: tl.constexpr, DIL_STRIDE: tl.constexpr,
+    HAS_GLOBAL: tl.constexpr, HAS_BITS: tl.constexpr, LAYOUT_PER_BATCH: tl.constexpr, LAYOUT_PER_HEAD: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    qb = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // num_q_heads
+    h = bh % num_q_heads
+    hk = h // GROUP
+    lb = b if LAYOUT_PER_BATCH else 0
+    lh = hk if LAYOUT_PER_HEAD else 0
+
+    offs_m = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    offs_n = tl.arange(0, BLOCK_KV)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mrow = offs_m < q_len
+    q = tl.load(Q + b.to(tl.int64) * sqb + h * sqh + offs_m[:, None].to(tl.int64) * sqt + offs_d[None, :] * sqd,
+                mask=mrow[:, None], other=0.0)
+    do = tl.load(DO + b.to(tl.int64) * sob + h * soh + offs_m[:, None].to(tl.int64) * sot + offs_d[None, :] * sod,
+                 mask=mrow[:, None], other=0.0)
+    lse = tl.load(LSE + bh.to(tl.int64) * q_len + offs_m, mask=mrow, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+    delta = tl.load(DELTA + bh.to(tl.int64) * q_len + offs_m, mask=mrow, other=0.0)
+    k_base = K + b.to(tl.int64) * skb + hk * skh
+    v_base = V + b.to(tl.int64) * svb + hk * svh
+    dq = tl.zeros([BLOCK_Q, HEAD_DIM], dtype=tl.float32)
+
+    crow = (lb * layout_heads + lh) * num_rows + qb
+    n_full = tl.load(FULL_CNT + crow)
+    n_part = tl.load(PART_CNT + crow)
+    q_pos = (offs_m + q_offset)[:, None]
+    for j in range(0, n_full + n_part):
+        is_part = j >= n_full
+        if is_part:
+            kb = tl.load(PART_IDX + crow.to(tl.int64) * part_w + (j - n_full))
+        else:
+            kb = tl.load(FULL_IDX + crow.to(tl.int64) * full_w + j)
+        offs_k = kb * BLOCK_KV + offs_n
+        kmask = offs_k < kv_len
+        k = tl.load(k_base + offs_k[:, None].to(tl.int64) * skt + offs_d[None, :] * skd, mask=kmask[:, None], other=0.0)
+        v = tl.load(v_base + offs_k[:, None].to(tl.int64) * svt + offs_d[None, :] * svd, mask=kmask[:, None], other=0.0)
+        s = _mm(q, tl.trans(k), PRECISION) * qk_scale_log2
+        p = tl.math.exp2(s - lse[:, None])
+        if is_part:
+            tid = 0
+            if HAS_BITS:
+                tid = tl.load(PART_TID + crow.to(tl.int64) * part_w + (j - n_full))
+            vis = _token_visible(q_pos, offs_k[None, :], offs_m[:, None], q_len, kv_len, GLOB, BITS, tid,
+                                 CAUSAL, WINDOW, SINK, DIL_BLOCK, DIL_STRIDE, HAS_GLOBAL, HAS_BITS, BLOCK_Q, BLOCK_KV,
+                                 tl.arange(0, BLOCK_Q)[:, None], offs_n[None, :])
+            p = tl.where(vis, p, 0.0)
+        dp = _mm(do, tl.trans(v), PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += _mm(ds.to(k.dtype), k, PRECISION)
+    dq = dq * sm_scale
+    tl.store(DQ + b.to(tl.int64) * sdqb + h * sdqh + offs_m[:, None].to(tl.int64) * sdqt + offs_d[None, :] * sdqd,
+             dq.to(DQ.dtype.element_ty), mask=mrow[:, None])
+
+
+# ----------------------------------------------------------------------------- host side
+def _layout_args(layout: BlockLayout, transposed: bool):
+    """Index lists, widths and rule constants the kernels take, from the layout (lists are cached on it)."""
+    full_idx, full_cnt = layout.full_blocks_t if transposed else layout.full_blocks
+    part_idx, part_cnt = layout.partial_blocks_t if transposed else layout.partial_blocks
+    part_tid = layout.partial_tile_ids_t if transposed else layout.partial_tile_ids
+    rule = layout.rule
+    has_bits = layout.tile_masks is not None
+    has_global = layout.is_global is not None and rule.limited
+    lb, lh = layout.tile_class.shape[:2]
+    rows = layout.num_kv_blocks if transposed else layout.num_q_blocks
+    args = [full_idx, full_cnt, part_idx, part_cnt, part_tid if has_bits else part_cnt, lh, rows,
+            full_idx.shape[-1], part_idx.shape[-1],
+            layout.is_global.view(torch.uint8) if has_global else full_cnt,
+            layout.tile_masks.view(torch.uint8) if has_bits else full_cnt]
+    meta = dict(CAUSAL=rule.causal, WINDOW=rule.window, SINK=rule.sink, DIL_BLOCK=max(rule.dilation_block, 1),
+                DIL_STRIDE=rule.dilation_stride, HAS_GLOBAL=has_global, HAS_BITS=has_bits,
+                LAYOUT_PER_BATCH=lb > 1, LAYOUT_PER_HEAD=lh > 1)
+    return args, meta
+
+
+def _tuning(head_dim: int, block_q: int, device: torch.device) -> dict:
+    if device.type != "cuda":
+        return {}
+    warps = 8 if head_dim * block_q >= 128 * 128 else 4
+    return dict(num_warps=warps, num_stages=3 if head_dim <= 64 else 2)
+
+
+def _precision(dtype: torch.dtype, device: torch.device) -> str:
+    if device.type != "cuda" and dtype == torch.bfloat16:
+        return "upcast"
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _strides(t: torch.Tensor):
+    return list(t.stride())
+
+
+def block_sparse_forward(q, k, v, layout: BlockLayout, scale: float):
+    b, tq, hq, d = q.shape
+    hkv = k.shape[2]
+    out = torch.empty(b, tq, hq, d, dtype=q.dtype, device=q.device)
+    lse = torch.empty(b, hq, tq, dtype=torch.float32, device=q.device)
+    largs, meta = _layout_args(layout, transposed=False)
+    grid = (layout.num_q_blocks, b * hq)
+    _fwd_kernel[grid](
+        q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out), *largs,
+        tq, k.shape[1], hq, layout.q_offset, scale * LOG2E,
+        GROUP=hq // hkv, HEAD_DIM=d, BLOCK_Q=layout.block_q, BLOCK_KV=layout.block_kv, PRECISION=_precision(q.dtype, q.device),
+        **meta, **_tuning(d, layout.block_q, q.device))
+    return out, lse
+
+
+def block_sparse_backward(do, q, k, v, out, lse, layout: BlockLayout, scale: float):
+    b, tq, hq, d = q.shape
+    tk, hkv = k.shape[1], k.shape[2]
+    delta = (out.float() * do.float()).sum(-1).transpose(1, 2).contiguous()  # [B, HQ, Tq]
+    dq = torch.empty(b, tq, hq, d, dtype=q.dtype, device=q.device)
+    dk = torch.empty(b, tk, hkv, d, dtype=k.dtype, device=k.device)
+    dv = torch.empty(b, tk, hkv, d, dtype=v.dtype, device=v.device)
+    common = dict(GROUP=hq // hkv, HEAD_DIM=d, BLOCK_Q=layout.block_q, BLOCK_KV=layout.block_kv,
+                  PRECISION=_precision(q.dtype, q.device), **_tuning(d, layout.block_q, q.device))
+    largs_t, meta = _layout_args(layout, transposed=True)
+    _bwd_dkdv_kernel[(layout.num_kv_blocks, b * hkv)](
+        q, k, v, do, lse, delta, dk, dv, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
+        *_strides(dk), *_strides(dv), *largs_t, tq, tk, hkv, layout.q_offset, scale * LOG2E, scale, **common, **meta)
+    largs, meta = _layout_args(layout, transposed=False)
+    _bwd_dq_kernel[(layout.num_q_blocks, b * hq)](
+        q, k, v, do, lse, delta, dq, *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
+        *largs, tq, tk, hq, layout.q_offset, scale * LOG2E, scale, **common, **meta)
+    return dq, dk, dv
+
+
+class _BlockSparseAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, layout, scale):
+        out, lse = block_sparse_forward(q, k, v, layout, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.layout, ctx.scale = layout, scale
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, do, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = block_sparse_backward(do, q, k, v, out, lse, ctx.layout, ctx.scale)
+        return dq, dk, dv, None, None
+
+
+def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,
+                                  scale: Optional[float] = None):
+    """Triton version of ``block_sparse_attention_ref``: returns ``(out [B, Tq, HQ, D], lse [B, HQ, Tq])``."""
+    scale = check_qkv(q, k, v, scale)
+    check_layout(layout, q, k)
+    return _BlockSparseAttention.apply(q, k, v, layout, scale)
