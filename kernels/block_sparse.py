@@ -145,6 +145,22 @@ def _fwd_kernel(
 
 
 @triton.jit
+def _bwd_delta_kernel(O, DO, DELTA, sob, sot, soh, sod, sgb, sgt, sgh, sgd, q_len, num_q_heads,
+                      HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
+    """delta = rowsum(O * dO) in fp32, read once from the half-precision tensors."""
+    bh = tl.program_id(1)
+    b = bh // num_q_heads
+    h = bh % num_q_heads
+    offs_t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m = offs_t[:, None] < q_len
+    o = tl.load(O + b.to(tl.int64) * sob + h * soh + offs_t[:, None].to(tl.int64) * sot + offs_d[None, :] * sod, mask=m, other=0.0)
+    do = tl.load(DO + b.to(tl.int64) * sgb + h * sgh + offs_t[:, None].to(tl.int64) * sgt + offs_d[None, :] * sgd, mask=m, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh.to(tl.int64) * q_len + offs_t, delta, mask=offs_t < q_len)
+
+
+@triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
     sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, sob, sot, soh, sod,
@@ -155,9 +171,10 @@ def _bwd_dkdv_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SINK: tl.constexpr, DIL_BLOCK: tl.constexpr, DIL_STRIDE: tl.constexpr,
     HAS_GLOBAL: tl.constexpr, HAS_BITS: tl.constexpr, LAYOUT_PER_BATCH: tl.constexpr, LAYOUT_PER_HEAD: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, SUB_Q: tl.constexpr,
 ):
-    """One program per (key block, sequence, kv head): sums dK, dV over the query heads of its GQA group."""
+    """One program per (key block, sequence, kv head): sums dK, dV over the query heads of its GQA group.
+    Query tiles are walked in sub-tiles of SUB_Q rows: smaller products pipeline better here."""
     kb = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // num_kv_heads
@@ -167,9 +184,10 @@ def _bwd_dkdv_kernel(
     num_q_heads = num_kv_heads * GROUP
 
     offs_k = kb * BLOCK_KV + tl.arange(0, BLOCK_KV)
-    offs_m0 = tl.arange(0, BLOCK_Q)
+    offs_m0 = tl.arange(0, SUB_Q)
     offs_d = tl.arange(0, HEAD_DIM)
     kmask = offs_k < kv_len
+    NSUB: tl.constexpr = BLOCK_Q // SUB_Q
     k = tl.load(K + b.to(tl.int64) * skb + hk * skh + offs_k[:, None].to(tl.int64) * skt + offs_d[None, :] * skd,
                 mask=kmask[:, None], other=0.0)
     v = tl.load(V + b.to(tl.int64) * svb + hk * svh + offs_k[:, None].to(tl.int64) * svt + offs_d[None, :] * svd,
@@ -186,13 +204,15 @@ def _bwd_dkdv_kernel(
         q_base = Q + b.to(tl.int64) * sqb + h * sqh
         do_base = DO + b.to(tl.int64) * sob + h * soh
         stat_base = (b * num_q_heads + h).to(tl.int64) * q_len
-        for j in range(0, n_full + n_part):
+        for it in range(0, (n_full + n_part) * NSUB):
+            j = it // NSUB
+            sub = it % NSUB
             is_part = j >= n_full
             if is_part:
                 qb = tl.load(PART_IDX + crow.to(tl.int64) * part_w + (j - n_full))
             else:
                 qb = tl.load(FULL_IDX + crow.to(tl.int64) * full_w + j)
-            offs_m = qb * BLOCK_Q + offs_m0
+            offs_m = qb * BLOCK_Q + sub * SUB_Q + offs_m0
             mrow = offs_m < q_len
             q = tl.load(q_base + offs_m[:, None].to(tl.int64) * sqt + offs_d[None, :] * sqd, mask=mrow[:, None], other=0.0)
             do = tl.load(do_base + offs_m[:, None].to(tl.int64) * sot + offs_d[None, :] * sod, mask=mrow[:, None], other=0.0)
@@ -207,7 +227,7 @@ def _bwd_dkdv_kernel(
                     tid = tl.load(PART_TID + crow.to(tl.int64) * part_w + (j - n_full))
                 vis = _token_visible((offs_m + q_offset)[None, :], k_pos, offs_m[None, :], q_len, kv_len, GLOB, BITS, tid,
                                      CAUSAL, WINDOW, SINK, DIL_BLOCK, DIL_STRIDE, HAS_GLOBAL, HAS_BITS, BLOCK_Q, BLOCK_KV,
-                                     offs_m0[None, :], tl.arange(0, BLOCK_KV)[:, None])
+                                     (sub * SUB_Q + offs_m0)[None, :], tl.arange(0, BLOCK_KV)[:, None])
                 p_t = tl.where(vis, p_t, 0.0)
             dv += _mm(p_t.to(do.dtype), do, PRECISION)
             dp_t = _mm(v, tl.trans(do), PRECISION)
@@ -230,8 +250,9 @@ def _bwd_dq_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SINK: tl.constexpr, DIL_BLOCK: tl.constexpr, DIL_STRIDE: tl.constexpr,
     HAS_GLOBAL: tl.constexpr, HAS_BITS: tl.constexpr, LAYOUT_PER_BATCH: tl.constexpr, LAYOUT_PER_HEAD: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, SUB_KV: tl.constexpr,
 ):
+    """One program per (query block, sequence, query head); key tiles walked in sub-tiles of SUB_KV."""
     qb = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // num_q_heads
@@ -241,9 +262,10 @@ def _bwd_dq_kernel(
     lh = hk if LAYOUT_PER_HEAD else 0
 
     offs_m = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    offs_n = tl.arange(0, BLOCK_KV)
+    offs_n = tl.arange(0, SUB_KV)
     offs_d = tl.arange(0, HEAD_DIM)
     mrow = offs_m < q_len
+    NSUB: tl.constexpr = BLOCK_KV // SUB_KV
     q = tl.load(Q + b.to(tl.int64) * sqb + h * sqh + offs_m[:, None].to(tl.int64) * sqt + offs_d[None, :] * sqd,
                 mask=mrow[:, None], other=0.0)
     do = tl.load(DO + b.to(tl.int64) * sob + h * soh + offs_m[:, None].to(tl.int64) * sot + offs_d[None, :] * sod,
@@ -259,13 +281,15 @@ def _bwd_dq_kernel(
     n_full = tl.load(FULL_CNT + crow)
     n_part = tl.load(PART_CNT + crow)
     q_pos = (offs_m + q_offset)[:, None]
-    for j in range(0, n_full + n_part):
+    for it in range(0, (n_full + n_part) * NSUB):
+        j = it // NSUB
+        sub = it % NSUB
         is_part = j >= n_full
         if is_part:
             kb = tl.load(PART_IDX + crow.to(tl.int64) * part_w + (j - n_full))
         else:
             kb = tl.load(FULL_IDX + crow.to(tl.int64) * full_w + j)
-        offs_k = kb * BLOCK_KV + offs_n
+        offs_k = kb * BLOCK_KV + sub * SUB_KV + offs_n
         kmask = offs_k < kv_len
         k = tl.load(k_base + offs_k[:, None].to(tl.int64) * skt + offs_d[None, :] * skd, mask=kmask[:, None], other=0.0)
         v = tl.load(v_base + offs_k[:, None].to(tl.int64) * svt + offs_d[None, :] * svd, mask=kmask[:, None], other=0.0)
@@ -277,7 +301,7 @@ def _bwd_dq_kernel(
                 tid = tl.load(PART_TID + crow.to(tl.int64) * part_w + (j - n_full))
             vis = _token_visible(q_pos, offs_k[None, :], offs_m[:, None], q_len, kv_len, GLOB, BITS, tid,
                                  CAUSAL, WINDOW, SINK, DIL_BLOCK, DIL_STRIDE, HAS_GLOBAL, HAS_BITS, BLOCK_Q, BLOCK_KV,
-                                 tl.arange(0, BLOCK_Q)[:, None], offs_n[None, :])
+                                 tl.arange(0, BLOCK_Q)[:, None], (sub * SUB_KV + offs_n)[None, :])
             p = tl.where(vis, p, 0.0)
         dp = _mm(do, tl.trans(v), PRECISION)
         ds = p * (dp - delta[:, None])
@@ -308,11 +332,26 @@ def _layout_args(layout: BlockLayout, transposed: bool):
     return args, meta
 
 
-def _tuning(head_dim: int, block_q: int, device: torch.device) -> dict:
+# Benchmarks may pin launch settings per kernel ("fwd", "dkdv", "dq") to sweep them: {"fwd": (warps, stages)}.
+LAUNCH_OVERRIDES: dict = {}
+
+
+def _tuning(kernel: str, head_dim: int, block_q: int, device: torch.device) -> dict:
     if device.type != "cuda":
         return {}
+    if kernel in LAUNCH_OVERRIDES:
+        warps, stages = LAUNCH_OVERRIDES[kernel]
+        return dict(num_warps=warps, num_stages=stages)
     warps = 8 if head_dim * block_q >= 128 * 128 else 4
     return dict(num_warps=warps, num_stages=3 if head_dim <= 64 else 2)
+
+
+# Sub-tile of the inner loop of each backward kernel (at most the layout's block); benchmarks may set them.
+SUB_TILES: dict = {"dkdv": 32, "dq": 32}
+
+
+def _sub_tile(kernel: str, block: int, device: torch.device) -> int:
+    return min(block, SUB_TILES[kernel])
 
 
 def _precision(dtype: torch.dtype, device: torch.device) -> str:
@@ -336,27 +375,31 @@ def block_sparse_forward(q, k, v, layout: BlockLayout, scale: float):
         q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out), *largs,
         tq, k.shape[1], hq, layout.q_offset, scale * LOG2E,
         GROUP=hq // hkv, HEAD_DIM=d, BLOCK_Q=layout.block_q, BLOCK_KV=layout.block_kv, PRECISION=_precision(q.dtype, q.device),
-        **meta, **_tuning(d, layout.block_q, q.device))
+        **meta, **_tuning("fwd", d, layout.block_q, q.device))
     return out, lse
 
 
 def block_sparse_backward(do, q, k, v, out, lse, layout: BlockLayout, scale: float):
     b, tq, hq, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
-    delta = (out.float() * do.float()).sum(-1).transpose(1, 2).contiguous()  # [B, HQ, Tq]
+    delta = torch.empty(b, hq, tq, dtype=torch.float32, device=q.device)
+    _bwd_delta_kernel[(triton.cdiv(tq, 64), b * hq)](out, do, delta, *_strides(out), *_strides(do), tq, hq,
+                                                      HEAD_DIM=d, BLOCK=64)
     dq = torch.empty(b, tq, hq, d, dtype=q.dtype, device=q.device)
     dk = torch.empty(b, tk, hkv, d, dtype=k.dtype, device=k.device)
     dv = torch.empty(b, tk, hkv, d, dtype=v.dtype, device=v.device)
     common = dict(GROUP=hq // hkv, HEAD_DIM=d, BLOCK_Q=layout.block_q, BLOCK_KV=layout.block_kv,
-                  PRECISION=_precision(q.dtype, q.device), **_tuning(d, layout.block_q, q.device))
+                  PRECISION=_precision(q.dtype, q.device))
     largs_t, meta = _layout_args(layout, transposed=True)
     _bwd_dkdv_kernel[(layout.num_kv_blocks, b * hkv)](
         q, k, v, do, lse, delta, dk, dv, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
-        *_strides(dk), *_strides(dv), *largs_t, tq, tk, hkv, layout.q_offset, scale * LOG2E, scale, **common, **meta)
+        *_strides(dk), *_strides(dv), *largs_t, tq, tk, hkv, layout.q_offset, scale * LOG2E, scale, **common, **meta,
+        SUB_Q=_sub_tile("dkdv", layout.block_q, q.device), **_tuning("dkdv", d, layout.block_kv, q.device))
     largs, meta = _layout_args(layout, transposed=False)
     _bwd_dq_kernel[(layout.num_q_blocks, b * hq)](
         q, k, v, do, lse, delta, dq, *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
-        *largs, tq, tk, hq, layout.q_offset, scale * LOG2E, scale, **common, **meta)
+        *largs, tq, tk, hq, layout.q_offset, scale * LOG2E, scale, **common, **meta,
+        SUB_KV=_sub_tile("dq", layout.block_kv, q.device), **_tuning("dq", d, layout.block_q, q.device))
     return dq, dk, dv
 
 

@@ -143,8 +143,14 @@ class GlobalLocal(Pattern):
         return g
 
     def mask_mod(self, q_pos, k_pos):
-        n = int(max(q_pos.max().item(), k_pos.max().item())) + 1
-        return self.rule().visible(q_pos, k_pos, self.global_mask(n, q_pos.device))
+        # written without .item() or data-dependent shapes so FlexAttention can vmap it
+        vis = self.rule().visible(q_pos, k_pos)
+        if self.global_tokens:
+            g = torch.tensor(self.global_tokens, device=q_pos.device)
+            is_global = lambda p: (p.unsqueeze(-1) == g).any(-1)
+            causal_ok = (k_pos <= q_pos) if self.causal else torch.ones_like(vis)
+            vis = vis | (causal_ok & (is_global(k_pos) | is_global(q_pos)))
+        return vis
 
 
 @dataclass(frozen=True, eq=False)

@@ -31,6 +31,15 @@ def test_every_pattern_matches_reference(name, dtype):
     assert max(errs) < TOLERANCE[dtype], dict(zip(["out", "lse", "dq", "dk", "dv"], errs))
 
 
+def test_backward_sub_tiles(monkeypatch):
+    # the backward kernels walk layout tiles in smaller sub-tiles; 16 inside 32x32 tiles exercises it
+    from nsa_viz.kernels import block_sparse
+    monkeypatch.setattr(block_sparse, "SUB_TILES", {"dkdv": 16, "dq": 16})
+    q, k, v = random_qkv(1, 90, 90, 4, 2, 32, torch.float32)
+    layout = GlobalLocal(window=40, sink=3).compile(90, block_q=32, block_kv=32)
+    assert max(compare_backends(q, k, v, layout)) < TOLERANCE[torch.float32]
+
+
 def test_gqa_9_3_head_dim_64_fp16_transformers_layout():
     # SmolLM2's shape: 9 query heads share 3 key/value heads; inputs as [B, H, T, D] views
     q, k, v = random_qkv(2, 70, 70, 9, 3, 64, torch.float16, layout_bhtd=True)
