@@ -38,6 +38,12 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def preferred_block_sizes(head_dim: int, device) -> tuple:
+    """(block_q, block_kv) for layouts the kernels will run: 64x64 was fastest on an H100 for both
+    passes at head_dim 128 (benchmarks/NOTES.md); the CPU reference does not care."""
+    return (64, 64)
+
+
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,
                            scale: Optional[float] = None, *, backend: str = "auto", return_lse: bool = False):
     """Attention of ``q [B, Tq, HQ, D]`` over ``k, v [B, Tk, HKV, D]`` restricted to ``layout``.
@@ -56,7 +62,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
 
 
 __all__ = [
-    "BACKENDS", "EMPTY", "FULL", "PARTIAL", "BlockLayout", "TokenRule", "block_sparse_attention",
+    "BACKENDS", "EMPTY", "preferred_block_sizes", "FULL", "PARTIAL", "BlockLayout", "TokenRule", "block_sparse_attention",
     "block_sparse_attention_ref", "check_layout", "check_qkv", "layout_from_block_mask", "layout_from_mask_mod",
     "layout_from_rule", "resolve_backend", "triton_available",
 ]

@@ -342,12 +342,15 @@ def _tuning(kernel: str, head_dim: int, block_q: int, device: torch.device) -> d
     if kernel in LAUNCH_OVERRIDES:
         warps, stages = LAUNCH_OVERRIDES[kernel]
         return dict(num_warps=warps, num_stages=stages)
-    warps = 8 if head_dim * block_q >= 128 * 128 else 4
-    return dict(num_warps=warps, num_stages=3 if head_dim <= 64 else 2)
+    # Chosen by benchmarks/bench_block_sparse.py on an H100 (window 512, 64/4 heads, d=128, 64x64 tiles):
+    # forward 4 warps / 3 stages; both backward kernels 4 warps / 2 stages (see benchmarks/NOTES.md).
+    if kernel == "fwd":
+        return dict(num_warps=8 if head_dim * block_q >= 128 * 128 else 4, num_stages=3)
+    return dict(num_warps=4, num_stages=2)
 
 
 # Sub-tile of the inner loop of each backward kernel (at most the layout's block); benchmarks may set them.
-SUB_TILES: dict = {"dkdv": 32, "dq": 32}
+SUB_TILES: dict = {"dkdv": 64, "dq": 64}
 
 
 def _sub_tile(kernel: str, block: int, device: torch.device) -> int:
