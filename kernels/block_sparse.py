@@ -422,9 +422,13 @@ class _BlockSparseAttention(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
+@torch.compiler.disable
 def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,
                                   scale: Optional[float] = None):
-    """Triton version of ``block_sparse_attention_ref``: returns ``(out [B, Tq, HQ, D], lse [B, HQ, Tq])``."""
+    """Triton version of ``block_sparse_attention_ref``: returns ``(out [B, Tq, HQ, D], lse [B, HQ, Tq])``.
+
+    ``torch.compile`` graph-breaks around this call (the layout is a Python object it cannot trace),
+    so a compiled model runs the kernel as it is rather than failing to trace it."""
     scale = check_qkv(q, k, v, scale)
     check_layout(layout, q, k)
     return _BlockSparseAttention.apply(q, k, v, layout, scale)

@@ -113,3 +113,14 @@ def test_property_random_shapes_and_rules(tq, extra, group, hkv, d, bq, bk, wind
     q, k, v = random_qkv(1, tq, tk, hkv * group, hkv, d, torch.float32, seed=seed)
     errs = compare_backends(q, k, v, layout)
     assert max(errs) < TOLERANCE[torch.float32], errs
+
+
+def test_torch_compile_runs_around_the_kernel():
+    q, k, v = random_qkv(1, 48, 48, 2, 1, 32, torch.float32)
+    layout = SlidingWindow(20).compile(48, block_q=16, block_kv=16)
+
+    def block(q, k, v):
+        return block_sparse_attention(q * 2.0, k, v, layout, backend="triton").sum()
+
+    compiled = torch.compile(block, backend="eager")
+    torch.testing.assert_close(compiled(q, k, v), block(q, k, v))
