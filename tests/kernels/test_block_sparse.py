@@ -48,6 +48,13 @@ def test_gqa_9_3_head_dim_64_fp16_transformers_layout():
     assert max(errs) < TOLERANCE[torch.float16], errs
 
 
+@pytest.mark.parametrize("d", [32, 128, 256])
+def test_other_head_dims(d):
+    q, k, v = random_qkv(1, 40, 40, 2, 1, d, torch.float16)
+    layout = SlidingWindow(24).compile(40, block_q=16, block_kv=16)
+    assert max(compare_backends(q, k, v, layout)) < TOLERANCE[torch.float16]
+
+
 def test_decode_rows_match_last_rows_of_prefill():
     q, k, v = random_qkv(1, 75, 75, 4, 1, 32, torch.float32)
     pattern = GlobalLocal(window=20, sink=2)

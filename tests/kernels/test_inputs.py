@@ -57,6 +57,15 @@ def test_layout_from_other_device_or_wrong_heads():
         block_sparse_attention(q, k, v, bad)
 
 
+def test_mismatched_devices():
+    q, k, v = qkv()
+    layout = Dense().compile(32, block_q=16, block_kv=16)
+    with pytest.raises(ValueError, match="must be on one device"):
+        block_sparse_attention(q.to("meta"), k, v, layout)
+    with pytest.raises(ValueError, match="layout is on"):
+        block_sparse_attention(q.to("meta"), k.to("meta"), v.to("meta"), layout, backend="reference")
+
+
 def test_backend_names():
     with pytest.raises(ValueError, match="backend must be one of"):
         resolve_backend("cuda", torch.device("cpu"))
