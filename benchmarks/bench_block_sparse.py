@@ -79,11 +79,15 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768, 65536])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-sweep", action="store_true", help="time with the kernels' default settings")
+    ap.add_argument("--patterns", nargs="+", default=None, help="subset of sliding_window global_local dilated dense")
+    ap.add_argument("--skip-check", action="store_true")
     args = ap.parse_args()
     env = environment()
     print(env)
-    checks = check_correctness()
-    print(f"correctness: {sum(checks)}/{len(checks)} OK")
+    if not args.skip_check:
+        checks = check_correctness()
+        print(f"correctness: {sum(checks)}/{len(checks)} OK")
 
     rows = []
     B, HQ, HKV, D, dtype = 1, 64, 4, 128, torch.bfloat16
@@ -108,7 +112,7 @@ def main():
     if args.quick:
         fwd_cfgs, bwd_cfgs = fwd_cfgs[:1], bwd_cfgs[:2]
     tuned = {}
-    for bq, bk in ((64, 64), (128, 64), (64, 128)):
+    for bq, bk in (() if args.no_sweep else ((64, 64), (128, 64), (64, 128))):
         layout = window.compile(t, block_q=bq, block_kv=bk, device="cuda")
         res = {"fwd": None, "dkdv": None, "dq": None}
         for w, st in fwd_cfgs:
@@ -140,13 +144,20 @@ def main():
                                total=(res["fwd"][0] if res["fwd"] else 1e9) + bwd_ms)
         print(f"sweep window512 16k blocks {bq}x{bk}: fwd {res['fwd']} dkdv {res['dkdv']} dq {res['dq']} bwd {bwd_ms:.3f} ms")
         bs.LAUNCH_OVERRIDES.clear()
-    best_fwd_blocks = min(tuned, key=lambda b: tuned[b]["fwd"][0] if tuned[b]["fwd"] else 1e9)
-    best_fb_blocks = min(tuned, key=lambda b: tuned[b]["total"])
-    print("best forward tiles", best_fwd_blocks, tuned[best_fwd_blocks]["fwd"], "best fwd+bwd tiles", best_fb_blocks, tuned[best_fb_blocks])
+    if args.no_sweep:
+        best_fwd_blocks = best_fb_blocks = (64, 64)
+        tuned[(64, 64)] = {kk: (0.0, "default") for kk in ("fwd", "dkdv", "dq")}
+    else:
+        best_fwd_blocks = min(tuned, key=lambda b: tuned[b]["fwd"][0] if tuned[b]["fwd"] else 1e9)
+        best_fb_blocks = min(tuned, key=lambda b: tuned[b]["total"])
+        print("best forward tiles", best_fwd_blocks, tuned[best_fwd_blocks]["fwd"], "best fwd+bwd tiles", best_fb_blocks, tuned[best_fb_blocks])
     del q, k, v, do
 
     def apply(blocks):
         cfg = tuned[blocks]
+        if args.no_sweep:
+            bs.LAUNCH_OVERRIDES.clear()
+            return blocks
         bs.LAUNCH_OVERRIDES.clear()
         bs.LAUNCH_OVERRIDES["fwd"] = cfg["fwd"][1:]
         for kernel in ("dkdv", "dq"):
@@ -160,6 +171,8 @@ def main():
         "dilated": (Dilated(stride=8, block=64, window=512), {"stride": 8, "block": 64, "window": 512}),
         "dense": (Dense(), {}),
     }
+    if args.patterns:
+        patterns = {name: patterns[name] for name in args.patterns}
 
     def record(op, impl, t, hq, hkv, d, params, pas, ms, mem, note="", extra=None):
         rows.append({**env, "op": op, "impl": impl, "B": B, "T": t, "HQ": hq, "HKV": hkv, "D": d, "dtype": "bfloat16",

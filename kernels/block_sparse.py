@@ -167,16 +167,26 @@ def _bwd_dkdv_kernel(
     sdkb, sdkt, sdkh, sdkd, sdvb, sdvt, sdvh, sdvd,
     FULL_IDX, FULL_CNT, PART_IDX, PART_CNT, PART_TID, layout_heads, num_rows, full_w, part_w,
     GLOB, BITS,
-    q_len, kv_len, num_kv_heads, q_offset, qk_scale_log2, sm_scale,
+    q_len, kv_len, num_kv_heads, q_offset, qk_scale_log2, sm_scale, ITEM_KB, ITEM_START, split_size,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SINK: tl.constexpr, DIL_BLOCK: tl.constexpr, DIL_STRIDE: tl.constexpr,
     HAS_GLOBAL: tl.constexpr, HAS_BITS: tl.constexpr, LAYOUT_PER_BATCH: tl.constexpr, LAYOUT_PER_HEAD: tl.constexpr,
-    PRECISION: tl.constexpr, SUB_Q: tl.constexpr,
+    PRECISION: tl.constexpr, SUB_Q: tl.constexpr, SPLIT: tl.constexpr,
 ):
-    """One program per (key block, sequence, kv head): sums dK, dV over the query heads of its GQA group.
+    """One program per (work item, sequence, kv head): sums dK, dV over the query heads of its GQA group.
+
+    Without SPLIT a work item is a whole key block and the result is stored. With SPLIT, key blocks
+    that many query blocks visit (a sink seen by every query) are cut into items of ``split_size``
+    query blocks each, so no single program walks the whole sequence; items add into fp32 buffers.
     Query tiles are walked in sub-tiles of SUB_Q rows: smaller products pipeline better here."""
-    kb = tl.program_id(0)
+    item = tl.program_id(0)
     bh = tl.program_id(1)
+    if SPLIT:
+        kb = tl.load(ITEM_KB + item)
+        j_begin = tl.load(ITEM_START + item)
+    else:
+        kb = item
+        j_begin = 0
     b = bh // num_kv_heads
     hk = bh % num_kv_heads
     lb = b if LAYOUT_PER_BATCH else 0
@@ -198,13 +208,16 @@ def _bwd_dkdv_kernel(
     crow = (lb * layout_heads + lh) * num_rows + kb
     n_full = tl.load(FULL_CNT + crow)
     n_part = tl.load(PART_CNT + crow)
+    j_end = n_full + n_part
+    if SPLIT:
+        j_end = tl.minimum(j_end, j_begin + split_size)
     k_pos = offs_k[:, None]
     for g in range(0, GROUP):
         h = hk * GROUP + g
         q_base = Q + b.to(tl.int64) * sqb + h * sqh
         do_base = DO + b.to(tl.int64) * sob + h * soh
         stat_base = (b * num_q_heads + h).to(tl.int64) * q_len
-        for it in range(0, (n_full + n_part) * NSUB):
+        for it in range(j_begin * NSUB, j_end * NSUB):
             j = it // NSUB
             sub = it % NSUB
             is_part = j >= n_full
@@ -234,10 +247,15 @@ def _bwd_dkdv_kernel(
             ds_t = p_t * (dp_t - delta[None, :])
             dk += _mm(ds_t.to(q.dtype), q, PRECISION)
     dk = dk * sm_scale
-    tl.store(DK + b.to(tl.int64) * sdkb + hk * sdkh + offs_k[:, None].to(tl.int64) * sdkt + offs_d[None, :] * sdkd,
-             dk.to(DK.dtype.element_ty), mask=kmask[:, None])
-    tl.store(DV + b.to(tl.int64) * sdvb + hk * sdvh + offs_k[:, None].to(tl.int64) * sdvt + offs_d[None, :] * sdvd,
-             dv.to(DV.dtype.element_ty), mask=kmask[:, None])
+    dk_ptrs = DK + b.to(tl.int64) * sdkb + hk * sdkh + offs_k[:, None].to(tl.int64) * sdkt + offs_d[None, :] * sdkd
+    dv_ptrs = DV + b.to(tl.int64) * sdvb + hk * sdvh + offs_k[:, None].to(tl.int64) * sdvt + offs_d[None, :] * sdvd
+    if SPLIT:
+        if j_end > j_begin:
+            tl.atomic_add(dk_ptrs, dk, mask=kmask[:, None])
+            tl.atomic_add(dv_ptrs, dv, mask=kmask[:, None])
+    else:
+        tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=kmask[:, None])
+        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kmask[:, None])
 
 
 @triton.jit
@@ -367,6 +385,26 @@ def _strides(t: torch.Tensor):
     return list(t.stride())
 
 
+# A key block visited by more query blocks than this is split over several dK/dV programs.
+DKDV_SPLIT = 16
+
+
+def _dkdv_work_items(layout: BlockLayout):
+    """(item_kb, item_start) int32 work items for the split dK/dV kernel, or None when no key block is hot.
+
+    Counts are taken as the maximum over the layout's sequences and heads, so one item list serves all."""
+    _, full_cnt = layout.full_blocks_t
+    _, part_cnt = layout.partial_blocks_t
+    visits = (full_cnt + part_cnt).amax(dim=(0, 1))  # [NKB]
+    n_items = torch.clamp((visits + DKDV_SPLIT - 1) // DKDV_SPLIT, min=1)
+    if int(n_items.max().item()) <= 1:
+        return None
+    item_kb = torch.repeat_interleave(torch.arange(len(n_items), device=visits.device), n_items)
+    first = torch.cumsum(n_items, 0) - n_items
+    item_start = (torch.arange(item_kb.numel(), device=visits.device) - first[item_kb]) * DKDV_SPLIT
+    return item_kb.to(torch.int32).contiguous(), item_start.to(torch.int32).contiguous()
+
+
 def block_sparse_forward(q, k, v, layout: BlockLayout, scale: float):
     b, tq, hq, d = q.shape
     hkv = k.shape[2]
@@ -394,10 +432,22 @@ def block_sparse_backward(do, q, k, v, out, lse, layout: BlockLayout, scale: flo
     common = dict(GROUP=hq // hkv, HEAD_DIM=d, BLOCK_Q=layout.block_q, BLOCK_KV=layout.block_kv,
                   PRECISION=_precision(q.dtype, q.device))
     largs_t, meta = _layout_args(layout, transposed=True)
-    _bwd_dkdv_kernel[(layout.num_kv_blocks, b * hkv)](
-        q, k, v, do, lse, delta, dk, dv, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
-        *_strides(dk), *_strides(dv), *largs_t, tq, tk, hkv, layout.q_offset, scale * LOG2E, scale, **common, **meta,
+    items = _dkdv_work_items(layout)
+    if items is None:
+        grid0, item_kb, item_start, dk_acc, dv_acc = layout.num_kv_blocks, delta, delta, dk, dv
+    else:
+        item_kb, item_start = items
+        grid0 = item_kb.numel()
+        dk_acc = torch.zeros(dk.shape, dtype=torch.float32, device=dk.device)
+        dv_acc = torch.zeros(dv.shape, dtype=torch.float32, device=dv.device)
+    _bwd_dkdv_kernel[(grid0, b * hkv)](
+        q, k, v, do, lse, delta, dk_acc, dv_acc, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
+        *_strides(dk_acc), *_strides(dv_acc), *largs_t, tq, tk, hkv, layout.q_offset, scale * LOG2E, scale,
+        item_kb, item_start, DKDV_SPLIT, **common, **meta, SPLIT=items is not None,
         SUB_Q=_sub_tile("dkdv", layout.block_q, q.device), **_tuning("dkdv", d, layout.block_kv, q.device))
+    if items is not None:
+        dk.copy_(dk_acc)
+        dv.copy_(dv_acc)
     largs, meta = _layout_args(layout, transposed=False)
     _bwd_dq_kernel[(layout.num_q_blocks, b * hq)](
         q, k, v, do, lse, delta, dq, *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),

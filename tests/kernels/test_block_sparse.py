@@ -40,6 +40,16 @@ def test_backward_sub_tiles(monkeypatch):
     assert max(compare_backends(q, k, v, layout)) < TOLERANCE[torch.float32]
 
 
+def test_hot_key_blocks_are_split_over_programs(monkeypatch):
+    # a sink seen by every query: with a split size of 2 query blocks its dK/dV is summed from several programs
+    from nsa_viz.kernels import block_sparse
+    monkeypatch.setattr(block_sparse, "DKDV_SPLIT", 2)
+    layout = GlobalLocal(window=20, sink=16).compile(100, block_q=16, block_kv=16)
+    assert block_sparse._dkdv_work_items(layout) is not None
+    q, k, v = random_qkv(1, 100, 100, 4, 2, 32, torch.float32)
+    assert max(compare_backends(q, k, v, layout)) < TOLERANCE[torch.float32]
+
+
 def test_gqa_9_3_head_dim_64_fp16_transformers_layout():
     # SmolLM2's shape: 9 query heads share 3 key/value heads; inputs as [B, H, T, D] views
     q, k, v = random_qkv(2, 70, 70, 9, 3, 64, torch.float16, layout_bhtd=True)
