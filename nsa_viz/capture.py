@@ -1,0 +1,518 @@
+"""Recording what attention did inside a model: block-level attention mass, chosen rows, NSA selections.
+
+``with capture(model, rows=[-1]) as rec: model(input_ids)`` records, for every layer (or the ones
+asked for), where dense attention put its mass and where the layer's pattern put it, at block level
+(``T/b × T/b``, computed blockwise by ``nsa_viz.kernels.attention_stats``: never a T×T matrix), the
+full probability rows of a few chosen query positions, the exact fraction of dense mass each query
+keeps under the pattern (recall), and for NSA layers the selected blocks, importance and gates.
+A memory budget is checked before anything is computed. ``Recording.save`` / ``Recording.load``
+keep it in one file of plain tensors.
+"""
+from __future__ import annotations
+
+import math
+import os
+from contextlib import contextmanager
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import torch
+
+from .kernels import block_sparse_attention
+from .kernels.attention_stats import attention_mass_stats
+from .patterns import NSA, Dense, Pattern
+
+FORMAT_TAG = "nsa_viz.recording"
+FORMAT_VERSION = 1
+DEFAULT_BUDGET = 512 * 2**20
+
+
+class CaptureBudgetError(MemoryError):
+    """A capture request would exceed its memory budget (raised before anything is computed)."""
+
+
+@dataclass
+class LayerRecord:
+    """What one layer did in the first forward pass under :func:`capture`.
+
+    Shapes use B batch, HQ query heads, HKV key/value heads, Tq queries, Tk keys, b = ``block``,
+    NQB = ceil(Tq / b), NKB = ceil(Tk / b), R chosen rows. All float tensors are float32 on the CPU.
+
+    - ``layer``: layer index; ``pattern``: label of what the layer ran (``"model"`` for the model's
+      own attention; ``"g0: ..., g1: ..."`` for per-group patterns); ``block``: b.
+    - ``q_len``, ``kv_len``, ``q_offset`` (= Tk - Tq: query i sits at absolute position i + q_offset),
+      ``num_q_heads``, ``num_kv_heads``.
+    - ``dense_block_mass [B, HQ, NQB, NKB]``: dense causal attention probability summed over the
+      queries of query block i and the keys of key block j (a row of blocks sums to its number of queries).
+    - ``dense_distance_mass [B, HQ, Tk]``: dense probability summed per distance ``q_pos - k_pos``
+      (sums to Tq per head).
+    - ``pattern_block_mass``, ``pattern_distance_mass``: the same for the pattern's own attention
+      (None when every head ran dense attention).
+    - ``recall [B, HQ, Tq]``: per query, the fraction of its dense attention mass that falls on keys the
+      pattern lets it see (exactly ``exp(lse_pattern - lse_dense)``); 1 for dense.
+    - ``compare_recall {label: [B, HQ, Tq]}``: the same for extra static patterns asked for with ``compare``.
+    - ``row_index [R]`` (query indices), ``dense_rows`` / ``pattern_rows [B, HQ, R, Tk]``: full probability rows.
+    - ``nsa``: for NSA layers, the kernels' auxiliary outputs as plain tensors (selected block indices
+      and counts, importance, gates when given), keyed by name, per group as ``nsa["g<k>.<name>"]`` when
+      the layer ran per-group patterns; None otherwise.
+    """
+
+    layer: int
+    pattern: str
+    block: int
+    q_len: int
+    kv_len: int
+    q_offset: int
+    num_q_heads: int
+    num_kv_heads: int
+    dense_block_mass: torch.Tensor
+    dense_distance_mass: torch.Tensor
+    recall: torch.Tensor
+    pattern_block_mass: Optional[torch.Tensor] = None
+    pattern_distance_mass: Optional[torch.Tensor] = None
+    compare_recall: Dict[str, torch.Tensor] = field(default_factory=dict)
+    row_index: Optional[torch.Tensor] = None
+    dense_rows: Optional[torch.Tensor] = None
+    pattern_rows: Optional[torch.Tensor] = None
+    nsa: Optional[Dict[str, torch.Tensor]] = None
+    nsa_params: Optional[Dict[str, object]] = None
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LayerRecord":
+        if not isinstance(d, dict):
+            raise ValueError(f"a layer record must be a dict, got {type(d).__name__}")
+        names = {f.name for f in fields(cls)}
+        required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+        missing = required - set(d)
+        if missing:
+            raise ValueError(f"layer record is missing fields {sorted(missing)}")
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @property
+    def mean_recall(self) -> torch.Tensor:
+        """[HQ]: recall averaged over batch and queries."""
+        return self.recall.mean(dim=(0, 2))
+
+
+@dataclass
+class Recording:
+    """Everything recorded under one :func:`capture` (see :class:`LayerRecord` for a layer's fields).
+
+    - ``layers {layer index: LayerRecord}``: ``rec.layers[i].dense_block_mass`` etc.
+    - ``tokens [B, T]`` (int64): the input ids of the recorded forward pass; ``token_strings`` (list per
+      sequence) when a tokenizer was given.
+    - ``meta``: model type, head counts, block size, the requested rows and budget.
+    - ``ignored_calls``: forward passes after the first (e.g. decode steps), which are not recorded.
+    """
+
+    layers: Dict[int, LayerRecord] = field(default_factory=dict)
+    tokens: Optional[torch.Tensor] = None
+    token_strings: Optional[List[List[str]]] = None
+    meta: Dict[str, object] = field(default_factory=dict)
+    ignored_calls: int = 0
+
+    def nbytes(self) -> int:
+        total = 0
+        for rec in self.layers.values():
+            for v in rec.to_dict().values():
+                total += _nbytes(v)
+        return total
+
+    # ------------------------------------------------------------------ files
+    def save(self, path) -> None:
+        """One file (``torch.save`` of plain tensors, strings and numbers) with a format tag and version."""
+        payload = {"format": FORMAT_TAG, "version": FORMAT_VERSION, "meta": dict(self.meta),
+                   "tokens": self.tokens, "token_strings": self.token_strings, "ignored_calls": self.ignored_calls,
+                   "layers": {int(i): r.to_dict() for i, r in self.layers.items()}}
+        torch.save(payload, os.fspath(path))
+
+    @classmethod
+    def load(cls, path) -> "Recording":
+        """Read a file written by :meth:`save`; a corrupt or foreign file gives a ValueError saying so."""
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no recording at {path!r}")
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # pickle, zip and weights-only errors all mean "not ours or damaged"
+            raise ValueError(f"{path!r} is not a readable nsa_viz recording (corrupt or foreign file: "
+                             f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
+        if not isinstance(payload, dict) or payload.get("format") != FORMAT_TAG:
+            raise ValueError(f"{path!r} is not a nsa_viz recording (no '{FORMAT_TAG}' format tag)")
+        version = payload.get("version")
+        if version != FORMAT_VERSION:
+            raise ValueError(f"{path!r} is a nsa_viz recording of format version {version!r}; this version of "
+                             f"nsa_viz reads version {FORMAT_VERSION}")
+        try:
+            layers = {int(i): LayerRecord.from_dict(d) for i, d in payload["layers"].items()}
+            return cls(layers=layers, tokens=payload.get("tokens"), token_strings=payload.get("token_strings"),
+                       meta=dict(payload.get("meta") or {}), ignored_calls=int(payload.get("ignored_calls") or 0))
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            raise ValueError(f"{path!r} is a damaged nsa_viz recording: {exc}") from exc
+
+    def __repr__(self) -> str:
+        return (f"Recording({len(self.layers)} layers, tokens={None if self.tokens is None else tuple(self.tokens.shape)}, "
+                f"{self.nbytes() / 2**20:.1f} MiB)")
+
+
+def _nbytes(v) -> int:
+    if isinstance(v, torch.Tensor):
+        return v.numel() * v.element_size()
+    if isinstance(v, dict):
+        return sum(_nbytes(x) for x in v.values())
+    return 0
+
+
+# --------------------------------------------------------------------------- budget
+def estimate_layer_bytes(batch: int, q_heads: int, kv_heads: int, q_len: int, kv_len: int, block: int = 64,
+                         rows: int = 0, pattern: bool = True, compare: int = 0, nsa_top_n: int = 0) -> int:
+    """Bytes one layer's record will hold (float32 maps, distance masses, rows, recall, NSA selections)."""
+    nqb, nkb = math.ceil(q_len / block), math.ceil(kv_len / block)
+    per_map = batch * q_heads * nqb * nkb * 4
+    per_dist = batch * q_heads * kv_len * 4
+    per_rows = batch * q_heads * rows * kv_len * 4
+    per_recall = batch * q_heads * q_len * 4
+    total = per_map + per_dist + per_rows + per_recall * (1 + compare)
+    if pattern:
+        total += per_map + per_dist + per_rows
+    if nsa_top_n:
+        # selected indices (int32) per query and group, plus importance over selection blocks
+        total += batch * kv_heads * q_len * (nsa_top_n * 4 + nkb * 4 + 8)
+    return int(total)
+
+
+def estimate_bytes(model, seq_len: int, *, batch: int = 1, layers: Optional[Iterable[int]] = None, rows: int = 0,
+                   block: int = 64, compare: int = 0) -> int:
+    """Bytes a :func:`capture` of one forward pass of ``seq_len`` tokens would record (NSA layers counted
+    with their selections)."""
+    from .models import attention_modules
+    from .attention import SPEC_ATTR
+
+    cfg = model.config
+    hq = cfg.num_attention_heads
+    hkv = getattr(cfg, "num_key_value_heads", None) or hq
+    mods = attention_modules(model)
+    chosen = list(mods) if layers is None else list(layers)
+    total = 0
+    for i in chosen:
+        spec = getattr(mods[i], SPEC_ATTR, None)
+        total += estimate_layer_bytes(batch, hq, hkv, seq_len, seq_len, block, rows, pattern=_has_pattern(spec),
+                                      compare=compare, nsa_top_n=_nsa_top_n(spec))
+    return total
+
+
+def _patterns_of(spec) -> List[Pattern]:
+    if spec is None:
+        return []
+    if isinstance(spec, Pattern):
+        return [spec]
+    return list(spec.values())
+
+
+def _has_pattern(spec) -> bool:
+    return any(not isinstance(p, Dense) for p in _patterns_of(spec))
+
+
+def _nsa_top_n(spec) -> int:
+    return max([p.top_n for p in _patterns_of(spec) if isinstance(p, NSA)], default=0)
+
+
+def _label(spec) -> str:
+    if spec is None:
+        return "model"
+    if isinstance(spec, Pattern):
+        return spec.label
+    return ", ".join(f"g{g}: {p.label}" for g, p in sorted(spec.items()))
+
+
+# --------------------------------------------------------------------------- the recorder
+class Recorder:
+    """Collects :class:`LayerRecord` objects while attached to a model's attention modules."""
+
+    def __init__(self, recording: Recording, layers: Optional[set], rows: Sequence[int], block: int,
+                 compare: Sequence[Pattern], budget_bytes: int, n_layers: int):
+        self.rec = recording
+        self.layers = layers
+        self.rows = list(rows)
+        self.block = block
+        self.compare = list(compare)
+        self.budget = budget_bytes
+        self.n_layers = n_layers
+        self.checked = False
+        self.calls_seen = 0
+
+    def wants(self, module) -> bool:
+        i = int(module.layer_idx)
+        if self.layers is not None and i not in self.layers:
+            return False
+        return i not in self.rec.layers and self.calls_seen <= 1
+
+    def _check_budget(self, q, k, spec_of_layer) -> None:
+        b, tq, hq, _ = q.shape
+        tk, hkv = k.shape[1], k.shape[2]
+        chosen = range(self.n_layers) if self.layers is None else sorted(self.layers)
+        need = sum(estimate_layer_bytes(b, hq, hkv, tq, tk, self.block, len(self.rows),
+                                        pattern=_has_pattern(spec_of_layer(i)), compare=len(self.compare),
+                                        nsa_top_n=_nsa_top_n(spec_of_layer(i))) for i in chosen)
+        if need > self.budget:
+            raise CaptureBudgetError(
+                f"capture would record about {need / 2**20:.1f} MiB ({len(list(chosen))} layers, batch {b}, "
+                f"{tq} queries x {tk} keys, block {self.block}, {len(self.rows)} rows) but budget_bytes is "
+                f"{self.budget / 2**20:.1f} MiB: record fewer layers, fewer rows, a larger block or a shorter "
+                f"input, or raise budget_bytes")
+
+    def _rows(self, tq: int) -> Optional[List[int]]:
+        if not self.rows:
+            return None
+        out = []
+        for r in self.rows:
+            rr = r + tq if r < 0 else r
+            if not 0 <= rr < tq:
+                raise ValueError(f"rows must be query indices in [-{tq}, {tq - 1}] for this input, got {r}")
+            out.append(rr)
+        return sorted(set(out))  # the order attention_mass_stats returns rows in
+
+    @torch.no_grad()
+    def record(self, module, q, k, v, scale, spec, infos) -> None:
+        """Called by the attention function with ``q [B, Tq, HQ, D]``, ``k, v [B, Tk, HKV, D]`` and what the
+        kernels returned (``infos``: list of (kv-group slice, pattern, info dict) or None for the model's own)."""
+        from .attention import SPEC_ATTR, run_pattern, layout_for
+        from .models import attention_modules  # noqa: F401  (import cycle guard)
+
+        if not self.checked:
+            mods = {int(m.layer_idx): m for m in _sibling_modules(module)}
+            self._check_budget(q, k, lambda i: getattr(mods.get(i), SPEC_ATTR, None))
+            self.checked = True
+        b, tq, hq, d = q.shape
+        tk, hkv = k.shape[1], k.shape[2]
+        g = hq // hkv
+        rows = self._rows(tq)
+        blk = self.block
+        dense = attention_mass_stats(q, k, block=blk, scale=scale, causal=True, rows=rows)
+        dense_layout = layout_for(Dense(), tq, tk, q.device, head_dim=d)
+        _, dense_lse = block_sparse_attention(q, k, v, dense_layout, scale, backend=_backend(module), return_lse=True)
+
+        recall = torch.ones(b, hq, tq, dtype=torch.float32, device=q.device)
+        pat_block = pat_dist = pat_rows = None
+        nsa_out, nsa_params = None, None
+        if _has_pattern(spec):
+            pat_block = dense["block_mass"].clone()
+            pat_dist = dense["distance_mass"].clone()
+            pat_rows = dense["rows"].clone() if rows is not None else None
+            per_group = not isinstance(spec, Pattern)
+            for sl, pat, info in infos:
+                if isinstance(pat, Dense):
+                    continue
+                hs = slice(sl.start * g, sl.stop * g)
+                qg, kg = q[:, :, hs], k[:, :, sl]
+                if isinstance(pat, NSA):
+                    st, lse, aux = _nsa_stats(qg, kg, v[:, :, sl], scale, pat, info, blk, rows, module)
+                    prefix = f"g{sl.start}." if per_group else ""
+                    nsa_out = dict(nsa_out or {})
+                    nsa_out.update({prefix + name: t for name, t in aux.items()})
+                    nsa_params = dict(pat.__dict__)
+                else:
+                    st = attention_mass_stats(qg, kg, block=blk, scale=scale, causal=True, layout=info["layout"],
+                                              rows=rows)
+                    lse = info["lse"]
+                pat_block[:, hs] = st["block_mass"]
+                pat_dist[:, hs] = st["distance_mass"]
+                if rows is not None:
+                    pat_rows[:, hs] = st["rows"]
+                recall[:, hs] = _recall(lse, dense_lse[:, hs])
+        compare = {}
+        for cp in self.compare:
+            _, info = run_pattern(cp, q, k, v, scale, backend=_backend(module), return_info=True)
+            compare[cp.label] = _recall(info["lse"], dense_lse).cpu()
+
+        cpu = lambda t: None if t is None else t.detach().float().cpu()
+        self.rec.layers[int(module.layer_idx)] = LayerRecord(
+            layer=int(module.layer_idx), pattern=_label(spec), block=blk, q_len=tq, kv_len=tk, q_offset=tk - tq,
+            num_q_heads=hq, num_kv_heads=hkv,
+            dense_block_mass=cpu(dense["block_mass"]), dense_distance_mass=cpu(dense["distance_mass"]),
+            recall=cpu(recall), pattern_block_mass=cpu(pat_block), pattern_distance_mass=cpu(pat_dist),
+            compare_recall=compare,
+            row_index=None if rows is None else torch.tensor(rows, dtype=torch.long),
+            dense_rows=cpu(dense.get("rows")) if rows is not None else None, pattern_rows=cpu(pat_rows),
+            nsa=None if nsa_out is None else {k2: t.detach().cpu() for k2, t in nsa_out.items()},
+            nsa_params=nsa_params)
+
+
+def _recall(lse_pattern: torch.Tensor, lse_dense: torch.Tensor) -> torch.Tensor:
+    """exp(lse_pattern - lse_dense): the dense probability mass on the keys the pattern keeps (0 if none)."""
+    r = torch.exp(lse_pattern.float() - lse_dense.float())
+    return torch.where(torch.isinf(lse_pattern) & (lse_pattern < 0), torch.zeros_like(r), r).clamp_(0.0, 1.0)
+
+
+def _backend(module) -> str:
+    from .attention import BACKEND_ATTR
+    return getattr(module, BACKEND_ATTR, "auto") or "auto"
+
+
+_MODULES_OF: Dict[int, list] = {}
+
+
+def _sibling_modules(module) -> list:
+    return _MODULES_OF.get(id(getattr(module, "_nsa_viz_recorder", None)), [module])
+
+
+def _nsa_stats(q, k, v, scale, pat: NSA, info, block, rows, module):  # pragma: no cover - replaced when NSA lands
+    raise NotImplementedError("capture of NSA layers needs nsa_viz.kernels.nsa")
+
+
+# --------------------------------------------------------------------------- the context manager
+@contextmanager
+def capture(model, *, layers: Optional[Iterable[int]] = None, rows: Sequence[int] = (), block: int = 64,
+            compare: Sequence[Pattern] = (), budget_bytes: int = DEFAULT_BUDGET, tokenizer=None):
+    """Record what attention does in the first forward pass of ``model`` inside the ``with`` block.
+
+    ``layers``: layer indices to record (default all). ``rows``: query indices (negative from the end)
+    whose full probability rows are kept. ``block``: block size b of the block-level maps.
+    ``compare``: extra static patterns whose recall of dense mass is measured too. ``budget_bytes``:
+    the most the recording may hold; a request over it raises :class:`CaptureBudgetError` before any
+    statistic is computed. ``tokenizer``: to store token strings beside the ids.
+
+    Works whether or not a pattern is applied: layers left to the model's own attention are routed
+    through the nsa_viz function only for the duration (their outputs are the model's own), and are
+    recorded as ``pattern="model"``. Only the first forward pass is recorded (``generate`` records its
+    prefill); later calls are counted in ``Recording.ignored_calls``.
+    """
+    from .attention import ATTN_NAME, RECORDER_ATTR
+    from .kernels.layout import check_block_size
+    from .models import apply_pattern, attention_modules
+
+    check_block_size("block", block)
+    if not isinstance(budget_bytes, int) or budget_bytes <= 0:
+        raise ValueError(f"budget_bytes must be a positive integer, got {budget_bytes!r}")
+    for cp in compare:
+        if not isinstance(cp, Pattern) or cp.dynamic:
+            raise ValueError(f"compare must hold static patterns (not NSA), got {cp!r}")
+    mods = attention_modules(model)
+    n = len(mods)
+    chosen = None
+    if layers is not None:
+        chosen = set()
+        for i in layers:
+            if isinstance(i, bool) or not isinstance(i, int) or not -n <= i < n:
+                raise ValueError(f"layers must be integers in [-{n}, {n - 1}], got {i!r}")
+            chosen.add(i % n)
+    for r in rows:
+        if isinstance(r, bool) or not isinstance(r, int):
+            raise ValueError(f"rows must be integer query indices, got {r!r}")
+    if any(getattr(m, RECORDER_ATTR, None) is not None for m in mods.values()):
+        raise RuntimeError("a capture is already active on this model; nest nothing, finish it first")
+
+    cfg = model.config
+    rec = Recording(meta={"model_type": cfg.model_type, "num_layers": n, "num_q_heads": cfg.num_attention_heads,
+                          "num_kv_heads": getattr(cfg, "num_key_value_heads", cfg.num_attention_heads),
+                          "block": block, "rows": list(rows), "budget_bytes": budget_bytes,
+                          "format": FORMAT_TAG, "version": FORMAT_VERSION})
+    recorder = Recorder(rec, chosen, rows, block, compare, budget_bytes, n)
+    _MODULES_OF[id(recorder)] = list(mods.values())
+    handle = None
+    if cfg._attn_implementation != ATTN_NAME:
+        handle = apply_pattern(model, {})  # route every layer through nsa_viz, each still running the model's own
+
+    def pre_hook(_mod, args, kwargs):
+        recorder.calls_seen += 1
+        if recorder.calls_seen > 1:
+            rec.ignored_calls += 1
+            return None
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if isinstance(ids, torch.Tensor):
+            rec.tokens = ids.detach().cpu().clone()
+            if tokenizer is not None:
+                rec.token_strings = [tokenizer.convert_ids_to_tokens(row.tolist()) for row in rec.tokens]
+        return None
+
+    hook = model.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    for m in mods.values():
+        setattr(m, RECORDER_ATTR, recorder)
+    try:
+        yield rec
+    finally:
+        hook.remove()
+        for m in mods.values():
+            if hasattr(m, RECORDER_ATTR):
+                delattr(m, RECORDER_ATTR)
+        _MODULES_OF.pop(id(recorder), None)
+        if handle is not None:
+            handle.restore()
+
+
+# --------------------------------------------------------------------------- derived measures
+def recall_table(rec: Recording):
+    """Tidy table: one row per (layer, query head) with the mean recall of dense mass by the layer's
+    pattern (``recall``) and by each ``compare`` pattern (``recall[<label>]`` columns)."""
+    import pandas as pd
+
+    out = []
+    for i, lr in sorted(rec.layers.items()):
+        g = lr.num_q_heads // lr.num_kv_heads
+        base = lr.recall.mean(dim=(0, 2))
+        comp = {f"recall[{k}]": v.mean(dim=(0, 2)) for k, v in lr.compare_recall.items()}
+        for h in range(lr.num_q_heads):
+            row = {"layer": i, "head": h, "kv_group": h // g, "pattern": lr.pattern, "recall": float(base[h])}
+            row.update({k: float(v[h]) for k, v in comp.items()})
+            out.append(row)
+    return pd.DataFrame(out)
+
+
+def selection_stats(rec: Recording):
+    """NSA selection diversity and collapse per (layer, kv group): one tidy row each.
+
+    Columns: ``forced_only`` (fraction of query rows whose picks are all forced blocks: the initial
+    ones and the local ones next to the query, i.e. selection added nothing beyond the window),
+    ``pick_entropy`` (entropy in bits of how often each key block is picked, over all rows),
+    ``pick_entropy_norm`` (that over log2 of the number of key blocks: 1 = picks spread evenly, 0 = one
+    block always), ``distinct_blocks`` (key blocks picked at least once), ``mean_pick_distance``
+    (mean distance in blocks between a query's block and the blocks it picks, forced ones excluded).
+    """
+    import pandas as pd
+
+    out = []
+    for i, lr in sorted(rec.layers.items()):
+        if not lr.nsa:
+            continue
+        groups = sorted({k.split(".", 1)[0] for k in lr.nsa if k.startswith("g") and "." in k}) or [""]
+        for gp in groups:
+            pre = f"{gp}." if gp else ""
+            sel = lr.nsa.get(pre + "selected")
+            if sel is None:
+                continue
+            params = lr.nsa_params or {}
+            for grp in range(sel.shape[1]):
+                kv_group = int(gp[1:]) if gp else grp
+                out.append({"layer": i, "kv_group": kv_group, **_pick_stats(sel[:, grp], lr, params)})
+    return pd.DataFrame(out)
+
+
+def _pick_stats(sel: torch.Tensor, lr: LayerRecord, params: dict) -> dict:
+    """``sel [B, NQ, n]`` (int, -1 = unused slot) for one group; rows are query tokens or query blocks."""
+    blk = int(params.get("block", 64))
+    init_b, local_b = int(params.get("init_blocks", 1)), int(params.get("local_blocks", 2))
+    b, nq, n = sel.shape
+    per_token = nq == lr.q_len
+    q_idx = torch.arange(nq)
+    q_pos = (q_idx + lr.q_offset) if per_token else torch.clamp((q_idx + 1) * blk - 1, max=lr.q_len - 1) + lr.q_offset
+    cur = (q_pos // blk)[None, :, None]
+    valid = sel >= 0
+    forced = (sel < init_b) | ((cur - sel) < local_b) & (sel <= cur)
+    free = valid & ~forced
+    forced_only = (~free.any(-1)).float().mean().item()
+    nkb = math.ceil(lr.kv_len / blk)
+    counts = torch.bincount(sel[valid].long().flatten(), minlength=nkb).float()
+    p = counts / counts.sum().clamp(min=1)
+    ent = float(-(p[p > 0] * p[p > 0].log2()).sum())
+    dist = (cur - sel).float()
+    mean_dist = float(dist[free].mean()) if free.any() else 0.0
+    return {"forced_only": forced_only, "pick_entropy": ent,
+            "pick_entropy_norm": ent / math.log2(nkb) if nkb > 1 else 0.0,
+            "distinct_blocks": int((counts > 0).sum()), "mean_pick_distance": mean_dist}
+
+
+__all__ = ["capture", "Recording", "LayerRecord", "CaptureBudgetError", "estimate_bytes", "estimate_layer_bytes",
+           "recall_table", "selection_stats", "FORMAT_TAG", "FORMAT_VERSION"]
