@@ -1,0 +1,85 @@
+"""NSA compressed attention and selection importance: references against loops, Triton against references."""
+import pytest
+import torch
+
+from nsa_viz.kernels.nsa_compressed import compressed_attention, selection_importance
+from nsa_viz.kernels.nsa_compressed_ref import (compressed_attention_reference, num_compressed,
+                                                selection_importance_reference)
+
+from .helpers import TOLERANCE, rel_err
+
+
+def random_cmp(b, tq, kv_len, hq, hkv, d, l, s, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    nc = num_compressed(kv_len, l, s)
+    make = lambda *shape: torch.randn(*shape, generator=gen).to(dtype).requires_grad_(True)
+    return make(b, tq, hq, d), make(b, nc, hkv, d), make(b, nc, hkv, d)
+
+
+def loop_oracle(q, kc, vc, l, s, kv_len, block, scale):
+    """Per query: visible compressed keys, their softmax, and eq. 9 by token overlap counted one token at a time."""
+    b, tq, hq, d = q.shape
+    nc, hkv = kc.shape[1], kc.shape[2]
+    g = hq // hkv
+    nsel = -(-kv_len // block)
+    out = torch.zeros(b, tq, hq, d, dtype=torch.float64)
+    lse = torch.full((b, tq, hq), float("-inf"), dtype=torch.float64)
+    imp = torch.zeros(b, hkv, tq, nsel, dtype=torch.float64)
+    for bb in range(b):
+        for i in range(tq):
+            p = kv_len - tq + i
+            keys = [j for j in range(nc) if j * s + l - 1 <= p]
+            for h in range(hq):
+                if not keys:
+                    continue
+                sc = (kc[bb, keys, h // g].double() @ q[bb, i, h].double()) * scale
+                lse[bb, i, h] = torch.logsumexp(sc, 0)
+                prob = torch.softmax(sc, 0)
+                out[bb, i, h] = prob @ vc[bb, keys, h // g].double()
+                for pj, j in zip(prob.tolist(), keys):
+                    for t in range(j * s, j * s + l):
+                        imp[bb, h // g, i, t // block] += pj / s
+    return out, lse, imp
+
+
+@pytest.mark.parametrize("l, s, block, kv_len, tq", [(32, 16, 64, 150, 150), (16, 16, 16, 70, 70), (16, 8, 32, 90, 5)])
+def test_reference_matches_loop(l, s, block, kv_len, tq):
+    q, kc, vc = random_cmp(2, tq, kv_len, 6, 2, 32, l, s, torch.float32, seed=1)
+    kv = None if tq == kv_len else kv_len
+    out, lse = compressed_attention_reference(q, kc, vc, cmp_block=l, cmp_stride=s, kv_len=kv, max_bytes=20000)
+    imp = selection_importance_reference(q, kc, lse, cmp_block=l, cmp_stride=s, block=block, kv_len=kv_len, max_bytes=20000)
+    o2, l2, i2 = loop_oracle(q, kc, vc, l, s, kv_len, block, 32 ** -0.5)
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(l2))
+    assert rel_err(out, o2) < 1e-5 and rel_err(lse, l2) < 1e-5 and rel_err(imp, i2) < 1e-5
+
+
+def test_no_complete_block_gives_zero_and_neg_inf():
+    q, kc, vc = random_cmp(1, 20, 20, 2, 1, 32, 32, 16, torch.float32)
+    assert kc.shape[1] == 0
+    out, lse = compressed_attention(q, kc, vc, cmp_block=32, cmp_stride=16, backend="reference")
+    assert (out == 0).all() and torch.isneginf(lse).all()
+    imp = selection_importance(q, kc, lse, cmp_block=32, cmp_stride=16, block=64, kv_len=20, backend="reference")
+    assert imp.shape == (1, 1, 20, 1) and (imp == 0).all()
+
+
+@pytest.mark.parametrize("case, match", [
+    ("stride", "cmp_stride must be a positive power of two"),
+    ("multiple", "multiple of cmp_stride"),
+    ("kv_len", "compressed keys but kv_len"),
+    ("block", r"block \(l'=8\) must be a multiple"),
+    ("lse", "lse must have shape"),
+])
+def test_clear_errors(case, match):
+    q, kc, vc = random_cmp(1, 64, 64, 2, 1, 32, 32, 16, torch.float32)
+    kw = dict(cmp_block=32, cmp_stride=16)
+    with pytest.raises((ValueError, TypeError), match=match):
+        if case == "stride":
+            compressed_attention(q, kc, vc, cmp_block=32, cmp_stride=12, backend="reference")
+        elif case == "multiple":
+            compressed_attention(q, kc, vc, cmp_block=16, cmp_stride=32, backend="reference")
+        elif case == "kv_len":
+            compressed_attention(q, kc, vc, kv_len=100, backend="reference", **kw)
+        elif case == "block":
+            selection_importance(q, kc, torch.zeros(1, 64, 2), block=8, kv_len=64, backend="reference", **kw)
+        elif case == "lse":
+            selection_importance(q, kc, torch.zeros(1, 2, 64), block=64, kv_len=64, backend="reference", **kw)
