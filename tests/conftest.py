@@ -64,3 +64,24 @@ def smollm2():
     from nsa_viz.models import current_patterns
 
     assert not current_patterns(model), "a test left a pattern applied on the shared SmolLM2"
+
+
+class CharTokenizer:
+    """Tokenizer-free helper for tiny models: one id per byte modulo the vocabulary (128)."""
+
+    def __init__(self, vocab: int = 128):
+        self.vocab = vocab
+
+    def __call__(self, text, return_tensors=None, add_special_tokens=True):
+        from types import SimpleNamespace
+
+        ids = [b % self.vocab for b in text.encode("utf-8")]
+        return SimpleNamespace(input_ids=torch.tensor([ids]) if return_tensors == "pt" else ids)
+
+    def convert_ids_to_tokens(self, ids):
+        return [chr(i) for i in ids]
+
+
+@pytest.fixture
+def char_tokenizer():
+    return CharTokenizer()
