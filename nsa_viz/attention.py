@@ -30,6 +30,8 @@ ATTN_NAME = "nsa_viz"
 SPEC_ATTR = "_nsa_viz_spec"          # on an attention module: Pattern, {kv_group: Pattern} or absent
 BACKEND_ATTR = "_nsa_viz_backend"    # on an attention module: kernel backend name
 RECORDER_ATTR = "_nsa_viz_recorder"  # on an attention module: the active capture Recorder, if any
+STATE_ATTR = "_nsa_viz_nsa_state"    # on an attention module: {group: NSASequenceState} between generate calls
+GATE_ATTR = "nsa_gate"               # on an attention module (optional): queries [B,T,HQ,D] -> NSA gates [B,T,HQ,3]
 
 # the model's own implementation ("sdpa", "eager", ...) per config object, so that unmapped layers
 # and the mask keep behaving exactly as before; kept outside the config so it never gets serialised
@@ -89,21 +91,36 @@ def layout_for(pattern: Pattern, q_len: int, kv_len: int, device, block_sizes: O
     return layout
 
 
-def nsa_kernels_available() -> bool:
-    try:
-        from .kernels import nsa  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def _nsa_attention():
+    """``nsa_viz.kernels.nsa.nsa_attention`` (Triton on CUDA, reference elsewhere); until that module is
+    installed, its oracle ``nsa_ref.nsa_attention_reference`` (same signature and semantics)."""
     try:
         from .kernels.nsa import nsa_attention
-    except ImportError as exc:  # pragma: no cover - depends on the NSA kernels being installed
-        raise RuntimeError("the NSA pattern needs nsa_viz.kernels.nsa (the NSA kernels), which is not available "
-                           f"in this installation: {exc}") from exc
-    return nsa_attention
+        return nsa_attention
+    except ImportError as exc:
+        try:
+            from .kernels.nsa_ref import nsa_attention_reference
+            return nsa_attention_reference
+        except ImportError:
+            raise RuntimeError("the NSA pattern needs nsa_viz.kernels.nsa (the NSA kernels), which is not available "
+                               f"in this installation: {exc}") from exc
+
+
+def _nsa_decode():
+    """``(NSACache, nsa_decode)`` from ``nsa_viz.kernels.nsa_decode``, or None when not installed."""
+    try:
+        from .kernels.nsa_decode import NSACache, nsa_decode
+    except ImportError:
+        return None
+    return NSACache, nsa_decode
+
+
+def nsa_kernels_available() -> bool:
+    try:
+        _nsa_attention()
+    except RuntimeError:
+        return False
+    return True
 
 
 def nsa_kwargs(p: NSA) -> dict:
@@ -111,21 +128,103 @@ def nsa_kwargs(p: NSA) -> dict:
                 init_blocks=p.init_blocks, local_blocks=p.local_blocks, combine=p.combine, granularity=p.granularity)
 
 
+class NSASequenceState:
+    """What one layer (one GQA group, for per-group patterns) keeps between the forward calls of a
+    generation under NSA, so that a decode step (new queries against the KV cache) gives exactly the
+    last rows of NSA over the whole sequence.
+
+    A call whose queries cover all keys (a prefill) starts a new sequence. A later call continues it
+    only if the cache grew by exactly its new tokens and still holds the key this state saw last;
+    otherwise (another sequence, a reordered or cropped cache) the state is rebuilt from the cache.
+    With the NSA decode kernels installed the state holds their ``NSACache`` (compressed keys and
+    values kept up to date incrementally); without them each step runs ``nsa_attention`` on the new
+    queries against the whole cache. For ``granularity="block"`` the queries of the current query
+    block are kept too, because all of them share (and score) one selection.
+    """
+
+    def __init__(self):
+        self.kv_len = 0
+        self.last_key: Optional[torch.Tensor] = None
+        self.block_queries: Optional[torch.Tensor] = None  # queries at positions [block_start, kv_len)
+        self.cache = None
+
+    def continues(self, k: torch.Tensor, q_len: int) -> bool:
+        prev = k.shape[1] - q_len
+        return (prev > 0 and self.kv_len == prev and self.last_key is not None
+                and self.last_key.shape == k[:, prev - 1].shape and torch.equal(self.last_key, k[:, prev - 1]))
+
+    def held_queries(self, q: torch.Tensor, pattern: NSA, kv_len: int) -> torch.Tensor:
+        """The queries whose selection the new ones share: those of the current query block, then ``q``."""
+        if pattern.granularity != "block" or self.block_queries is None or self.block_queries.shape[1] == 0:
+            return q
+        start = ((kv_len - q.shape[1]) // pattern.block) * pattern.block
+        held = self.block_queries[:, self.block_queries.shape[1] - (kv_len - q.shape[1] - start):]
+        return torch.cat([held.to(q.dtype), q], dim=1)
+
+    def advance(self, q: torch.Tensor, k: torch.Tensor, pattern: NSA, q_all: Optional[torch.Tensor] = None) -> None:
+        """Remember the state after a call whose queries ``q_all`` (default ``q``) end at ``k``'s last key."""
+        tk = k.shape[1]
+        self.kv_len = tk
+        self.last_key = k[:, tk - 1].detach().clone()
+        if pattern.granularity == "block":
+            q_all = q if q_all is None else q_all
+            keep = tk - (tk // pattern.block) * pattern.block  # queries of the (partial) block holding tk - 1
+            self.block_queries = q_all[:, q_all.shape[1] - min(keep, q_all.shape[1]):].detach().clone()
+
+    def reset(self) -> None:
+        self.__init__()
+
+
+def _run_nsa(pattern: NSA, q, k, v, scale, backend, return_info, state: Optional[NSASequenceState], gates):
+    fn = _nsa_attention()
+    kw = dict(nsa_kwargs(pattern), gates=gates, scale=scale, backend=backend)
+    tq, tk = q.shape[1], k.shape[1]
+    decode = state is not None and tq < tk
+    if not decode:
+        res = fn(q, k, v, **kw, return_aux=return_info)
+        if state is not None:
+            state.reset()
+            state.advance(q, k, pattern)
+        if not return_info:
+            return res
+        return res[0], {"aux": res[1], "gates": gates}
+    if not state.continues(k, tq):
+        # another sequence or a reordered cache: start over from what the cache holds (for block
+        # granularity the earlier queries of the current block are not known; only the new ones score)
+        state.reset()
+    q_all = state.held_queries(q, pattern, tk)
+    g_all = gates
+    if gates is not None and q_all.shape[1] != tq:
+        g_all = torch.cat([gates.new_zeros(gates.shape[0], q_all.shape[1] - tq, *gates.shape[2:]), gates], 1)
+    res = fn(q_all, k, v, **dict(kw, gates=g_all), return_aux=return_info)
+    out = res[0] if return_info else res
+    state.advance(q, k, pattern, q_all)
+    if not return_info:
+        return out[:, -tq:]
+    aux = {name: _last_rows(name, t, tq) for name, t in res[1].items()}
+    return out[:, -tq:], {"aux": aux, "gates": gates}
+
+
+def _last_rows(name: str, t: torch.Tensor, tq: int) -> torch.Tensor:
+    """The rows of the last ``tq`` queries of an NSA auxiliary output (query axis 2 for per-group ones)."""
+    axis = 2 if name in ("block_idx", "block_count", "importance") else 1
+    return t.narrow(axis, t.shape[axis] - tq, tq)
+
+
 def run_pattern(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, *,
-                backend: str = "auto", return_info: bool = False):
+                backend: str = "auto", return_info: bool = False, state: Optional[NSASequenceState] = None,
+                gates: Optional[torch.Tensor] = None):
     """Attention of ``q [B, Tq, HQ, D]`` over ``k, v [B, Tk, HKV, D]`` under one pattern.
 
     Returns the output ``[B, Tq, HQ, D]``; with ``return_info`` also a dict holding what capture
-    needs: ``layout`` and ``lse`` for a static pattern, ``aux`` (and ``lse`` when the NSA kernels give
-    it) for NSA.
+    needs: ``layout`` and ``lse`` (``[B, HQ, Tq]``) for a static pattern; for NSA ``aux`` (the NSA
+    kernels' auxiliary outputs: ``block_idx``, ``block_count``, ``importance``, ``lse [B, Tq, HQ]``)
+    and ``gates`` (None unless gated).
+    ``state`` (NSA only) carries a generation's decode state between calls; ``gates [B, Tq, HQ, 3]``
+    feed ``NSA(combine="gated")``.
     """
     if isinstance(pattern, NSA):
-        fn = _nsa_attention()
-        res = fn(q, k, v, **nsa_kwargs(pattern), gates=None, scale=scale, backend=backend, return_aux=return_info)
-        if not return_info:
-            return res
-        out, aux = res
-        return out, {"aux": aux}
+        return _run_nsa(pattern, q, k, v, scale, backend, return_info, state, gates)
     layout = layout_for(pattern, q.shape[1], k.shape[1], q.device, head_dim=q.shape[-1])
     if not return_info:
         return block_sparse_attention(q, k, v, layout, scale, backend=backend)
@@ -133,29 +232,45 @@ def run_pattern(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     return out, {"layout": layout, "lse": lse}
 
 
+def _is_gated(pat) -> bool:
+    return isinstance(pat, NSA) and pat.combine == "gated"
+
+
 def run_spec(spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, *, backend: str = "auto",
-             return_info: bool = False):
+             return_info: bool = False, states: Optional[dict] = None, gate_fn=None):
     """Run a layer's spec: one pattern for every head, or ``{kv_group: pattern}`` (others Dense).
 
     Returns the output and, with ``return_info``, a list of ``(kv_group_slice, pattern, info)``.
+    ``states``: a dict kept by the caller (on the attention module) where NSA decode states live
+    between calls, one per group. ``gate_fn(q [B, Tq, HQ, D]) -> [B, Tq, HQ, 3]`` gives gated NSA its gates.
     """
-    if isinstance(spec, Pattern):
-        res = run_pattern(spec, q, k, v, scale, backend=backend, return_info=return_info)
-        if not return_info:
-            return res
-        return res[0], [(slice(0, k.shape[2]), spec, res[1])]
+    pats = [spec] if isinstance(spec, Pattern) else list(spec.values())
+    gates = None
+    if any(_is_gated(p) for p in pats):
+        if gate_fn is None:
+            raise ValueError("NSA(combine='gated') needs gates [B, T, HQ, 3] from the model (an attribute "
+                             f"`{GATE_ATTR}` on the attention module mapping queries to gates); a pretrained "
+                             "model has none: use combine='union'")
+        gates = gate_fn(q)
+
+    def one(pat, heads: slice, groups: slice, key):
+        st = states.setdefault(key, NSASequenceState()) if isinstance(pat, NSA) and states is not None else None
+        return run_pattern(pat, q[:, :, heads], k[:, :, groups], v[:, :, groups], scale, backend=backend,
+                           return_info=return_info, state=st,
+                           gates=gates[:, :, heads] if _is_gated(pat) else None)
+
     hkv = k.shape[2]
+    if isinstance(spec, Pattern):
+        res = one(spec, slice(None), slice(None), "all")
+        return (res[0], [(slice(0, hkv), spec, res[1])]) if return_info else res
     g = q.shape[2] // hkv
     outs, infos = [], []
     for grp in range(hkv):
         pat = spec.get(grp, Dense())
-        qs, ks, vs = q[:, :, grp * g:(grp + 1) * g], k[:, :, grp:grp + 1], v[:, :, grp:grp + 1]
-        res = run_pattern(pat, qs, ks, vs, scale, backend=backend, return_info=return_info)
+        res = one(pat, slice(grp * g, (grp + 1) * g), slice(grp, grp + 1), grp)
+        outs.append(res[0] if return_info else res)
         if return_info:
-            outs.append(res[0])
             infos.append((slice(grp, grp + 1), pat, res[1]))
-        else:
-            outs.append(res)
     out = torch.cat(outs, dim=2)
     return (out, infos) if return_info else out
 
@@ -237,7 +352,12 @@ def nsa_viz_attention(module, query: torch.Tensor, key: torch.Tensor, value: tor
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # views, no copies
     backend = getattr(module, BACKEND_ATTR, "auto")
     want_info = recorder is not None and recorder.wants(module)
-    res = run_spec(spec, q, k, v, scaling, backend=backend, return_info=want_info)
+    states = getattr(module, STATE_ATTR, None)
+    if states is None:
+        states = {}
+        setattr(module, STATE_ATTR, states)
+    res = run_spec(spec, q, k, v, scaling, backend=backend, return_info=want_info, states=states,
+                   gate_fn=getattr(module, GATE_ATTR, None))
     if want_info:
         out, infos = res
         recorder.record(module, q, k, v, scaling, spec, infos)
@@ -268,5 +388,5 @@ def check_backend(backend: str) -> str:
     return backend
 
 
-__all__ = ["ATTN_NAME", "layout_for", "nsa_viz_attention", "nsa_viz_mask", "register", "run_pattern", "run_spec",
+__all__ = ["ATTN_NAME", "NSASequenceState", "layout_for", "nsa_viz_attention", "nsa_viz_mask", "register", "run_pattern", "run_spec",
            "nsa_kernels_available"]

@@ -50,11 +50,20 @@ class LayerRecord:
       (None when every head ran dense attention).
     - ``recall [B, HQ, Tq]``: per query, the fraction of its dense attention mass that falls on keys the
       pattern lets it see (exactly ``exp(lse_pattern - lse_dense)``); 1 for dense.
-    - ``compare_recall {label: [B, HQ, Tq]}``: the same for extra static patterns asked for with ``compare``.
+    - ``compare_recall {label: [B, HQ, Tq]}``: the same for the extra patterns asked for with ``compare``
+      (static ones through their layout, NSA through its per-token selection on this layer's q, k).
+    - ``compare_nsa {label: {name: tensor}}``: for NSA patterns in ``compare``, what the layer would have
+      selected (``block_idx``, ``block_count``, ``importance``, ``recall_selected``; see ``nsa``).
     - ``row_index [R]`` (query indices), ``dense_rows`` / ``pattern_rows [B, HQ, R, Tk]``: full probability rows.
-    - ``nsa``: for NSA layers, the kernels' auxiliary outputs as plain tensors (selected block indices
-      and counts, importance, gates when given), keyed by name, per group as ``nsa["g<k>.<name>"]`` when
-      the layer ran per-group patterns; None otherwise.
+    - ``nsa``: for NSA layers, keyed by name (per group as ``nsa["g<k>.<name>"]`` when the layer ran
+      per-group patterns), None otherwise:
+      ``block_idx [B, HKV, Tq, top_n]`` int32 selected selection-block indices (ascending, -1 unused),
+      ``block_count [B, HKV, Tq]`` int32, ``importance [B, HKV, Tq, NSEL]`` (compressed-branch scores
+      per selection block, summed over the group's query heads), ``recall_selected [B, HQ, Tq]`` (dense
+      mass on the selected blocks alone, window excluded), ``gates [B, Tq, HQ, 3]`` when gated.
+      For NSA the pattern maps and ``recall`` describe one softmax over selected blocks ∪ window (what
+      ``union`` computes; for ``gated`` the keys its branches may read).
+    - ``nsa_params``: the NSA pattern's parameters.
     """
 
     layer: int
@@ -71,6 +80,7 @@ class LayerRecord:
     pattern_block_mass: Optional[torch.Tensor] = None
     pattern_distance_mass: Optional[torch.Tensor] = None
     compare_recall: Dict[str, torch.Tensor] = field(default_factory=dict)
+    compare_nsa: Dict[str, Dict[str, torch.Tensor]] = field(default_factory=dict)
     row_index: Optional[torch.Tensor] = None
     dense_rows: Optional[torch.Tensor] = None
     pattern_rows: Optional[torch.Tensor] = None
@@ -168,8 +178,13 @@ def _nbytes(v) -> int:
 
 # --------------------------------------------------------------------------- budget
 def estimate_layer_bytes(batch: int, q_heads: int, kv_heads: int, q_len: int, kv_len: int, block: int = 64,
-                         rows: int = 0, pattern: bool = True, compare: int = 0, nsa_top_n: int = 0) -> int:
-    """Bytes one layer's record will hold (float32 maps, distance masses, rows, recall, NSA selections)."""
+                         rows: int = 0, pattern: bool = True, compare: int = 0, nsa_top_n: int = 0,
+                         compare_nsa: Sequence[Pattern] = (), nsa_block: int = 64) -> int:
+    """Bytes one layer's record will hold (float32 maps, distance masses, rows, recall, NSA selections).
+
+    ``nsa_top_n``: the layer runs NSA with that ``top_n`` (selection block ``nsa_block``);
+    ``compare_nsa``: the NSA patterns among ``compare``, whose selections are kept too.
+    """
     nqb, nkb = math.ceil(q_len / block), math.ceil(kv_len / block)
     per_map = batch * q_heads * nqb * nkb * 4
     per_dist = batch * q_heads * kv_len * 4
@@ -178,16 +193,21 @@ def estimate_layer_bytes(batch: int, q_heads: int, kv_heads: int, q_len: int, kv
     total = per_map + per_dist + per_rows + per_recall * (1 + compare)
     if pattern:
         total += per_map + per_dist + per_rows
-    if nsa_top_n:
-        # selected indices (int32) per query and group, plus importance over selection blocks
-        total += batch * kv_heads * q_len * (nsa_top_n * 4 + nkb * 4 + 8)
+    selections = [(nsa_top_n, nsa_block)] if nsa_top_n else []
+    selections += [(p.top_n, p.block) for p in compare_nsa]
+    for top_n, sel_block in selections:
+        nsel = math.ceil(kv_len / sel_block)
+        # block_idx (int32), block_count (int32), importance (float32), recall_selected (float32)
+        total += batch * kv_heads * q_len * (top_n + 1 + nsel) * 4 + per_recall
     return int(total)
 
 
 def estimate_bytes(model, seq_len: int, *, batch: int = 1, layers: Optional[Iterable[int]] = None, rows: int = 0,
-                   block: int = 64, compare: int = 0) -> int:
-    """Bytes a :func:`capture` of one forward pass of ``seq_len`` tokens would record (NSA layers counted
-    with their selections)."""
+                   block: int = 64, compare: Sequence[Pattern] = ()) -> int:
+    """Bytes a :func:`capture` of one forward pass of ``seq_len`` tokens would record (NSA layers and NSA
+    patterns in ``compare`` counted with their selections)."""
+    if isinstance(compare, int):  # older callers passed the number of static compare patterns
+        compare = [Dense()] * compare
     from .models import attention_modules
     from .attention import SPEC_ATTR
 
@@ -200,7 +220,8 @@ def estimate_bytes(model, seq_len: int, *, batch: int = 1, layers: Optional[Iter
     for i in chosen:
         spec = getattr(mods[i], SPEC_ATTR, None)
         total += estimate_layer_bytes(batch, hq, hkv, seq_len, seq_len, block, rows, pattern=_has_pattern(spec),
-                                      compare=compare, nsa_top_n=_nsa_top_n(spec))
+                                      compare=len(compare), nsa_top_n=_nsa_top_n(spec), nsa_block=_nsa_block(spec),
+                                      compare_nsa=[p for p in compare if isinstance(p, NSA)])
     return total
 
 
@@ -218,6 +239,10 @@ def _has_pattern(spec) -> bool:
 
 def _nsa_top_n(spec) -> int:
     return max([p.top_n for p in _patterns_of(spec) if isinstance(p, NSA)], default=0)
+
+
+def _nsa_block(spec) -> int:
+    return min([p.block for p in _patterns_of(spec) if isinstance(p, NSA)], default=64)
 
 
 def _label(spec) -> str:
@@ -256,7 +281,9 @@ class Recorder:
         chosen = range(self.n_layers) if self.layers is None else sorted(self.layers)
         need = sum(estimate_layer_bytes(b, hq, hkv, tq, tk, self.block, len(self.rows),
                                         pattern=_has_pattern(spec_of_layer(i)), compare=len(self.compare),
-                                        nsa_top_n=_nsa_top_n(spec_of_layer(i))) for i in chosen)
+                                        nsa_top_n=_nsa_top_n(spec_of_layer(i)), nsa_block=_nsa_block(spec_of_layer(i)),
+                                        compare_nsa=[p for p in self.compare if isinstance(p, NSA)])
+                   for i in chosen)
         if need > self.budget:
             raise CaptureBudgetError(
                 f"capture would record about {need / 2**20:.1f} MiB ({len(list(chosen))} layers, batch {b}, "
@@ -309,11 +336,11 @@ class Recorder:
                 hs = slice(sl.start * g, sl.stop * g)
                 qg, kg = q[:, :, hs], k[:, :, sl]
                 if isinstance(pat, NSA):
-                    st, lse, aux = _nsa_stats(qg, kg, v[:, :, sl], scale, pat, info, blk, rows, module)
+                    st, lse, keep = _nsa_stats(qg, kg, scale, pat, info, blk, rows, dense_lse[:, hs])
                     prefix = f"g{sl.start}." if per_group else ""
                     nsa_out = dict(nsa_out or {})
-                    nsa_out.update({prefix + name: t for name, t in aux.items()})
-                    nsa_params = dict(pat.__dict__)
+                    nsa_out.update({prefix + name: t for name, t in keep.items()})
+                    nsa_params = _nsa_params(pat)
                 else:
                     st = attention_mass_stats(qg, kg, block=blk, scale=scale, causal=True, layout=info["layout"],
                                               rows=rows)
@@ -323,10 +350,15 @@ class Recorder:
                 if rows is not None:
                     pat_rows[:, hs] = st["rows"]
                 recall[:, hs] = _recall(lse, dense_lse[:, hs])
-        compare = {}
+        compare, compare_nsa = {}, {}
         for cp in self.compare:
             _, info = run_pattern(cp, q, k, v, scale, backend=_backend(module), return_info=True)
-            compare[cp.label] = _recall(info["lse"], dense_lse).cpu()
+            if isinstance(cp, NSA):
+                lse, keep = _nsa_selection(q, k, scale, cp, info, dense_lse)
+                compare_nsa[cp.label] = {name: t.detach().cpu() for name, t in keep.items()}
+            else:
+                lse = info["lse"]
+            compare[cp.label] = _recall(lse, dense_lse).cpu()
 
         cpu = lambda t: None if t is None else t.detach().float().cpu()
         self.rec.layers[int(module.layer_idx)] = LayerRecord(
@@ -334,7 +366,7 @@ class Recorder:
             num_q_heads=hq, num_kv_heads=hkv,
             dense_block_mass=cpu(dense["block_mass"]), dense_distance_mass=cpu(dense["distance_mass"]),
             recall=cpu(recall), pattern_block_mass=cpu(pat_block), pattern_distance_mass=cpu(pat_dist),
-            compare_recall=compare,
+            compare_recall=compare, compare_nsa=compare_nsa,
             row_index=None if rows is None else torch.tensor(rows, dtype=torch.long),
             dense_rows=cpu(dense.get("rows")) if rows is not None else None, pattern_rows=cpu(pat_rows),
             nsa=None if nsa_out is None else {k2: t.detach().cpu() for k2, t in nsa_out.items()},
@@ -359,8 +391,83 @@ def _sibling_modules(module) -> list:
     return _MODULES_OF.get(id(getattr(module, "_nsa_viz_recorder", None)), [module])
 
 
-def _nsa_stats(q, k, v, scale, pat: NSA, info, block, rows, module):  # pragma: no cover - replaced when NSA lands
-    raise NotImplementedError("capture of NSA layers needs nsa_viz.kernels.nsa")
+class SelectionMask:
+    """Token visibility under an NSA selection, in the form ``BlockLayout.token_mask`` has, so that the
+    blockwise statistics of :func:`nsa_viz.kernels.attention_stats.attention_mass_stats` run on it.
+
+    ``block_idx [B, HKV, Tq, n]`` (selection blocks of ``block`` tokens, -1 unused): a query at position
+    ``p`` sees the keys of its selected blocks up to ``p`` and, with ``window``, the ``window`` most
+    recent keys up to ``p``.
+    """
+
+    def __init__(self, block_idx: torch.Tensor, block: int, window: int, kv_len: int):
+        self.block_idx, self.block, self.window, self.kv_len = block_idx, block, window, kv_len
+        self.q_offset = kv_len - block_idx.shape[2]
+
+    def token_mask(self, q_start: int = 0, q_end: Optional[int] = None) -> torch.Tensor:
+        """bool ``[B, HKV, rows, Tk]`` for query rows ``[q_start, q_end)``."""
+        q_end = self.block_idx.shape[2] if q_end is None else q_end
+        idx = self.block_idx[:, :, q_start:q_end].long()
+        dev = idx.device
+        nsel = math.ceil(self.kv_len / self.block)
+        chosen = torch.zeros(*idx.shape[:3], nsel + 1, dtype=torch.bool, device=dev)
+        chosen.scatter_(-1, torch.where(idx < 0, torch.full_like(idx, nsel), idx), True)
+        t = torch.arange(self.kv_len, device=dev)
+        q_pos = torch.arange(q_start, q_end, device=dev)[:, None] + self.q_offset
+        causal = t[None, :] <= q_pos
+        mask = chosen[..., t // self.block] & causal
+        if self.window > 0:
+            mask = mask | (causal & (q_pos - t[None, :] < self.window))
+        return mask
+
+
+@torch.no_grad()
+def masked_lse(q: torch.Tensor, k: torch.Tensor, scale: float, mask_source, max_bytes: int = 128 * 2**20) -> torch.Tensor:
+    """Log-sum-exp ``[B, HQ, Tq]`` (float32) of ``q``'s scores restricted to ``mask_source.token_mask``,
+    chunked over query rows; -inf for a query that sees nothing."""
+    from .kernels.block_sparse_ref import rows_per_chunk
+
+    b, tq, hq, d = q.shape
+    tk, hkv = k.shape[1], k.shape[2]
+    g = hq // hkv
+    out = torch.empty(b, hq, tq, dtype=torch.float32, device=q.device)
+    kf = k.float()
+    step = max(1, rows_per_chunk(b, hq, tk, max_bytes))
+    for r0 in range(0, tq, step):
+        r1 = min(r0 + step, tq)
+        s = torch.einsum("brhgd,bthd->bhgrt", q[:, r0:r1].float().view(b, r1 - r0, hkv, g, d), kf) * scale
+        s = s.masked_fill(~mask_source.token_mask(r0, r1)[:, :, None], float("-inf"))
+        out[:, :, r0:r1] = torch.logsumexp(s, -1).reshape(b, hq, r1 - r0)
+    return out
+
+
+def _nsa_params(pat: NSA) -> Dict[str, object]:
+    return {f.name: getattr(pat, f.name) for f in fields(pat)}
+
+
+def _nsa_selection(q, k, scale, pat: NSA, info, dense_lse):
+    """(lse of selected ∪ window [B, HQ, Tq], tensors to keep) from what the NSA kernels returned."""
+    aux = info["aux"]
+    tk = k.shape[1]
+    block_idx = aux["block_idx"]
+    if "lse" in aux:  # union: the kernels' own log-sum-exp, [B, Tq, HQ]
+        lse = aux["lse"].float().transpose(1, 2)
+    else:
+        lse = masked_lse(q, k, scale, SelectionMask(block_idx, pat.block, pat.window, tk))
+    sel_lse = masked_lse(q, k, scale, SelectionMask(block_idx, pat.block, 0, tk))
+    keep = {"block_idx": block_idx.to(torch.int32), "block_count": aux["block_count"].to(torch.int32),
+            "importance": aux["importance"].float(), "recall_selected": _recall(sel_lse, dense_lse)}
+    if info.get("gates") is not None:
+        keep["gates"] = info["gates"].float()
+    return lse, keep
+
+
+def _nsa_stats(q, k, scale, pat: NSA, info, block, rows, dense_lse):
+    """Block/distance mass and rows of an NSA layer's attention, its lse and the tensors to keep."""
+    lse, keep = _nsa_selection(q, k, scale, pat, info, dense_lse)
+    mask = SelectionMask(keep["block_idx"], pat.block, pat.window, k.shape[1])
+    st = attention_mass_stats(q, k, block=block, scale=scale, causal=True, layout=mask, rows=rows)
+    return st, lse, keep
 
 
 # --------------------------------------------------------------------------- the context manager
@@ -371,7 +478,9 @@ def capture(model, *, layers: Optional[Iterable[int]] = None, rows: Sequence[int
 
     ``layers``: layer indices to record (default all). ``rows``: query indices (negative from the end)
     whose full probability rows are kept. ``block``: block size b of the block-level maps.
-    ``compare``: extra static patterns whose recall of dense mass is measured too. ``budget_bytes``:
+    ``compare``: extra patterns whose recall of dense mass is measured on every recorded layer's own
+    q and k (static ones through their layout; NSA through the blocks it would select there, which are
+    kept in ``LayerRecord.compare_nsa``). ``budget_bytes``:
     the most the recording may hold; a request over it raises :class:`CaptureBudgetError` before any
     statistic is computed. ``tokenizer``: to store token strings beside the ids.
 
@@ -387,9 +496,15 @@ def capture(model, *, layers: Optional[Iterable[int]] = None, rows: Sequence[int
     check_block_size("block", block)
     if not isinstance(budget_bytes, int) or budget_bytes <= 0:
         raise ValueError(f"budget_bytes must be a positive integer, got {budget_bytes!r}")
+    compare = list(compare)
     for cp in compare:
-        if not isinstance(cp, Pattern) or cp.dynamic:
-            raise ValueError(f"compare must hold static patterns (not NSA), got {cp!r}")
+        if not isinstance(cp, Pattern) or getattr(cp, "causal", True) is False:
+            raise ValueError(f"compare must hold causal nsa_viz patterns (static ones or NSA), got {cp!r}")
+        if isinstance(cp, NSA) and cp.combine == "gated":
+            raise ValueError(f"compare: NSA(combine='gated') needs the model's gates; compare NSA(combine='union'), got {cp!r}")
+    labels = [cp.label for cp in compare]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"compare holds the same pattern twice: {labels}")
     mods = attention_modules(model)
     n = len(mods)
     chosen = None
@@ -409,6 +524,8 @@ def capture(model, *, layers: Optional[Iterable[int]] = None, rows: Sequence[int
     rec = Recording(meta={"model_type": cfg.model_type, "num_layers": n, "num_q_heads": cfg.num_attention_heads,
                           "num_kv_heads": getattr(cfg, "num_key_value_heads", cfg.num_attention_heads),
                           "block": block, "rows": list(rows), "budget_bytes": budget_bytes,
+                          "compare": [cp.label for cp in compare],
+                          "compare_nsa_params": {cp.label: _nsa_params(cp) for cp in compare if isinstance(cp, NSA)},
                           "format": FORMAT_TAG, "version": FORMAT_VERSION})
     recorder = Recorder(rec, chosen, rows, block, compare, budget_bytes, n)
     _MODULES_OF[id(recorder)] = list(mods.values())
@@ -461,58 +578,96 @@ def recall_table(rec: Recording):
     return pd.DataFrame(out)
 
 
-def selection_stats(rec: Recording):
-    """NSA selection diversity and collapse per (layer, kv group): one tidy row each.
+def _nsa_sources(lr: LayerRecord, compare_params: dict):
+    """(source, kv-group offset, tensors, params) for the layer's own NSA selections and each NSA compare."""
+    out = []
+    if lr.nsa:
+        params = lr.nsa_params or {}
+        prefixes = sorted({k.split(".", 1)[0] for k in lr.nsa if k.startswith("g") and "." in k})
+        for pre in prefixes or [""]:
+            dot = f"{pre}." if pre else ""
+            keep = {k[len(dot):]: t for k, t in lr.nsa.items() if k.startswith(dot) and (pre or "." not in k)}
+            if "block_idx" in keep:
+                out.append(("pattern", int(pre[1:]) if pre else 0, keep, params))
+    for label, keep in (lr.compare_nsa or {}).items():
+        out.append((label, 0, keep, compare_params.get(label, {})))
+    return out
 
-    Columns: ``forced_only`` (fraction of query rows whose picks are all forced blocks: the initial
-    ones and the local ones next to the query, i.e. selection added nothing beyond the window),
-    ``pick_entropy`` (entropy in bits of how often each key block is picked, over all rows),
-    ``pick_entropy_norm`` (that over log2 of the number of key blocks: 1 = picks spread evenly, 0 = one
-    block always), ``distinct_blocks`` (key blocks picked at least once), ``mean_pick_distance``
-    (mean distance in blocks between a query's block and the blocks it picks, forced ones excluded).
+
+def selection_stats(rec: Recording):
+    """NSA selection diversity and collapse: one tidy row per (layer, source, kv group).
+
+    ``source`` is ``"pattern"`` for a layer that ran NSA, or the label of an NSA pattern given to
+    ``capture(compare=...)`` (what it would have selected on that layer). Columns:
+
+    - ``rows_with_choice``: query rows that see more blocks than the forced ones (the others are skipped
+      by the two collapse measures, which would count them trivially);
+    - ``forced_only``: fraction of those rows whose picks are all forced blocks (the first
+      ``init_blocks`` and the ``local_blocks`` ending at the query): scoring added nothing;
+    - ``window_only``: fraction of rows past the window (position >= ``window``) whose non-forced picks
+      all lie inside the sliding window: selection duplicated the window (under ``union``);
+    - ``pick_entropy``: entropy in bits of how often each key block is picked among non-forced picks;
+      ``pick_entropy_norm`` that over log2(number of key blocks) (1 = spread evenly, 0 = one block always);
+    - ``distinct_blocks``: key blocks picked (non-forced) at least once;
+    - ``mean_pick_distance``: mean distance in blocks from the query's block to its non-forced picks;
+    - ``mean_block_count``: selected blocks per query; ``recall``: mean dense mass on selected ∪ window
+      (for a compare source: of that pattern); ``recall_selected``: the same on the selected blocks alone.
     """
     import pandas as pd
 
     out = []
     for i, lr in sorted(rec.layers.items()):
-        if not lr.nsa:
-            continue
-        groups = sorted({k.split(".", 1)[0] for k in lr.nsa if k.startswith("g") and "." in k}) or [""]
-        for gp in groups:
-            pre = f"{gp}." if gp else ""
-            sel = lr.nsa.get(pre + "selected")
-            if sel is None:
-                continue
-            params = lr.nsa_params or {}
+        g = lr.num_q_heads // lr.num_kv_heads
+        for source, grp0, keep, params in _nsa_sources(lr, rec.meta.get("compare_nsa_params") or {}):
+            sel = keep["block_idx"]
             for grp in range(sel.shape[1]):
-                kv_group = int(gp[1:]) if gp else grp
-                out.append({"layer": i, "kv_group": kv_group, **_pick_stats(sel[:, grp], lr, params)})
-    return pd.DataFrame(out)
+                kv_group = grp0 + grp
+                heads = slice(kv_group * g, (kv_group + 1) * g)
+                if source == "pattern":
+                    rec_all = lr.recall[:, heads]
+                else:
+                    rec_all = lr.compare_recall.get(source, torch.full((1,), float("nan")))[:, heads]
+                row = {"layer": i, "source": source, "kv_group": kv_group, **_pick_stats(sel[:, grp], lr, params),
+                       "recall": float(rec_all.mean())}
+                rs = keep.get("recall_selected")
+                row["recall_selected"] = float(rs[:, grp * g:(grp + 1) * g].mean()) if rs is not None else float("nan")
+                out.append(row)
+    cols = ["layer", "source", "kv_group", "rows_with_choice", "forced_only", "window_only", "pick_entropy",
+            "pick_entropy_norm", "distinct_blocks", "mean_pick_distance", "mean_block_count", "recall",
+            "recall_selected"]
+    return pd.DataFrame(out, columns=cols)
 
 
 def _pick_stats(sel: torch.Tensor, lr: LayerRecord, params: dict) -> dict:
-    """``sel [B, NQ, n]`` (int, -1 = unused slot) for one group; rows are query tokens or query blocks."""
+    """``sel [B, Tq, n]`` (int, -1 = unused slot): one group's selected blocks per query token."""
     blk = int(params.get("block", 64))
     init_b, local_b = int(params.get("init_blocks", 1)), int(params.get("local_blocks", 2))
-    b, nq, n = sel.shape
-    per_token = nq == lr.q_len
-    q_idx = torch.arange(nq)
-    q_pos = (q_idx + lr.q_offset) if per_token else torch.clamp((q_idx + 1) * blk - 1, max=lr.q_len - 1) + lr.q_offset
+    window = int(params.get("window", 0))
+    sel = sel.long()
+    q_pos = torch.arange(sel.shape[1]) + lr.q_offset
     cur = (q_pos // blk)[None, :, None]
     valid = sel >= 0
-    forced = (sel < init_b) | ((cur - sel) < local_b) & (sel <= cur)
+    forced = (sel < init_b) | (((cur - sel) < local_b) & (sel <= cur))
     free = valid & ~forced
-    forced_only = (~free.any(-1)).float().mean().item()
+    n_forced = torch.clamp(torch.clamp(cur[0, :, 0] + 1 - local_b, min=0), max=init_b) + torch.clamp(cur[0, :, 0] + 1, max=local_b)
+    choice = (cur[0, :, 0] + 1 > n_forced)[None].expand(sel.shape[0], -1)  # more visible blocks than forced ones
+    has_free = free.any(-1)
+    forced_only = float((~has_free)[choice].float().mean()) if choice.any() else float("nan")
+    inside = free & (q_pos[None, :, None] - sel * blk < window)  # the whole block is in the window
+    past = (q_pos >= window)[None].expand(sel.shape[0], -1) if window > 0 else torch.zeros_like(choice)
+    win_only = (~(free & ~inside).any(-1))[past]
     nkb = math.ceil(lr.kv_len / blk)
-    counts = torch.bincount(sel[valid].long().flatten(), minlength=nkb).float()
+    counts = torch.bincount(sel[free].flatten(), minlength=nkb).float()
     p = counts / counts.sum().clamp(min=1)
     ent = float(-(p[p > 0] * p[p > 0].log2()).sum())
     dist = (cur - sel).float()
-    mean_dist = float(dist[free].mean()) if free.any() else 0.0
-    return {"forced_only": forced_only, "pick_entropy": ent,
-            "pick_entropy_norm": ent / math.log2(nkb) if nkb > 1 else 0.0,
-            "distinct_blocks": int((counts > 0).sum()), "mean_pick_distance": mean_dist}
+    return {"rows_with_choice": int(choice.sum()), "forced_only": forced_only,
+            "window_only": float(win_only.float().mean()) if win_only.numel() else float("nan"),
+            "pick_entropy": ent, "pick_entropy_norm": ent / math.log2(nkb) if nkb > 1 else 0.0,
+            "distinct_blocks": int((counts > 0).sum()),
+            "mean_pick_distance": float(dist[free].mean()) if free.any() else float("nan"),
+            "mean_block_count": float(valid.sum(-1).float().mean())}
 
 
 __all__ = ["capture", "Recording", "LayerRecord", "CaptureBudgetError", "estimate_bytes", "estimate_layer_bytes",
-           "recall_table", "selection_stats", "FORMAT_TAG", "FORMAT_VERSION"]
+           "recall_table", "selection_stats", "SelectionMask", "masked_lse", "FORMAT_TAG", "FORMAT_VERSION"]

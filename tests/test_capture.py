@@ -142,16 +142,142 @@ def test_generate_records_prefill_only(tiny_llama):
     assert torch.equal(rec.tokens, x)
 
 
+NSA_SMALL = NSA(block=16, top_n=3, window=16, cmp_block=16, cmp_stride=8, init_blocks=1, local_blocks=1)
+
+
+def _selection_mask(block_idx, block, window, t):
+    """Brute force: bool [HKV, T, T] of the keys a query sees under selected blocks (and a window)."""
+    qpos, kpos = torch.arange(t)[:, None], torch.arange(t)[None, :]
+    sel = torch.zeros(block_idx.shape[0], t, t, dtype=torch.bool)
+    for h in range(block_idx.shape[0]):
+        for i in range(t):
+            for s_ in block_idx[h, i].tolist():
+                if s_ >= 0:
+                    sel[h, i, s_ * block:(s_ + 1) * block] = True
+    sel &= kpos <= qpos
+    return sel | ((qpos - kpos >= 0) & (qpos - kpos < window)) if window else sel
+
+
 @needs_nsa
-def test_nsa_capture_selections_and_stats(tiny_llama):
-    pat = NSA(block=16, top_n=3, window=16, cmp_block=16, cmp_stride=8, init_blocks=1, local_blocks=1)
-    x = random_ids(1, 96, seed=9)
-    with torch.no_grad(), apply_pattern(tiny_llama, pat), capture(tiny_llama, block=16) as rec:
+def test_nsa_capture_selections_recall_and_maps_against_brute_force(tiny_llama):
+    """Layer 0 sees the same inputs with or without NSA, so its dense probabilities (eager weights) are the
+    oracle: recall = dense mass on selected ∪ window, recall_selected = on the selected blocks alone, and
+    NSA's own rows are the dense rows renormalised over that union (same scores, smaller softmax)."""
+    t = 96
+    x = random_ids(1, t, seed=9)
+    probs = _dense_probs(tiny_llama, x, 0)[0]  # [HQ, T, T]
+    with torch.no_grad(), apply_pattern(tiny_llama, NSA_SMALL), capture(tiny_llama, block=16, rows=[40, -1]) as rec:
         tiny_llama(x)
     lr = rec.layers[0]
-    assert lr.nsa is not None and "selected" in lr.nsa
-    assert lr.recall.shape == (1, 4, 96) and bool(((lr.recall >= 0) & (lr.recall <= 1 + 1e-6)).all())
-    torch.testing.assert_close(lr.pattern_distance_mass.sum(-1), torch.full((1, 4), 96.0), atol=1e-3, rtol=1e-4)
+    assert set(lr.nsa) == {"block_idx", "block_count", "importance", "recall_selected"}
+    idx = lr.nsa["block_idx"]
+    assert idx.shape == (1, 2, t, 3) and idx.dtype == torch.int32
+    assert lr.nsa["importance"].shape == (1, 2, t, 6) and lr.nsa["block_count"].shape == (1, 2, t)
+    assert torch.equal(lr.nsa["block_count"], (idx >= 0).sum(-1).int())
+    own = (torch.arange(t) // 16)[None, None, :, None]
+    assert bool(((idx == 0).any(-1)).all()) and bool(((idx == own).any(-1)).all())  # forced: first and own block
+    assert lr.nsa_params["top_n"] == 3 and lr.pattern.startswith("NSA(")
+    vis = _selection_mask(idx[0], 16, 16, t).repeat_interleave(2, 0)  # per query head (GQA 2)
+    sel_only = _selection_mask(idx[0], 16, 0, t).repeat_interleave(2, 0)
+    torch.testing.assert_close(lr.recall[0].double(), (probs * vis).sum(-1), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(lr.nsa["recall_selected"][0].double(), (probs * sel_only).sum(-1), atol=1e-5, rtol=1e-4)
+    assert (lr.nsa["recall_selected"] <= lr.recall + 1e-6).all()
+    renorm = probs * vis / (probs * vis).sum(-1, keepdim=True)
+    torch.testing.assert_close(lr.pattern_rows[0].double(), renorm[:, [40, 95]], atol=1e-5, rtol=1e-4)
+    block_mass = renorm.reshape(4, 6, 16, 6, 16).sum((2, 4))
+    torch.testing.assert_close(lr.pattern_block_mass[0].double(), block_mass, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lr.pattern_distance_mass.sum(-1), torch.full((1, 4), float(t)), atol=1e-3, rtol=1e-4)
     stats = selection_stats(rec)
-    assert len(stats) == 2 * 2 and stats["forced_only"].between(0, 1).all()
+    assert len(stats) == 2 * 2 and set(stats.source) == {"pattern"}
+    assert stats["forced_only"].between(0, 1).all() and stats["window_only"].between(0, 1).all()
     assert (stats["pick_entropy_norm"] >= 0).all() and (stats["pick_entropy_norm"] <= 1 + 1e-9).all()
+    assert (stats["mean_block_count"] <= 3).all() and (stats["recall_selected"] <= stats["recall"] + 1e-9).all()
+
+
+@needs_nsa
+def test_compare_with_nsa_equals_applying_it(tiny_llama):
+    """capture(compare=[NSA]) on a dense model gives, at layer 0 (same inputs), the selection and recall
+    that applying that NSA gives; the budget estimate counts the compare selections."""
+    x = random_ids(1, 80, seed=2)
+    with torch.no_grad(), capture(tiny_llama, layers=[0], compare=[NSA_SMALL, SlidingWindow(16)]) as cmp:
+        tiny_llama(x)
+    with torch.no_grad(), apply_pattern(tiny_llama, NSA_SMALL), capture(tiny_llama, layers=[0]) as own:
+        tiny_llama(x)
+    got = cmp.layers[0].compare_nsa[NSA_SMALL.label]
+    assert torch.equal(got["block_idx"], own.layers[0].nsa["block_idx"])
+    torch.testing.assert_close(cmp.layers[0].compare_recall[NSA_SMALL.label], own.layers[0].recall)
+    assert cmp.layers[0].pattern == "model" and cmp.meta["compare_nsa_params"][NSA_SMALL.label]["top_n"] == 3
+    stats = selection_stats(cmp)
+    assert list(stats.source.unique()) == [NSA_SMALL.label] and len(stats) == 2
+    mine = selection_stats(own)
+    for col in ("forced_only", "pick_entropy", "recall", "recall_selected"):
+        assert stats[col].tolist() == pytest.approx(mine[col].tolist(), rel=1e-5)
+    need = estimate_bytes(tiny_llama, 80, layers=[0], compare=[NSA_SMALL, SlidingWindow(16)])
+    assert abs(cmp.nbytes() - need) <= 0.05 * need
+    with pytest.raises(ValueError, match="twice"):
+        with capture(tiny_llama, compare=[SlidingWindow(4), SlidingWindow(4)]):
+            pass
+
+
+def test_selection_stats_on_a_known_selection():
+    """Hand-made picks (block 4, window 8, init 1, local 1, 32 queries = 8 blocks): the measures by hand."""
+    from nsa_viz.capture import LayerRecord
+
+    t, blk = 32, 4
+    qb = torch.arange(t) // blk
+    idx = torch.full((1, 1, t, 3), -1, dtype=torch.int32)
+    idx[0, 0, :, 0] = 0
+    idx[0, 0, :, 1] = qb.int()
+    # group 0: rows 16.. also pick block 1 (far, outside the window); rows 8..15 pick the previous block
+    idx[0, 0, 16:, 2] = 1
+    idx[0, 0, 8:16, 2] = (qb[8:16] - 1).int()
+    z = torch.zeros
+    lr = LayerRecord(layer=0, pattern="NSA", block=blk, q_len=t, kv_len=t, q_offset=0, num_q_heads=1, num_kv_heads=1,
+                     dense_block_mass=z(1, 1, 8, 8), dense_distance_mass=z(1, 1, t), recall=torch.ones(1, 1, t),
+                     nsa={"block_idx": idx, "recall_selected": torch.full((1, 1, t), 0.5)},
+                     nsa_params={"block": blk, "init_blocks": 1, "local_blocks": 1, "window": 8})
+    st = selection_stats(Recording(layers={0: lr})).iloc[0]
+    # rows with a choice: query block >= 2 (blocks 0 and own are forced) -> rows 8..31
+    assert st.rows_with_choice == 24
+    assert st.forced_only == 0.0  # rows 8..15 pick their previous block, rows 16.. block 1
+    # past the window (rows 8..31): rows 8..15 pick block qb-1 whose start is within 8 tokens -> inside
+    assert st.window_only == pytest.approx(8 / 24)
+    # free picks: blocks 1 (rows 8..11 -> qb-1 = 1, and rows 16..31), 2 (rows 12..15)
+    p = torch.tensor([20 / 24, 4 / 24])
+    assert st.pick_entropy == pytest.approx(float(-(p * p.log2()).sum()))
+    assert st.distinct_blocks == 2 and st.recall_selected == 0.5 and st.recall == 1.0
+    assert st.mean_block_count == pytest.approx((8 * 2 + 24 * 3) / 32)
+
+
+@needs_nsa
+def test_nsa_recording_save_load_and_budget(tiny_llama, tmp_path):
+    x = random_ids(1, 64)
+    with torch.no_grad(), apply_pattern(tiny_llama, {1: NSA_SMALL}):
+        need = estimate_bytes(tiny_llama, 64, rows=1, compare=[NSA_SMALL])
+        with capture(tiny_llama, rows=[-1], compare=[NSA_SMALL], budget_bytes=need - 1) as rec:
+            with pytest.raises(CaptureBudgetError):
+                tiny_llama(x)
+        with capture(tiny_llama, rows=[-1], compare=[NSA_SMALL]) as rec:
+            tiny_llama(x)
+    assert abs(rec.nbytes() - need) <= 0.05 * need
+    rec.save(tmp_path / "nsa.pt")
+    back = Recording.load(tmp_path / "nsa.pt")
+    assert back.layers[0].nsa is None and back.layers[0].pattern == "model"
+    for name, t in rec.layers[1].nsa.items():
+        assert torch.equal(back.layers[1].nsa[name], t)
+    assert torch.equal(back.layers[0].compare_nsa[NSA_SMALL.label]["block_idx"],
+                       rec.layers[0].compare_nsa[NSA_SMALL.label]["block_idx"])
+    assert selection_stats(back).equals(selection_stats(rec))
+
+
+@needs_nsa
+def test_per_group_nsa_is_recorded_per_group(tiny_llama):
+    x = random_ids(1, 64, seed=4)
+    with torch.no_grad(), apply_pattern(tiny_llama, {0: {1: NSA_SMALL}}), capture(tiny_llama, layers=[0]) as rec:
+        tiny_llama(x)
+    lr = rec.layers[0]
+    assert set(lr.nsa) == {"g1.block_idx", "g1.block_count", "g1.importance", "g1.recall_selected"}
+    assert lr.nsa["g1.block_idx"].shape == (1, 1, 64, 3)
+    torch.testing.assert_close(lr.recall[:, :2], torch.ones(1, 2, 64))  # group 0 dense
+    stats = selection_stats(rec)
+    assert stats.kv_group.tolist() == [1]
