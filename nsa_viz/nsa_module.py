@@ -394,14 +394,24 @@ def _model_dims(config) -> dict:
 def _trainable_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers attention function registered as ``"nsa_viz_trainable"``: runs the module's
     :class:`NSAAttention` (query ``[B, HQ, Tq, D]``, key/value ``[B, HKV, Tk, D]``), or the model's
-    own attention for layers without one or while the retrofit is disabled."""
+    own attention for layers without one or while the retrofit's ``mode`` is ``"dense"``.
+
+    In ``"transfer"`` mode it returns the dense output (so every layer sees the dense model's inputs)
+    and appends to the retrofit's ``transfer_losses`` how far the NSA output is from it after the
+    layer's output projection: ``|W_o (o_nsa - o_dense)|² / |W_o o_dense|²``. The NSA module runs on
+    detached inputs, so the backward pass touches nothing but the NSA parameters.
+    """
     layer = getattr(module, LAYER_ATTR, None)
     hidden = module.__dict__.pop(HIDDEN_ATTR, None)
     retrofit = getattr(layer, "_retrofit", None) if layer is not None else None
-    if layer is None or (retrofit is not None and not retrofit.enabled):
+    mode = retrofit.mode if retrofit is not None else "nsa"
+    if layer is None or mode in ("dense", "transfer"):
         from . import attention as _attn
         fn = _attn._base_attention_fn(module, _attn.base_implementation(module.config))
-        return fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        if layer is None or mode == "dense":
+            return fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        with torch.no_grad():
+            dense, _ = fn(module, query, key, value, attention_mask, scaling=scaling, dropout=0.0, **kwargs)
     if dropout and module.training:
         raise ValueError("nsa_viz_trainable attention does not implement attention dropout; "
                          "set config.attention_dropout=0")
@@ -410,6 +420,14 @@ def _trainable_attention(module, query, key, value, attention_mask, scaling=None
         raise ValueError("nsa_viz_trainable attention does not support padded batches or custom 4-D masks: "
                          "batch sequences of equal length (attention_mask all ones)")
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    if mode == "transfer":
+        out = layer(q.detach(), k.detach(), v.detach(), None if hidden is None else hidden.detach(), scale=scaling)
+        b, t = out.shape[:2]
+        proj_dense = module.o_proj(dense.reshape(b, t, -1).to(out.dtype))
+        proj_nsa = module.o_proj(out.reshape(b, t, -1))
+        err = (proj_nsa.float() - proj_dense.float()).square().sum() / proj_dense.float().square().sum().clamp(min=1e-12)
+        retrofit.transfer_losses.append(err)
+        return dense, None
     out = layer(q, k, v, hidden, scale=scaling)
     return out, None
 
@@ -443,8 +461,9 @@ class NSARetrofit(nn.Module):
     ``NSARetrofit(model, NSA(..., combine="gated"))`` builds the modules (dims from ``model.config``);
     :meth:`install` puts them in the model, :meth:`remove` takes them out (the model's own attention
     again, exactly). Its ``state_dict`` holds only the NSA parameters, so checkpoints stay small and the
-    base model is untouched. ``with retrofit.disabled():`` runs the model densely (the distillation
-    teacher) without uninstalling.
+    base model is untouched. ``mode`` says what an installed retrofit does: ``"nsa"`` (run NSA),
+    ``"dense"`` (the model's own attention: the distillation teacher; ``with retrofit.disabled():``) or
+    ``"transfer"`` (layer-wise attention transfer, see :meth:`transfer`).
     """
 
     def __init__(self, model, spec: NSA, *, layers: Optional[Iterable[int]] = None, **module_kwargs):
@@ -459,7 +478,8 @@ class NSARetrofit(nn.Module):
         dims = _model_dims(model.config)
         self.spec = spec
         self.layers = nn.ModuleDict({str(i): NSAAttention(spec, **dims, **module_kwargs) for i in layers})
-        self.enabled = True
+        self.mode = "nsa"
+        self.transfer_losses: list = []
         object.__setattr__(self, "_model", None)   # a plain reference: the model is not ours to save
         self._hooks = []
         self._previous_impl = None
@@ -530,12 +550,25 @@ class NSARetrofit(nn.Module):
     @contextlib.contextmanager
     def disabled(self):
         """Run the installed model densely inside the block (its own attention; e.g. the teacher)."""
-        prev = self.enabled
-        self.enabled = False
+        prev = self.mode
+        self.mode = "dense"
         try:
             yield self
         finally:
-            self.enabled = prev
+            self.mode = prev
+
+    @contextlib.contextmanager
+    def transfer(self):
+        """Layer-wise attention transfer inside the block: the model computes its dense outputs while
+        each NSA layer's distance to its dense attention output (after ``o_proj``) is collected in
+        ``transfer_losses`` (cleared on entry), ready to be summed and backpropagated."""
+        prev = self.mode
+        self.mode = "transfer"
+        self.transfer_losses = []
+        try:
+            yield self
+        finally:
+            self.mode = prev
 
     # -- guards
     def set_tracking(self, on: bool = True) -> None:
