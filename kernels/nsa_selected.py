@@ -1,26 +1,388 @@
-"""NSA selected-block attention (with the optional sliding window merged into one softmax): dispatcher.
+"""NSA selected-block attention, optionally merged with the sliding window into one softmax: Triton and dispatcher.
 
-Semantics are documented in ``nsa_selected_ref``; both backends share them exactly.
+Semantics are documented in ``nsa_selected_ref`` (the oracle); both backends share them exactly.
+
+How the Triton path splits the work (why: the window is shared by neighbouring queries, the selected
+blocks are not):
+
+- Window (``window > 0``): the keys ``p - window < t <= p`` run through the block-sparse kernel
+  (``block_sparse``) on a sliding-window layout, whose 64-query tiles reuse every key tile 64 times.
+- Selected blocks: one program per (query token, key/value head) loads the G query heads of the GQA
+  group as the rows of ``tl.dot`` (padded to >= 16 rows) and walks the token's selected blocks, keeping
+  only keys ``t <= p - window``: keys in the window belong to the window part, so a key chosen twice
+  counts once. The epilogue merges the window part's (output, LSE) into one softmax.
+- Backward: gradients of a merged softmax split exactly by part, given the merged LSE and
+  ``delta = rowsum(O * dO)``: the window part is the block-sparse backward; dQ of the selected part is
+  per token like the forward; dK/dV of the selected part walks an inverse index (for each key block,
+  the tokens that chose it), gathers those tokens' query rows into 64-row tiles, and adds into fp32
+  buffers with atomics, several programs per popular block (the first block is chosen by every token).
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Optional
 
 import torch
+import triton
+import triton.language as tl
 
-from . import resolve_backend
+from . import preferred_block_sizes, resolve_backend
+from .block_sparse import LOG2E, _bwd_delta_kernel, _mm, _precision, _strides, block_sparse_backward, block_sparse_forward
+from .layout import TokenRule, layout_from_rule
 from .nsa_selected_ref import check_selected_inputs, selected_attention_reference
+
+
+@triton.jit
+def _sel_fwd_kernel(
+    Q, K, V, IDX, O, LSE, OW, LSEW,
+    sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, sob, sot, soh, sod,
+    sib, sih, sit, sin, swb, swt, swh, swd,
+    q_len, num_q_heads, num_kv_heads, n_slots, q_offset, qk_scale_log2,
+    GROUP: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+    WINDOW: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One program per (query token, sequence × key/value head); rows are the GQA group's query heads."""
+    i = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // num_kv_heads
+    hk = bh % num_kv_heads
+    offs_r = tl.arange(0, ROWS)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
+    rmask = offs_r < GROUP
+    heads = hk * GROUP + offs_r
+    q = tl.load(Q + b.to(tl.int64) * sqb + i.to(tl.int64) * sqt + heads[:, None] * sqh + offs_d[None, :] * sqd,
+                mask=rmask[:, None], other=0.0)
+    k_base = K + b.to(tl.int64) * skb + hk * skh
+    v_base = V + b.to(tl.int64) * svb + hk * svh
+    idx_base = IDX + b.to(tl.int64) * sib + hk * sih + i.to(tl.int64) * sit
+    last = q_offset + i - WINDOW  # the last key this part owns: later ones are the window's (or the future)
+
+    m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([ROWS], dtype=tl.float32)
+    acc = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
+    for n in range(0, n_slots):
+        blk = tl.load(idx_base + n * sin).to(tl.int32)
+        start = blk * BLOCK
+        if (blk >= 0) & (start <= last):
+            for c in tl.static_range(0, BLOCK, BLOCK_N):
+                offs_k = start + c + offs_n
+                kmask = offs_k <= last
+                k = tl.load(k_base + offs_k[None, :].to(tl.int64) * skt + offs_d[:, None] * skd, mask=kmask[None, :], other=0.0)
+                s = _mm(q, k, PRECISION) * qk_scale_log2
+                s = tl.where(kmask[None, :], s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                p = tl.math.exp2(s - m_safe[:, None])
+                alpha = tl.math.exp2(m_i - m_safe)
+                l_i = l_i * alpha + tl.sum(p, 1)
+                v = tl.load(v_base + offs_k[:, None].to(tl.int64) * svt + offs_d[None, :] * svd, mask=kmask[:, None], other=0.0)
+                acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PRECISION)
+                m_i = m_new
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse2 = tl.where(empty, float("-inf"), m_i + tl.math.log2(l_safe))
+    stat = LSE + (b * num_q_heads + heads).to(tl.int64) * q_len + i
+    if WINDOW > 0:
+        # one softmax over both parts: weight each part's normalised output by its share of the total mass
+        lw = tl.load(LSEW + (b * num_q_heads + heads).to(tl.int64) * q_len + i, mask=rmask, other=float("-inf")) * 1.4426950408889634
+        ow = tl.load(OW + b.to(tl.int64) * swb + i.to(tl.int64) * swt + heads[:, None] * swh + offs_d[None, :] * swd,
+                     mask=rmask[:, None], other=0.0)
+        mx = tl.maximum(lse2, lw)
+        mx = tl.where(mx == float("-inf"), 0.0, mx)
+        a_sel = tl.math.exp2(lse2 - mx)
+        a_win = tl.math.exp2(lw - mx)
+        total = a_sel + a_win
+        t_safe = tl.where(total == 0.0, 1.0, total)
+        out = (out * a_sel[:, None] + ow.to(tl.float32) * a_win[:, None]) / t_safe[:, None]
+        lse2 = tl.where(total == 0.0, float("-inf"), mx + tl.math.log2(t_safe))
+    tl.store(O + b.to(tl.int64) * sob + i.to(tl.int64) * sot + heads[:, None] * soh + offs_d[None, :] * sod,
+             out.to(O.dtype.element_ty), mask=rmask[:, None])
+    tl.store(stat, lse2 * 0.6931471805599453, mask=rmask)
+
+
+@triton.jit
+def _sel_bwd_dq_kernel(
+    Q, K, V, IDX, DO, LSE, DELTA, DQ,
+    sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, sob, sot, soh, sod,
+    sib, sih, sit, sin, sdb, sdt, sdh, sdd,
+    q_len, num_q_heads, num_kv_heads, n_slots, q_offset, qk_scale_log2, sm_scale,
+    GROUP: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+    WINDOW: tl.constexpr, PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr,
+):
+    """dQ of the selected part, per (query token, sequence × key/value head); with ACCUMULATE it adds to
+    what DQ holds (the window part's dQ)."""
+    i = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // num_kv_heads
+    hk = bh % num_kv_heads
+    offs_r = tl.arange(0, ROWS)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
+    rmask = offs_r < GROUP
+    heads = hk * GROUP + offs_r
+    q = tl.load(Q + b.to(tl.int64) * sqb + i.to(tl.int64) * sqt + heads[:, None] * sqh + offs_d[None, :] * sqd,
+                mask=rmask[:, None], other=0.0)
+    do = tl.load(DO + b.to(tl.int64) * sob + i.to(tl.int64) * sot + heads[:, None] * soh + offs_d[None, :] * sod,
+                 mask=rmask[:, None], other=0.0)
+    stat = (b * num_q_heads + heads).to(tl.int64) * q_len + i
+    lse = tl.load(LSE + stat, mask=rmask, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634  # empty rows: p = 0
+    delta = tl.load(DELTA + stat, mask=rmask, other=0.0)
+    k_base = K + b.to(tl.int64) * skb + hk * skh
+    v_base = V + b.to(tl.int64) * svb + hk * svh
+    idx_base = IDX + b.to(tl.int64) * sib + hk * sih + i.to(tl.int64) * sit
+    last = q_offset + i - WINDOW
+    dq = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
+    for n in range(0, n_slots):
+        blk = tl.load(idx_base + n * sin).to(tl.int32)
+        start = blk * BLOCK
+        if (blk >= 0) & (start <= last):
+            for c in tl.static_range(0, BLOCK, BLOCK_N):
+                offs_k = start + c + offs_n
+                kmask = offs_k <= last
+                k = tl.load(k_base + offs_k[:, None].to(tl.int64) * skt + offs_d[None, :] * skd, mask=kmask[:, None], other=0.0)
+                v = tl.load(v_base + offs_k[:, None].to(tl.int64) * svt + offs_d[None, :] * svd, mask=kmask[:, None], other=0.0)
+                s = _mm(q, tl.trans(k), PRECISION) * qk_scale_log2
+                p = tl.math.exp2(s - lse[:, None])
+                p = tl.where(kmask[None, :], p, 0.0)
+                dp = _mm(do, tl.trans(v), PRECISION)
+                ds = p * (dp - delta[:, None])
+                dq += _mm(ds.to(k.dtype), k, PRECISION)
+    dq = dq * sm_scale
+    dq_ptrs = DQ + b.to(tl.int64) * sdb + i.to(tl.int64) * sdt + heads[:, None] * sdh + offs_d[None, :] * sdd
+    if ACCUMULATE:
+        dq += tl.load(dq_ptrs, mask=rmask[:, None], other=0.0).to(tl.float32)
+    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=rmask[:, None])
+
+
+@triton.jit
+def _sel_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, ITEM_KEY, ITEM_START, ITEM_END, TOKENS,
+    sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, sob, sot, soh, sod,
+    sdkb, sdkt, sdkh, sdkd, sdvb, sdvt, sdvh, sdvd,
+    q_len, kv_len, num_q_heads, num_kv_heads, num_blocks, q_offset, qk_scale_log2, sm_scale,
+    GROUP: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+    WINDOW: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dK/dV of the selected part for one work item: a key sub-tile of one selected block and a run of
+    the tokens that chose that block (from the inverse index). Rows of a tile are (token, head) pairs:
+    ROWS // GROUP tokens × GROUP heads. Results are added (atomically) into fp32 buffers."""
+    item = tl.program_id(0)
+    c = tl.program_id(1)
+    key = tl.load(ITEM_KEY + item)
+    t_begin = tl.load(ITEM_START + item)
+    t_end = tl.load(ITEM_END + item)
+    bh = key // num_blocks
+    blk = key % num_blocks
+    b = bh // num_kv_heads
+    hk = bh % num_kv_heads
+    offs_k = blk * BLOCK + c * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    kmask = offs_k < kv_len
+    k = tl.load(K + b.to(tl.int64) * skb + hk * skh + offs_k[:, None].to(tl.int64) * skt + offs_d[None, :] * skd,
+                mask=kmask[:, None], other=0.0)
+    v = tl.load(V + b.to(tl.int64) * svb + hk * svh + offs_k[:, None].to(tl.int64) * svt + offs_d[None, :] * svd,
+                mask=kmask[:, None], other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    TOKENS_PER_TILE: tl.constexpr = ROWS // GROUP
+    offs_r = tl.arange(0, ROWS)
+    tok_in_tile = offs_r // GROUP
+    heads = hk * GROUP + offs_r % GROUP
+    row_used = offs_r < TOKENS_PER_TILE * GROUP
+    q_head_base = Q + b.to(tl.int64) * sqb + heads[:, None] * sqh + offs_d[None, :] * sqd
+    do_head_base = DO + b.to(tl.int64) * sob + heads[:, None] * soh + offs_d[None, :] * sod
+    stat_base = (b * num_q_heads + heads).to(tl.int64) * q_len
+    for t0 in range(t_begin, t_end, TOKENS_PER_TILE):
+        slot = t0 + tok_in_tile
+        rmask = row_used & (slot < t_end)
+        tok = tl.load(TOKENS + slot, mask=rmask, other=0)
+        q = tl.load(q_head_base + tok[:, None].to(tl.int64) * sqt, mask=rmask[:, None], other=0.0)
+        do = tl.load(do_head_base + tok[:, None].to(tl.int64) * sot, mask=rmask[:, None], other=0.0)
+        lse = tl.load(LSE + stat_base + tok, mask=rmask, other=float("inf"))
+        lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+        delta = tl.load(DELTA + stat_base + tok, mask=rmask, other=0.0)
+        s_t = _mm(k, tl.trans(q), PRECISION) * qk_scale_log2  # [keys, rows]
+        p_t = tl.math.exp2(s_t - lse[None, :])
+        vis = (offs_k[:, None] <= (q_offset + tok - WINDOW)[None, :]) & rmask[None, :]
+        p_t = tl.where(vis, p_t, 0.0)
+        dv += _mm(p_t.to(do.dtype), do, PRECISION)
+        dp_t = _mm(v, tl.trans(do), PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += _mm(ds_t.to(q.dtype), q, PRECISION)
+    dk_ptrs = DK + b.to(tl.int64) * sdkb + hk * sdkh + offs_k[:, None].to(tl.int64) * sdkt + offs_d[None, :] * sdkd
+    dv_ptrs = DV + b.to(tl.int64) * sdvb + hk * sdvh + offs_k[:, None].to(tl.int64) * sdvt + offs_d[None, :] * sdvd
+    tl.atomic_add(dk_ptrs, dk * sm_scale, mask=kmask[:, None])
+    tl.atomic_add(dv_ptrs, dv, mask=kmask[:, None])
+
+
+# ----------------------------------------------------------------------------- host side
+# Benchmarks may pin launch settings per kernel ("fwd", "dq", "dkdv") to sweep them: {"fwd": (warps, stages)}.
+LAUNCH_OVERRIDES: dict = {}
+# Tokens of one dK/dV work item, in tiles of ROWS // G tokens: a block chosen by more tokens is split
+# over several programs (benchmarks may change it).
+DKDV_TILES_PER_ITEM = 16
+
+
+def _rows(group: int) -> int:
+    return max(16, triton.next_power_of_2(group))
+
+
+def _key_tile(block: int, head_dim: int) -> int:
+    return min(block, 64 if head_dim <= 128 else 32)
+
+
+def _tuning(kernel: str, device: torch.device) -> dict:
+    if device.type != "cuda":
+        return {}
+    if kernel in LAUNCH_OVERRIDES:
+        warps, stages = LAUNCH_OVERRIDES[kernel]
+        return dict(num_warps=warps, num_stages=stages)
+    return dict(num_warps=4, num_stages=2)
+
+
+_WINDOW_LAYOUTS: "OrderedDict[tuple, object]" = OrderedDict()
+
+
+def window_layout(q_len: int, kv_len: int, window: int, head_dim: int, device: torch.device):
+    """Sliding-window BlockLayout for the window part, cached (a model calls this with the same shapes
+    in every layer)."""
+    key = (q_len, kv_len, window, head_dim, str(device))
+    layout = _WINDOW_LAYOUTS.get(key)
+    if layout is None:
+        block_q, block_kv = preferred_block_sizes(head_dim, device)
+        layout = layout_from_rule(TokenRule(causal=True, window=window), q_len, kv_len, block_q, block_kv,
+                                  device=device, name=f"window{window}")
+        _WINDOW_LAYOUTS[key] = layout
+        while len(_WINDOW_LAYOUTS) > 16:
+            _WINDOW_LAYOUTS.popitem(last=False)
+    else:
+        _WINDOW_LAYOUTS.move_to_end(key)
+    return layout
+
+
+def inverse_index(block_idx: torch.Tensor, q_offset: int, kv_len: int, block: int, window: int, tokens_per_item: int):
+    """For each (sequence, kv head, key block), the query tokens that chose it and own some of its keys
+    (keys before the window), sorted; cut into work items of at most ``tokens_per_item`` tokens.
+
+    Returns ``(item_key, item_start, item_end, tokens)`` int32 with ``item_key = (b*HKV + h)*NSEL + s``
+    and ``tokens[item_start:item_end]`` the item's tokens. One host sync (the number of items)."""
+    b, hkv, tq, n = block_idx.shape
+    nsel = -(-kv_len // block)
+    device = block_idx.device
+    idx = block_idx.long()
+    last = torch.arange(tq, device=device) + (q_offset - window)
+    valid = (idx >= 0) & (idx < nsel) & (idx * block <= last[:, None])
+    heads = torch.arange(b * hkv, device=device).view(b, hkv, 1, 1) * nsel
+    sentinel = b * hkv * nsel
+    key = torch.where(valid, heads + idx, sentinel).flatten()
+    order = torch.sort(key, stable=True).indices  # stable: tokens stay ascending within a block
+    tokens = (order // n % tq).to(torch.int32)   # flat index (b, h, t, n) -> t
+    counts = torch.bincount(key, minlength=sentinel + 1)[:sentinel]
+    first = torch.cumsum(counts, 0) - counts
+    n_items = (counts + tokens_per_item - 1) // tokens_per_item
+    total = int(n_items.sum())
+    item_key = torch.repeat_interleave(torch.arange(sentinel, device=device), n_items, output_size=total)
+    item_first = torch.cumsum(n_items, 0) - n_items
+    item_start = first[item_key] + (torch.arange(total, device=device) - item_first[item_key]) * tokens_per_item
+    item_end = torch.minimum(item_start + tokens_per_item, first[item_key] + counts[item_key])
+    return item_key.to(torch.int32), item_start.to(torch.int32), item_end.to(torch.int32), tokens
+
+
+def selected_forward(q, k, v, block_idx, block: int, scale: float, window: int):
+    """Returns ``(out [B, Tq, HQ, D], lse [B, HQ, Tq] float32)`` of the merged softmax."""
+    b, tq, hq, d = q.shape
+    tk, hkv = k.shape[1], k.shape[2]
+    if window > 0:
+        o_win, lse_win = block_sparse_forward(q, k, v, window_layout(tq, tk, window, d, q.device), scale)
+    else:
+        o_win, lse_win = q, q  # unused (WINDOW=0 compiles the merge away)
+    out = torch.empty(b, tq, hq, d, dtype=q.dtype, device=q.device)
+    lse = torch.empty(b, hq, tq, dtype=torch.float32, device=q.device)
+    _sel_fwd_kernel[(tq, b * hkv)](
+        q, k, v, block_idx, out, lse, o_win, lse_win,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(block_idx), *_strides(o_win),
+        tq, hq, hkv, block_idx.shape[3], tk - tq, scale * LOG2E,
+        GROUP=hq // hkv, ROWS=_rows(hq // hkv), HEAD_DIM=d, BLOCK=block, BLOCK_N=_key_tile(block, d), WINDOW=window,
+        PRECISION=_precision(q.dtype, q.device), **_tuning("fwd", q.device))
+    return out, lse
+
+
+def selected_backward(do, q, k, v, block_idx, out, lse, block: int, scale: float, window: int):
+    b, tq, hq, d = q.shape
+    tk, hkv = k.shape[1], k.shape[2]
+    group = hq // hkv
+    do = do.contiguous() if do.stride(-1) != 1 else do
+    if window > 0:
+        # the window part's gradients under the merged softmax: the block-sparse backward given the merged out/LSE
+        dq, dk_w, dv_w = block_sparse_backward(do, q, k, v, out, lse, window_layout(tq, tk, window, d, q.device), scale)
+        dk_acc, dv_acc = dk_w.float(), dv_w.float()
+    else:
+        dq = torch.empty(b, tq, hq, d, dtype=q.dtype, device=q.device)
+        dk_acc = torch.zeros(b, tk, hkv, d, dtype=torch.float32, device=q.device)
+        dv_acc = torch.zeros_like(dk_acc)
+    delta = torch.empty(b, hq, tq, dtype=torch.float32, device=q.device)
+    _bwd_delta_kernel[(triton.cdiv(tq, 64), b * hq)](out, do, delta, *_strides(out), *_strides(do), tq, hq,
+                                                      HEAD_DIM=d, BLOCK=64)
+    common = dict(GROUP=group, ROWS=_rows(group), HEAD_DIM=d, BLOCK=block, BLOCK_N=_key_tile(block, d), WINDOW=window,
+                  PRECISION=_precision(q.dtype, q.device))
+    _sel_bwd_dq_kernel[(tq, b * hkv)](
+        q, k, v, block_idx, do, lse, delta, dq,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(block_idx), *_strides(dq),
+        tq, hq, hkv, block_idx.shape[3], tk - tq, scale * LOG2E, scale, **common, ACCUMULATE=window > 0,
+        **_tuning("dq", q.device))
+    rows = max(64, _rows(group))
+    tokens_per_item = DKDV_TILES_PER_ITEM * (rows // group)
+    item_key, item_start, item_end, tokens = inverse_index(block_idx, tk - tq, tk, block, window, tokens_per_item)
+    if item_key.numel():
+        common["ROWS"] = rows
+        _sel_bwd_dkdv_kernel[(item_key.numel(), block // common["BLOCK_N"])](
+            q, k, v, do, lse, delta, dk_acc, dv_acc, item_key, item_start, item_end, tokens,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk_acc), *_strides(dv_acc),
+            tq, tk, hq, hkv, -(-tk // block), tk - tq, scale * LOG2E, scale, **common, **_tuning("dkdv", q.device))
+    return dq, dk_acc.to(k.dtype), dv_acc.to(v.dtype)
+
+
+class _SelectedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, block_idx, block, scale, window):
+        out, lse = selected_forward(q, k, v, block_idx, block, scale, window)
+        ctx.save_for_backward(q, k, v, block_idx, out, lse)
+        ctx.block, ctx.scale, ctx.window = block, scale, window
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, do, _dlse):
+        q, k, v, block_idx, out, lse = ctx.saved_tensors
+        dq, dk, dv = selected_backward(do, q, k, v, block_idx, out, lse, ctx.block, ctx.scale, ctx.window)
+        return dq, dk, dv, None, None, None, None
+
+
+@torch.compiler.disable
+def selected_attention_triton(q, k, v, block_idx, *, block: int, scale: Optional[float] = None, window: int = 0):
+    """Triton version of ``selected_attention_reference``: ``(out [B, Tq, HQ, D], lse [B, Tq, HQ])``
+    (the LSE is a transposed view of a ``[B, HQ, Tq]`` buffer: no copy)."""
+    scale = check_selected_inputs(q, k, v, block_idx, block, scale, window)
+    out, lse = _SelectedAttention.apply(q, k, v, block_idx, block, scale, window)
+    return out, lse.transpose(1, 2)
 
 
 def selected_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: torch.Tensor, *, block: int,
                        scale: Optional[float] = None, window: int = 0, backend: str = "auto"):
     """Attention of ``q [B, Tq, HQ, D]`` over ``k, v [B, Tk, HKV, D]`` restricted, per query token and
-    key/value head, to the blocks ``block_idx [B, HKV, Tq, N]`` (-1 = unused slot) and, with ``window > 0``,
-    the ``window`` most recent keys; future keys are masked. Returns ``(out [B, Tq, HQ, D],
-    lse [B, Tq, HQ] float32)``; differentiable in q, k, v."""
+    key/value head, to the blocks ``block_idx [B, HKV, Tq, N]`` (-1 = unused slot, any order, no duplicates)
+    and, with ``window > 0``, the ``window`` most recent keys, in one softmax; future keys are masked.
+    Returns ``(out [B, Tq, HQ, D], lse [B, Tq, HQ] float32)``; differentiable in q, k, v.
+
+    The Triton backend trusts the index values (checking them would stall the GPU): an entry < 0 is
+    unused, one past the last block selects nothing."""
     backend = resolve_backend(backend, q.device)
-    check_selected_inputs(q, k, v, block_idx, block, scale, window)
+    if backend == "triton":
+        return selected_attention_triton(q, k, v, block_idx, block=block, scale=scale, window=window)
     return selected_attention_reference(q, k, v, block_idx, block=block, scale=scale, window=window)
 
 
-__all__ = ["selected_attention"]
+__all__ = ["selected_attention", "selected_attention_triton", "inverse_index", "window_layout"]
