@@ -1,17 +1,381 @@
-"""NSA compressed-branch primitives: dispatchers (Triton on CUDA, the PyTorch reference elsewhere).
+"""NSA compressed-branch primitives: Triton kernels and dispatchers (Triton on CUDA, the reference elsewhere).
 
 Semantics, shapes and the eq. 9 block mapping are documented in ``nsa_compressed_ref``; both backends
-share them exactly.
+share them exactly. Query row i sits at position ``p = kv_len - Tq + i`` and sees compressed key j iff
+``j*d + l - 1 <= p``, i.e. ``j <= (p - l + 1) // d``: a causal mask at compressed granularity, so a tile of
+BLOCK_M queries sees a prefix of the keys and only its last key tiles need a mask.
+
+- forward: FlashAttention-style, one program per (query tile, sequence × query head);
+- backward: dQ per query tile; dK/dV per (key tile, query head) into fp32 per-query-head buffers that
+  are then summed over the GQA group (no atomics, and 16x more programs than one per kv head: the
+  first key tiles are seen by every query and would otherwise serialise the whole pass);
+- selection importance: one program per (query tile, sequence × kv head) recomputes the probabilities
+  with the saved LSE, sums them over the group's heads, and maps each key tile to selection blocks with
+  two small matrix products: the blocks the tile starts in ("own") and the spill of its last keys into
+  the next tile's blocks, carried in registers so each output column is written exactly once.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
+import triton
+import triton.language as tl
 
 from . import resolve_backend
+from .block_sparse import LOG2E, _bwd_delta_kernel, _mm, _precision, _strides
 from .nsa_compressed_ref import (check_compressed_inputs, check_importance_inputs, compressed_attention_reference,
                                  selection_importance_reference)
+
+
+@triton.jit
+def _visible_count(pos, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr):
+    """Number of compressed keys a query at ``pos`` sees: (pos - l + 1) // d + 1, or 0 before the first block."""
+    return tl.where(pos >= CMP_BLOCK - 1, (pos - CMP_BLOCK + 1) // CMP_STRIDE + 1, 0)
+
+
+@triton.jit
+def _cmp_fwd_kernel(
+    Q, K, V, O, LSE,
+    sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, sob, sot, soh, sod,
+    q_len, num_cmp, num_q_heads, q_offset, qk_scale_log2,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    qb = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // num_q_heads
+    h = bh % num_q_heads
+    hk = h // GROUP
+    offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mrow = offs_m < q_len
+    q = tl.load(Q + b.to(tl.int64) * sqb + h * sqh + offs_m[:, None].to(tl.int64) * sqt + offs_d[None, :] * sqd,
+                mask=mrow[:, None], other=0.0)
+    k_base = K + b.to(tl.int64) * skb + hk * skh
+    v_base = V + b.to(tl.int64) * svb + hk * svh
+    n_vis = tl.minimum(_visible_count(offs_m + q_offset, CMP_BLOCK, CMP_STRIDE), num_cmp)  # per row
+    first_row = qb * BLOCK_M + q_offset
+    last_row = tl.minimum(qb * BLOCK_M + BLOCK_M, q_len) - 1 + q_offset
+    n_full = tl.minimum(_visible_count(first_row, CMP_BLOCK, CMP_STRIDE), num_cmp) // BLOCK_N  # tiles every row sees
+    n_all = tl.cdiv(tl.minimum(_visible_count(last_row, CMP_BLOCK, CMP_STRIDE), num_cmp), BLOCK_N)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for j in range(0, n_full):
+        offs_k = j * BLOCK_N + offs_n
+        k = tl.load(k_base + offs_k[None, :].to(tl.int64) * skt + offs_d[:, None] * skd)
+        s = _mm(q, k, PRECISION) * qk_scale_log2
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs_k[:, None].to(tl.int64) * svt + offs_d[None, :] * svd)
+        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PRECISION)
+        m_i = m_new
+    for j in range(n_full, n_all):
+        offs_k = j * BLOCK_N + offs_n
+        kmask = offs_k < num_cmp
+        k = tl.load(k_base + offs_k[None, :].to(tl.int64) * skt + offs_d[:, None] * skd, mask=kmask[None, :], other=0.0)
+        s = _mm(q, k, PRECISION) * qk_scale_log2
+        s = tl.where(offs_k[None, :] < n_vis[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs_k[:, None].to(tl.int64) * svt + offs_d[None, :] * svd, mask=kmask[:, None], other=0.0)
+        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PRECISION)
+        m_i = m_new
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    tl.store(O + b.to(tl.int64) * sob + h * soh + offs_m[:, None].to(tl.int64) * sot + offs_d[None, :] * sod,
+             out.to(O.dtype.element_ty), mask=mrow[:, None])
+    tl.store(LSE + bh.to(tl.int64) * q_len + offs_m, lse, mask=mrow)
+
+
+@triton.jit
+def _cmp_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ,
+    sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, sob, sot, soh, sod, sdb, sdt, sdh, sdd,
+    q_len, num_cmp, num_q_heads, q_offset, qk_scale_log2, sm_scale,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    qb = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // num_q_heads
+    h = bh % num_q_heads
+    hk = h // GROUP
+    offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mrow = offs_m < q_len
+    q = tl.load(Q + b.to(tl.int64) * sqb + h * sqh + offs_m[:, None].to(tl.int64) * sqt + offs_d[None, :] * sqd,
+                mask=mrow[:, None], other=0.0)
+    do = tl.load(DO + b.to(tl.int64) * sob + h * soh + offs_m[:, None].to(tl.int64) * sot + offs_d[None, :] * sod,
+                 mask=mrow[:, None], other=0.0)
+    lse = tl.load(LSE + bh.to(tl.int64) * q_len + offs_m, mask=mrow, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+    delta = tl.load(DELTA + bh.to(tl.int64) * q_len + offs_m, mask=mrow, other=0.0)
+    k_base = K + b.to(tl.int64) * skb + hk * skh
+    v_base = V + b.to(tl.int64) * svb + hk * svh
+    n_vis = tl.minimum(_visible_count(offs_m + q_offset, CMP_BLOCK, CMP_STRIDE), num_cmp)
+    last_row = tl.minimum(qb * BLOCK_M + BLOCK_M, q_len) - 1 + q_offset
+    n_all = tl.cdiv(tl.minimum(_visible_count(last_row, CMP_BLOCK, CMP_STRIDE), num_cmp), BLOCK_N)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for j in range(0, n_all):
+        offs_k = j * BLOCK_N + offs_n
+        kmask = offs_k < num_cmp
+        k = tl.load(k_base + offs_k[:, None].to(tl.int64) * skt + offs_d[None, :] * skd, mask=kmask[:, None], other=0.0)
+        v = tl.load(v_base + offs_k[:, None].to(tl.int64) * svt + offs_d[None, :] * svd, mask=kmask[:, None], other=0.0)
+        s = _mm(q, tl.trans(k), PRECISION) * qk_scale_log2
+        p = tl.math.exp2(s - lse[:, None])
+        p = tl.where(offs_k[None, :] < n_vis[:, None], p, 0.0)
+        dp = _mm(do, tl.trans(v), PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += _mm(ds.to(k.dtype), k, PRECISION)
+    dq = dq * sm_scale
+    tl.store(DQ + b.to(tl.int64) * sdb + h * sdh + offs_m[:, None].to(tl.int64) * sdt + offs_d[None, :] * sdd,
+             dq.to(DQ.dtype.element_ty), mask=mrow[:, None])
+
+
+@triton.jit
+def _cmp_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV,
+    sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, sob, sot, soh, sod,
+    sdkb, sdkt, sdkh, sdkd, sdvb, sdvt, sdvh, sdvd,
+    q_len, num_cmp, num_q_heads, q_offset, qk_scale_log2, sm_scale,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dK, dV of one key tile from one query head (written to that head's slot of the fp32 buffers)."""
+    kt = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // num_q_heads
+    h = bh % num_q_heads
+    hk = h // GROUP
+    offs_k = kt * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    kmask = offs_k < num_cmp
+    k = tl.load(K + b.to(tl.int64) * skb + hk * skh + offs_k[:, None].to(tl.int64) * skt + offs_d[None, :] * skd,
+                mask=kmask[:, None], other=0.0)
+    v = tl.load(V + b.to(tl.int64) * svb + hk * svh + offs_k[:, None].to(tl.int64) * svt + offs_d[None, :] * svd,
+                mask=kmask[:, None], other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    # the first query that sees key kt*BLOCK_N sits at position kt*BLOCK_N*d + l - 1
+    first = tl.maximum(kt * BLOCK_N * CMP_STRIDE + CMP_BLOCK - 1 - q_offset, 0)
+    q_base = Q + b.to(tl.int64) * sqb + h * sqh
+    do_base = DO + b.to(tl.int64) * sob + h * soh
+    stat = bh.to(tl.int64) * q_len
+    for m0 in range((first // BLOCK_M) * BLOCK_M, q_len, BLOCK_M):
+        offs_m = m0 + offs_m0
+        mrow = offs_m < q_len
+        q = tl.load(q_base + offs_m[:, None].to(tl.int64) * sqt + offs_d[None, :] * sqd, mask=mrow[:, None], other=0.0)
+        do = tl.load(do_base + offs_m[:, None].to(tl.int64) * sot + offs_d[None, :] * sod, mask=mrow[:, None], other=0.0)
+        lse = tl.load(LSE + stat + offs_m, mask=mrow, other=float("inf"))
+        lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+        delta = tl.load(DELTA + stat + offs_m, mask=mrow, other=0.0)
+        n_vis = _visible_count(offs_m + q_offset, CMP_BLOCK, CMP_STRIDE)
+        s_t = _mm(k, tl.trans(q), PRECISION) * qk_scale_log2
+        p_t = tl.math.exp2(s_t - lse[None, :])
+        p_t = tl.where(offs_k[:, None] < n_vis[None, :], p_t, 0.0)
+        dv += _mm(p_t.to(do.dtype), do, PRECISION)
+        dp_t = _mm(v, tl.trans(do), PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += _mm(ds_t.to(q.dtype), q, PRECISION)
+    tl.store(DK + b.to(tl.int64) * sdkb + h * sdkh + offs_k[:, None].to(tl.int64) * sdkt + offs_d[None, :] * sdkd,
+             dk * sm_scale, mask=kmask[:, None])
+    tl.store(DV + b.to(tl.int64) * sdvb + h * sdvh + offs_k[:, None].to(tl.int64) * sdvt + offs_d[None, :] * sdvd,
+             dv, mask=kmask[:, None])
+
+
+@triton.jit
+def _overlap_weights(offs_j, first_block, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SEL_BLOCK: tl.constexpr,
+                     NUM_SEL: tl.constexpr):
+    """[len(offs_j), NUM_SEL] eq. 9 weights of compressed keys offs_j onto selection blocks first_block + s."""
+    blk = first_block + tl.arange(0, NUM_SEL)
+    lo = tl.maximum(offs_j[:, None] * CMP_STRIDE, blk[None, :] * SEL_BLOCK)
+    hi = tl.minimum(offs_j[:, None] * CMP_STRIDE + CMP_BLOCK, blk[None, :] * SEL_BLOCK + SEL_BLOCK)
+    return (tl.maximum(hi - lo, 0).to(tl.float32) / CMP_STRIDE)
+
+
+@triton.jit
+def _importance_kernel(
+    Q, K, LSE, IMP,
+    sqb, sqt, sqh, sqd, skb, skt, skh, skd, slb, slt, slh, sib, sih, sit, sis,
+    q_len, num_cmp, num_sel, num_kv_heads, q_offset, qk_scale_log2,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SEL: tl.constexpr,
+    CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SEL_BLOCK: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One program per (query tile, sequence × kv head). Key tile j covers compressed keys
+    [j*BLOCK_N, (j+1)*BLOCK_N), which start inside selection blocks [j*NUM_SEL, (j+1)*NUM_SEL)
+    (BLOCK_N*d == NUM_SEL*l'); their last keys may spill into the next NUM_SEL blocks."""
+    qb = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // num_kv_heads
+    hk = bh % num_kv_heads
+    offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_s = tl.arange(0, NUM_SEL)
+    mrow = offs_m < q_len
+    n_vis = _visible_count(offs_m + q_offset, CMP_BLOCK, CMP_STRIDE)
+    last_row = tl.minimum(qb * BLOCK_M + BLOCK_M, q_len) - 1 + q_offset
+    n_tiles = tl.cdiv(tl.minimum(_visible_count(last_row, CMP_BLOCK, CMP_STRIDE), num_cmp), BLOCK_N)
+    k_base = K + b.to(tl.int64) * skb + hk * skh
+    imp_rows = IMP + b.to(tl.int64) * sib + hk * sih + offs_m[:, None].to(tl.int64) * sit
+    carry = tl.zeros([BLOCK_M, NUM_SEL], dtype=tl.float32)
+    for j in range(0, n_tiles):
+        offs_k = j * BLOCK_N + offs_n
+        kmask = offs_k < num_cmp
+        k = tl.load(k_base + offs_k[None, :].to(tl.int64) * skt + offs_d[:, None] * skd, mask=kmask[None, :], other=0.0)
+        vis = offs_k[None, :] < n_vis[:, None]
+        psum = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for g in range(0, GROUP):
+            h = hk * GROUP + g
+            q = tl.load(Q + b.to(tl.int64) * sqb + h * sqh + offs_m[:, None].to(tl.int64) * sqt + offs_d[None, :] * sqd,
+                        mask=mrow[:, None], other=0.0)
+            lse = tl.load(LSE + b.to(tl.int64) * slb + h * slh + offs_m.to(tl.int64) * slt, mask=mrow, other=float("inf"))
+            lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+            s = _mm(q, k, PRECISION) * qk_scale_log2
+            psum += tl.where(vis, tl.math.exp2(s - lse[:, None]), 0.0)
+        w_own = _overlap_weights(offs_k, j * NUM_SEL, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK, NUM_SEL)
+        w_next = _overlap_weights(offs_k, (j + 1) * NUM_SEL, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK, NUM_SEL)
+        # fp32 products: the probabilities keep their precision (ties in top-n depend on it)
+        own = tl.dot(psum, w_own, input_precision="ieee") + carry
+        carry = tl.dot(psum, w_next, input_precision="ieee")
+        cols = j * NUM_SEL + offs_s
+        tl.store(imp_rows + cols[None, :] * sis, own, mask=mrow[:, None] & (cols[None, :] < num_sel))
+    # the remaining blocks: the spill of the last tile, then zeros (blocks no query of this tile sees)
+    for j in range(n_tiles, tl.cdiv(num_sel, NUM_SEL)):
+        cols = j * NUM_SEL + offs_s
+        tl.store(imp_rows + cols[None, :] * sis, carry, mask=mrow[:, None] & (cols[None, :] < num_sel))
+        carry = tl.zeros([BLOCK_M, NUM_SEL], dtype=tl.float32)
+
+
+# ----------------------------------------------------------------------------- host side
+# Benchmarks may pin launch settings per kernel ("fwd", "dq", "dkdv", "importance"): {"fwd": (warps, stages)},
+# and tile sizes: {"fwd": (block_m, block_n), ...}.
+LAUNCH_OVERRIDES: dict = {}
+TILE_OVERRIDES: dict = {}
+
+
+def _tiles(kernel: str, device: torch.device) -> tuple:
+    return TILE_OVERRIDES.get(kernel, (64, 64))
+
+
+def _tuning(kernel: str, head_dim: int, device: torch.device) -> dict:
+    if device.type != "cuda":
+        return {}
+    if kernel in LAUNCH_OVERRIDES:
+        warps, stages = LAUNCH_OVERRIDES[kernel]
+        return dict(num_warps=warps, num_stages=stages)
+    if kernel == "fwd":
+        return dict(num_warps=8 if head_dim >= 128 else 4, num_stages=3)
+    return dict(num_warps=4, num_stages=2)
+
+
+def compressed_forward(q, k_cmp, v_cmp, cmp_block: int, cmp_stride: int, scale: float, kv_len: int):
+    """``(out [B, Tq, HQ, D], lse [B, HQ, Tq] float32)``."""
+    b, tq, hq, d = q.shape
+    nc, hkv = k_cmp.shape[1], k_cmp.shape[2]
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty(b, hq, tq, dtype=torch.float32, device=q.device)
+    bm, bn = _tiles("fwd", q.device)
+    _cmp_fwd_kernel[(triton.cdiv(tq, bm), b * hq)](
+        q, k_cmp, v_cmp, out, lse, *_strides(q), *_strides(k_cmp), *_strides(v_cmp), *_strides(out),
+        tq, nc, hq, kv_len - tq, scale * LOG2E, GROUP=hq // hkv, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn,
+        CMP_BLOCK=cmp_block, CMP_STRIDE=cmp_stride, PRECISION=_precision(q.dtype, q.device), **_tuning("fwd", d, q.device))
+    return out, lse
+
+
+def compressed_backward(do, q, k_cmp, v_cmp, out, lse, cmp_block: int, cmp_stride: int, scale: float, kv_len: int):
+    b, tq, hq, d = q.shape
+    nc, hkv = k_cmp.shape[1], k_cmp.shape[2]
+    group = hq // hkv
+    delta = torch.empty(b, hq, tq, dtype=torch.float32, device=q.device)
+    _bwd_delta_kernel[(triton.cdiv(tq, 64), b * hq)](out, do, delta, *_strides(out), *_strides(do), tq, hq,
+                                                      HEAD_DIM=d, BLOCK=64)
+    common = dict(GROUP=group, HEAD_DIM=d, CMP_BLOCK=cmp_block, CMP_STRIDE=cmp_stride,
+                  PRECISION=_precision(q.dtype, q.device))
+    dq = torch.empty(b, tq, hq, d, dtype=q.dtype, device=q.device)
+    bm, bn = _tiles("dq", q.device)
+    _cmp_bwd_dq_kernel[(triton.cdiv(tq, bm), b * hq)](
+        q, k_cmp, v_cmp, do, lse, delta, dq, *_strides(q), *_strides(k_cmp), *_strides(v_cmp), *_strides(do),
+        *_strides(dq), tq, nc, hq, kv_len - tq, scale * LOG2E, scale, BLOCK_M=bm, BLOCK_N=bn, **common,
+        **_tuning("dq", d, q.device))
+    dk_h = torch.empty(b, nc, hq, d, dtype=torch.float32, device=q.device)  # one slot per query head
+    dv_h = torch.empty_like(dk_h)
+    bm, bn = _tiles("dkdv", q.device)
+    _cmp_bwd_dkdv_kernel[(triton.cdiv(nc, bn), b * hq)](
+        q, k_cmp, v_cmp, do, lse, delta, dk_h, dv_h, *_strides(q), *_strides(k_cmp), *_strides(v_cmp), *_strides(do),
+        *_strides(dk_h), *_strides(dv_h), tq, nc, hq, kv_len - tq, scale * LOG2E, scale, BLOCK_M=bm, BLOCK_N=bn,
+        **common, **_tuning("dkdv", d, q.device))
+    dk = dk_h.view(b, nc, hkv, group, d).sum(3).to(k_cmp.dtype)
+    dv = dv_h.view(b, nc, hkv, group, d).sum(3).to(v_cmp.dtype)
+    return dq, dk, dv
+
+
+class _CompressedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k_cmp, v_cmp, cmp_block, cmp_stride, scale, kv_len):
+        out, lse = compressed_forward(q, k_cmp, v_cmp, cmp_block, cmp_stride, scale, kv_len)
+        ctx.save_for_backward(q, k_cmp, v_cmp, out, lse)
+        ctx.args = (cmp_block, cmp_stride, scale, kv_len)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, do, _dlse):
+        q, k_cmp, v_cmp, out, lse = ctx.saved_tensors
+        dq, dk, dv = compressed_backward(do, q, k_cmp, v_cmp, out, lse, *ctx.args)
+        return dq, dk, dv, None, None, None, None
+
+
+@torch.compiler.disable
+def compressed_attention_triton(q, k_cmp, v_cmp, *, cmp_block: int, cmp_stride: int, scale: Optional[float] = None,
+                                kv_len: Optional[int] = None):
+    """Triton version of ``compressed_attention_reference`` (LSE returned as a ``[B, Tq, HQ]`` view)."""
+    scale, kv_len = check_compressed_inputs(q, k_cmp, v_cmp, cmp_block, cmp_stride, scale, kv_len)
+    if k_cmp.shape[1] == 0:
+        return compressed_attention_reference(q, k_cmp, v_cmp, cmp_block=cmp_block, cmp_stride=cmp_stride,
+                                              scale=scale, kv_len=kv_len)
+    out, lse = _CompressedAttention.apply(q, k_cmp, v_cmp, cmp_block, cmp_stride, scale, kv_len)
+    return out, lse.transpose(1, 2)
+
+
+@torch.compiler.disable
+@torch.no_grad()
+def selection_importance_triton(q, k_cmp, lse, *, cmp_block: int, cmp_stride: int, block: int,
+                                scale: Optional[float] = None, kv_len: int):
+    """Triton version of ``selection_importance_reference``."""
+    scale = check_importance_inputs(q, k_cmp, lse, cmp_block, cmp_stride, block, scale, kv_len)
+    b, tq, hq, d = q.shape
+    nc, hkv = k_cmp.shape[1], k_cmp.shape[2]
+    nsel = -(-kv_len // block)
+    imp = torch.empty(b, hkv, tq, nsel, dtype=torch.float32, device=q.device)
+    if nc == 0:
+        return imp.zero_()
+    bm, _ = _tiles("importance", q.device)
+    # a key tile spans NUM_SEL selection blocks; NUM_SEL >= 16 for tl.dot, BLOCK_N >= 64 for efficiency
+    block_n = max(64, 16 * block // cmp_stride)
+    num_sel = block_n * cmp_stride // block
+    if cmp_block - cmp_stride > num_sel * block:  # a key would spill past the next tile's blocks: not tiled here
+        return selection_importance_reference(q, k_cmp, lse, cmp_block=cmp_block, cmp_stride=cmp_stride, block=block,
+                                              scale=scale, kv_len=kv_len)
+    _importance_kernel[(triton.cdiv(tq, bm), b * hkv)](
+        q, k_cmp, lse, imp, *_strides(q), *_strides(k_cmp), *_strides(lse), *_strides(imp),
+        tq, nc, nsel, hkv, kv_len - tq, scale * LOG2E, GROUP=hq // hkv, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=block_n,
+        NUM_SEL=num_sel, CMP_BLOCK=cmp_block, CMP_STRIDE=cmp_stride, SEL_BLOCK=block,
+        PRECISION=_precision(q.dtype, q.device), **_tuning("importance", d, q.device))
+    return imp
 
 
 def compressed_attention(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, *, cmp_block: int, cmp_stride: int,
@@ -23,7 +387,9 @@ def compressed_attention(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tens
     ``kv_len`` is the uncompressed key length (default Tq); queries sit at ``kv_len - Tq .. kv_len - 1``.
     """
     backend = resolve_backend(backend, q.device)
-    check_compressed_inputs(q, k_cmp, v_cmp, cmp_block, cmp_stride, scale, kv_len)
+    if backend == "triton":
+        return compressed_attention_triton(q, k_cmp, v_cmp, cmp_block=cmp_block, cmp_stride=cmp_stride, scale=scale,
+                                           kv_len=kv_len)
     return compressed_attention_reference(q, k_cmp, v_cmp, cmp_block=cmp_block, cmp_stride=cmp_stride,
                                           scale=scale, kv_len=kv_len)
 
@@ -34,9 +400,11 @@ def selection_importance(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor
     the compressed-branch probabilities (recomputed from ``lse`` of ``compressed_attention``) summed over
     the GQA group's query heads and mapped to blocks of ``block`` tokens (eq. 9). No gradient."""
     backend = resolve_backend(backend, q.device)
-    check_importance_inputs(q, k_cmp, lse, cmp_block, cmp_stride, block, scale, kv_len)
+    if backend == "triton":
+        return selection_importance_triton(q, k_cmp, lse, cmp_block=cmp_block, cmp_stride=cmp_stride, block=block,
+                                           scale=scale, kv_len=kv_len)
     return selection_importance_reference(q, k_cmp, lse, cmp_block=cmp_block, cmp_stride=cmp_stride, block=block,
                                           scale=scale, kv_len=kv_len)
 
 
-__all__ = ["compressed_attention", "selection_importance"]
+__all__ = ["compressed_attention", "selection_importance", "compressed_attention_triton", "selection_importance_triton"]

@@ -53,13 +53,44 @@ def test_reference_matches_loop(l, s, block, kv_len, tq):
     assert rel_err(out, o2) < 1e-5 and rel_err(lse, l2) < 1e-5 and rel_err(imp, i2) < 1e-5
 
 
+def compare(q, kc, vc, l, s, kv_len, block):
+    """Relative errors of the Triton kernels against the references (importance from the same LSE)."""
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(7)).to(q.dtype)
+    kv = None if kv_len == q.shape[1] else kv_len
+    res = []
+    for backend in ("triton", "reference"):
+        out, lse = compressed_attention(q, kc, vc, cmp_block=l, cmp_stride=s, kv_len=kv, backend=backend)
+        res.append((out, lse, *torch.autograd.grad(out, (q, kc, vc), do)))
+    tri, ref = res
+    assert not any(torch.isnan(t).any() for t in tri), "NaN in kernel results"
+    assert torch.equal(torch.isneginf(tri[1]), torch.isneginf(ref[1])), "rows with nothing visible differ"
+    errs = dict(zip(("out", "lse", "dq", "dk", "dv"), (rel_err(a, b) for a, b in zip(tri, ref))))
+    imps = [selection_importance(q.detach(), kc.detach(), ref[1], cmp_block=l, cmp_stride=s, block=block, kv_len=kv_len,
+                                 backend=backend) for backend in ("triton", "reference")]
+    errs["importance"] = rel_err(*imps)
+    return errs
+
+
+@pytest.mark.parametrize("hq, hkv, d, dtype, l, s, block, tq, kv_len", [
+    (9, 3, 64, torch.bfloat16, 32, 16, 64, 150, 150),   # SmolLM2 heads, paper geometry, prefill
+    (4, 2, 32, torch.float32, 32, 16, 64, 20, 1200),    # decode rows: > 64 compressed keys, spill across key tiles
+    (4, 1, 32, torch.float32, 16, 16, 16, 90, 90),      # l = d = l': the identity mapping
+    (2, 1, 128, torch.float16, 16, 8, 32, 40, 300),
+])
+def test_triton_matches_reference(hq, hkv, d, dtype, l, s, block, tq, kv_len):
+    q, kc, vc = random_cmp(1, tq, kv_len, hq, hkv, d, l, s, dtype, seed=d + tq)
+    errs = compare(q, kc, vc, l, s, kv_len, block)
+    assert max(errs.values()) < TOLERANCE[dtype], errs
+
+
 def test_no_complete_block_gives_zero_and_neg_inf():
     q, kc, vc = random_cmp(1, 20, 20, 2, 1, 32, 32, 16, torch.float32)
     assert kc.shape[1] == 0
-    out, lse = compressed_attention(q, kc, vc, cmp_block=32, cmp_stride=16, backend="reference")
-    assert (out == 0).all() and torch.isneginf(lse).all()
-    imp = selection_importance(q, kc, lse, cmp_block=32, cmp_stride=16, block=64, kv_len=20, backend="reference")
-    assert imp.shape == (1, 1, 20, 1) and (imp == 0).all()
+    for backend in ("reference", "triton"):
+        out, lse = compressed_attention(q, kc, vc, cmp_block=32, cmp_stride=16, backend=backend)
+        assert (out == 0).all() and torch.isneginf(lse).all()
+        imp = selection_importance(q, kc, lse, cmp_block=32, cmp_stride=16, block=64, kv_len=20, backend=backend)
+        assert imp.shape == (1, 1, 20, 1) and (imp == 0).all()
 
 
 @pytest.mark.parametrize("case, match", [
