@@ -11,6 +11,8 @@ from nsa_viz.models import (INSTALL_HINT, ModelNotFoundError, apply_pattern, cur
 from nsa_viz.patterns import NSA, Dense, Dilated, GlobalLocal, SlidingWindow
 
 from .conftest import random_ids, tiny_model
+from nsa_viz.attention import nsa_kernels_available
+
 from .test_attention import needs_nsa
 
 
@@ -120,3 +122,39 @@ def test_smollm2_generate_runs_with_nsa(smollm2, granularity):
     with torch.no_grad(), apply_pattern(model, pat):
         out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=3, do_sample=False)
     assert out.shape == (1, 203)
+
+
+@pytest.mark.slow
+def test_smollm2_capture_shapes_sums_and_budget(smollm2):
+    """capture on the real model (9 query / 3 key-value heads, 128 tokens, two layers): block mass rows sum
+    to the queries of their block, distance mass to T, recall of a window in [0, 1] and 1 for dense,
+    tokens and token strings kept; a budget below the estimate is refused before anything is computed."""
+    from nsa_viz.capture import CaptureBudgetError, capture, estimate_bytes, recall_table
+
+    model, tok = smollm2
+    x = real_text_ids(tok, 128)
+    compare = [SlidingWindow(32)] + ([NSA(block=16, top_n=3, window=32, cmp_block=16, cmp_stride=8)]
+                                     if nsa_kernels_available() else [])
+    need = estimate_bytes(model, 128, layers=[0, 29], rows=1, block=32, compare=compare)
+    with torch.no_grad():
+        with capture(model, layers=[0, 29], rows=[-1], block=32, compare=compare, budget_bytes=need - 1) as rec:
+            with pytest.raises(CaptureBudgetError, match="budget_bytes"):
+                model(x)
+        assert rec.layers == {}
+        with capture(model, layers=[0, -1], rows=[-1], block=32, compare=compare, tokenizer=tok) as rec:
+            model(x)
+    assert sorted(rec.layers) == [0, 29] and torch.equal(rec.tokens, x)
+    assert len(rec.token_strings[0]) == 128 and rec.token_strings[0][0] == tok.convert_ids_to_tokens(int(x[0, 0]))
+    lr = rec.layers[29]
+    assert (lr.num_q_heads, lr.num_kv_heads, lr.pattern) == (9, 3, "model")
+    assert lr.dense_block_mass.shape == (1, 9, 4, 4) and lr.dense_rows.shape == (1, 9, 1, 128)
+    torch.testing.assert_close(lr.dense_block_mass.sum(-1), torch.full((1, 9, 4), 32.0), atol=1e-3, rtol=1e-5)
+    torch.testing.assert_close(lr.dense_distance_mass.sum(-1), torch.full((1, 9), 128.0), atol=1e-3, rtol=1e-5)
+    torch.testing.assert_close(lr.dense_rows.sum(-1), torch.ones(1, 9, 1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lr.recall, torch.ones(1, 9, 128))
+    win = lr.compare_recall[SlidingWindow(32).label]
+    assert bool(((win >= 0) & (win <= 1)).all()) and float(win[..., 64:].mean()) < 0.99
+    torch.testing.assert_close(win[..., :32], torch.ones(1, 9, 32))
+    assert abs(rec.nbytes() - need) <= 0.05 * need
+    assert len(recall_table(rec)) == 2 * 9
+    assert model.config._attn_implementation == "sdpa"
