@@ -1,0 +1,335 @@
+"""Native sparse attention (arXiv 2502.11089) composed from its primitives.
+
+``nsa_attention`` runs, in order:
+
+1. compression: ``compress_mean`` (training-free) or the caller's learnable ``compress``;
+2. ``compressed_attention`` (the compressed branch; only its LSE is needed for ``union``);
+3. ``selection_importance``: eq. 9 importance of each selection block, summed over the GQA group;
+4. ``select_blocks``: top-n with the forced initial and local blocks, deterministic ties;
+5. attention over the selected blocks and the window: one softmax (``union``) or three gated
+   branches (``gated``: ``g_cmp*o_cmp + g_slc*o_slc + g_win*o_win``).
+
+Every step dispatches to Triton or to its PyTorch reference by ``backend``. With
+``granularity="block"`` all queries of a query block share one selection, so the selected tiles
+are whole ``l' x l'`` tiles and the selection runs through the block-sparse kernel on a per
+(sequence, key/value head) ``BlockLayout`` (full tensor-core tiles instead of one program per
+token); where that layout cannot express the semantics (query blocks not aligned to the keys'
+blocks, a window shorter than a block in ``union``, a block outside 16..256) the per-token
+selected-attention primitive runs instead. ``nsa_ref.nsa_attention_reference`` is the oracle.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from . import block_sparse_attention, resolve_backend
+from .checks import check_qkv
+from .layout import EMPTY, BlockLayout, TokenRule, layout_from_rule
+from .nsa_compressed import compressed_attention, selection_importance
+from .nsa_ref import (GRANULARITIES, check_compressed, check_gates, check_nsa_params, num_compressed_blocks,
+                      split_compress)
+from .nsa_selected import selected_attention, window_layout
+
+# Block granularity runs the selected tiles through the block-sparse kernel when the layout can express them
+# (tests switch this off to cover the per-token path with block granularity too).
+BLOCK_GRANULARITY_VIA_LAYOUT = True
+# Bytes of the int64 ranking keys that select_blocks materialises at once (rows are processed in chunks).
+SELECT_CHUNK_BYTES = 256 * 2**20
+_FLOAT_INF_BITS = 0x7F800000  # bit pattern of +inf in float32: above every finite importance
+
+
+# --------------------------------------------------------------------------- compression
+def _check_compression_args(x: torch.Tensor, cmp_block: int, cmp_stride: int) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"x must have 4 dimensions [batch, seq, heads, head_dim], got shape {tuple(x.shape)}")
+    for name, value in (("cmp_block", cmp_block), ("cmp_stride", cmp_stride)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1 or value & (value - 1):
+            raise ValueError(f"{name} must be a power of two, got {value!r}")
+    if cmp_block % cmp_stride:
+        raise ValueError(f"cmp_block (l={cmp_block}) must be a multiple of cmp_stride (d={cmp_stride})")
+
+
+def compress_mean(x: torch.Tensor, cmp_block: int, cmp_stride: int) -> torch.Tensor:
+    """Mean of every complete block of ``cmp_block`` tokens taken every ``cmp_stride`` tokens:
+    ``x [B, Tk, H, D] -> [B, NC, H, D]``, block ``j`` covering tokens ``[j*d, j*d + l)``.
+
+    Sums stride-sized chunks once and adds ``l/d`` neighbouring chunk sums (no running sum over the
+    whole sequence, whose cancellation would cost precision at long lengths). Differentiable."""
+    _check_compression_args(x, cmp_block, cmp_stride)
+    b, tk, h, d = x.shape
+    nc = num_compressed_blocks(tk, cmp_block, cmp_stride)
+    if nc == 0:
+        return x.new_zeros(b, 0, h, d)
+    per_block = cmp_block // cmp_stride
+    n_chunks = nc - 1 + per_block  # chunks of d tokens covered by some block
+    chunks = x[:, : n_chunks * cmp_stride].reshape(b, n_chunks, cmp_stride, h, d).float().sum(2)
+    total = chunks[:, :nc]
+    for m in range(1, per_block):
+        total = total + chunks[:, m: m + nc]
+    return (total / cmp_block).to(x.dtype)
+
+
+def compress_kv(k: torch.Tensor, v: torch.Tensor, compress, cmp_block: int, cmp_stride: int):
+    """``(k_cmp, v_cmp)`` ``[B, NC, HKV, D]``: mean pooling, or the caller's compression (checked)."""
+    pair = split_compress(compress)
+    if pair is None:
+        return compress_mean(k, cmp_block, cmp_stride), compress_mean(v, cmp_block, cmp_stride)
+    nc = num_compressed_blocks(k.shape[1], cmp_block, cmp_stride)
+    k_cmp, v_cmp = pair[0](k), pair[1](v)
+    check_compressed("compress (keys)", k_cmp, k, nc)
+    check_compressed("compress (values)", v_cmp, v, nc)
+    return k_cmp, v_cmp
+
+
+# --------------------------------------------------------------------------- selection
+def _rank_and_pick(scores: torch.Tensor, cur_block: torch.Tensor, top_n: int, init_blocks: int,
+                   local_blocks: int) -> torch.Tensor:
+    """Top-n of ``scores [B, HKV, R, NSEL]`` (float32 >= 0) per row; ``cur_block [R]`` is the block holding
+    the row's query. Visible blocks are ``s <= cur``; forced ones always win; equal scores go to the lower
+    block index. Ties are broken without a sort: a non-negative float32 orders like its bit pattern, so
+    ``bits * 2^32 + (2^32 - 1 - s)`` is one int64 key per block, unique within a row."""
+    nsel = scores.shape[-1]
+    dev = scores.device
+    s = torch.arange(nsel, device=dev)
+    cur = cur_block.to(dev)[:, None]
+    visible = s[None, :] <= cur
+    forced = visible & ((s[None, :] < init_blocks) | (s[None, :] > cur - local_blocks))
+    bits = (scores.float() + 0.0).view(torch.int32).to(torch.int64)  # + 0.0 turns a -0.0 into +0.0
+    bits = torch.where(forced, torch.full_like(bits, _FLOAT_INF_BITS), bits)
+    key = bits * 2**32 + (2**32 - 1 - s)
+    key = torch.where(visible, key, torch.full_like(key, -1))
+    width = min(top_n, nsel)
+    top = torch.topk(key, width, dim=-1, sorted=False)
+    idx = torch.where(top.values >= 0, top.indices, torch.full_like(top.indices, nsel))
+    idx = torch.sort(idx, dim=-1).values
+    idx = torch.where(idx == nsel, torch.full_like(idx, -1), idx).to(torch.int32)
+    if width < top_n:
+        idx = torch.nn.functional.pad(idx, (0, top_n - width), value=-1)
+    return idx
+
+
+def _pick_in_chunks(scores: torch.Tensor, cur_block: torch.Tensor, top_n: int, init_blocks: int,
+                    local_blocks: int) -> torch.Tensor:
+    b, h, rows, nsel = scores.shape
+    step = max(1, SELECT_CHUNK_BYTES // max(1, b * h * nsel * 8 * 3))
+    if rows <= step:
+        return _rank_and_pick(scores, cur_block, top_n, init_blocks, local_blocks)
+    return torch.cat([_rank_and_pick(scores[:, :, r0:r0 + step], cur_block[r0:r0 + step], top_n, init_blocks,
+                                     local_blocks) for r0 in range(0, rows, step)], dim=2)
+
+
+def query_block_importance(importance: torch.Tensor, q_start: int, block: int,
+                           prefix: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Sum ``importance [B, HKV, Tq, NSEL]`` over the queries of each query block (absolute positions
+    ``[c*l', (c+1)*l')``; the queries sit at ``q_start .. q_start + Tq - 1``) -> ``[B, HKV, NQB, NSEL]``.
+
+    ``prefix [B, HKV, n <= NSEL]`` is added to the first query block: the importance its earlier
+    queries (not in this call, e.g. before a decode step) already gathered. Sums are taken in a fixed
+    order (no atomics) so that the selection is reproducible."""
+    b, h, tq, nsel = importance.shape
+    head = min(tq, (-q_start) % block)  # rows before the first block boundary
+    parts = []
+    if head:
+        parts.append(importance[:, :, :head].sum(2, keepdim=True))
+    whole = (tq - head) // block
+    if whole:
+        parts.append(importance[:, :, head: head + whole * block].reshape(b, h, whole, block, nsel).sum(3))
+    if head + whole * block < tq:
+        parts.append(importance[:, :, head + whole * block:].sum(2, keepdim=True))
+    per_block = torch.cat(parts, 2) if len(parts) > 1 else parts[0]
+    if prefix is not None:
+        if prefix.shape[:2] != (b, h) or prefix.shape[-1] > nsel:
+            raise ValueError(f"prefix must have shape [B, HKV, n <= {nsel}] = [{b}, {h}, ...], got {tuple(prefix.shape)}")
+        first = per_block[:, :, :1]
+        first = first + torch.nn.functional.pad(prefix.float(), (0, nsel - prefix.shape[-1]))[:, :, None]
+        per_block = torch.cat([first, per_block[:, :, 1:]], 2)
+    return per_block
+
+
+def select_blocks(importance: torch.Tensor, *, top_n: int, block: int, init_blocks: int = 1, local_blocks: int = 2,
+                  q_positions: Optional[torch.Tensor] = None, kv_len: Optional[int] = None,
+                  granularity: str = "token", prefix: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Selected blocks ``[B, HKV, Tq, top_n]`` int32 from ``importance [B, HKV, Tq, NSEL]`` (float32).
+
+    Query ``i`` sits at ``q_positions[i]`` (default ``kv_len - Tq + i``); it sees blocks ``s`` with
+    ``s*block <= position``. The first ``init_blocks`` blocks and the ``local_blocks`` blocks ending at the
+    query's own block are always chosen; the rest by importance, ties to the lower block index; fewer
+    visible blocks than ``top_n`` are all chosen. Rows are sorted ascending and padded with -1.
+    ``granularity="block"``: one selection per query block of ``block`` positions, from the importance
+    summed over its queries (plus ``prefix``, see ``query_block_importance``); positions must then be
+    consecutive."""
+    check_nsa_params(block=block, top_n=top_n, window=0, cmp_block=block, cmp_stride=block, init_blocks=init_blocks,
+                     local_blocks=local_blocks, combine="union", granularity=granularity)
+    if not isinstance(importance, torch.Tensor) or importance.dim() != 4 or not importance.is_floating_point():
+        raise ValueError("importance must be a floating-point tensor [B, HKV, Tq, NSEL]")
+    tq = importance.shape[2]
+    if q_positions is None:
+        if kv_len is None:
+            raise ValueError("select_blocks needs q_positions or kv_len (queries at kv_len - Tq .. kv_len - 1)")
+        q_positions = torch.arange(kv_len - tq, kv_len, device=importance.device)
+    q_positions = torch.as_tensor(q_positions, device=importance.device).long()
+    if tuple(q_positions.shape) != (tq,):
+        raise ValueError(f"q_positions must have shape [Tq] = [{tq}], got {tuple(q_positions.shape)}")
+    if granularity == "token":
+        return _pick_in_chunks(importance, q_positions // block, top_n, init_blocks, local_blocks)
+    q_start = int(q_positions[0])
+    if tq and not torch.equal(q_positions, torch.arange(q_start, q_start + tq, device=importance.device)):
+        raise ValueError("granularity='block' needs consecutive q_positions")
+    per_block = query_block_importance(importance, q_start, block, prefix)
+    first = q_start // block
+    blocks = torch.arange(first, first + per_block.shape[2], device=importance.device)
+    chosen = _pick_in_chunks(per_block, blocks, top_n, init_blocks, local_blocks)
+    return chosen[:, :, q_positions // block - first]
+
+
+# --------------------------------------------------------------------------- selection as a block layout
+def _layout_expresses(granularity: str, combine: str, block: int, window: int, q_len: int, kv_len: int) -> bool:
+    """Whether the block-granularity selection (with the window for union) is exactly a tile layout."""
+    return (BLOCK_GRANULARITY_VIA_LAYOUT and granularity == "block" and 16 <= block <= 256
+            and (kv_len - q_len) % block == 0
+            # in union the layout's one token rule (causal + window) also masks the diagonal selected tile
+            and (combine == "gated" or window == 0 or window >= block))
+
+
+def selection_layout(chosen: torch.Tensor, q_len: int, kv_len: int, block: int, window: int = 0) -> BlockLayout:
+    """BlockLayout ``[B, HKV, NQB, NKB]`` of block-granularity selections ``chosen [B, HKV, NQB, top_n]`` with
+    ``block x block`` tiles (queries aligned to key blocks), optionally united with a causal window."""
+    b, h, nqb, _ = chosen.shape
+    dev = chosen.device
+    nkb = math.ceil(kv_len / block)
+    causal = layout_from_rule(TokenRule(causal=True), q_len, kv_len, block, block, device=dev).tile_class
+    hit = torch.zeros(b, h, nqb, nkb + 1, dtype=torch.bool, device=dev)
+    hit.scatter_(-1, torch.where(chosen < 0, torch.full_like(chosen, nkb), chosen).long(), True)
+    cls = torch.where(hit[..., :nkb], causal, torch.zeros((), dtype=torch.int8, device=dev))
+    if window > 0:
+        rule = TokenRule(causal=True, window=window)
+        win = layout_from_rule(rule, q_len, kv_len, block, block, device=dev).tile_class
+        cls = torch.maximum(cls, win)  # EMPTY < PARTIAL < FULL: a selected tile needs no window mask
+    else:
+        rule = TokenRule(causal=True)
+    return BlockLayout(q_len, kv_len, block, block, cls.to(torch.int8).contiguous(), rule, name="nsa_selection")
+
+
+# --------------------------------------------------------------------------- composition
+def _window_branch(q, k, v, window: int, scale: float, backend: str):
+    b, tq, hq, d = q.shape
+    if window == 0:
+        return q.new_zeros(b, tq, hq, d), torch.full((b, tq, hq), -math.inf, device=q.device)
+    layout = window_layout(tq, k.shape[1], window, d, q.device)
+    out, lse = block_sparse_attention(q, k, v, layout, scale, backend=backend, return_lse=True)
+    return out, lse.transpose(1, 2)
+
+
+def nsa_from_compressed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, *,
+                        block: int, top_n: int, window: int, cmp_block: int, cmp_stride: int, init_blocks: int,
+                        local_blocks: int, combine: str, granularity: str, gates: Optional[torch.Tensor],
+                        scale: float, backend: str, block_prefix: Optional[torch.Tensor] = None):
+    """NSA given compressed keys/values (arguments already checked, backend resolved).
+
+    Returns ``(out, parts)`` where ``parts`` holds what was computed anyway: ``importance``,
+    ``chosen`` (per token, or per query block with ``chosen_per_block``), the LSEs and, for gated,
+    the branch outputs. ``block_prefix``: see ``query_block_importance`` (decode)."""
+    tq, tk = q.shape[1], k.shape[1]
+    kw = dict(cmp_block=cmp_block, cmp_stride=cmp_stride, scale=scale, kv_len=tk, backend=backend)
+    parts = {}
+    if combine == "union":
+        with torch.no_grad():  # the compressed branch only scores blocks here
+            _, lse_cmp = compressed_attention(q.detach(), k_cmp.detach(), v_cmp.detach(), **kw)
+    else:
+        o_cmp, lse_cmp = compressed_attention(q, k_cmp, v_cmp, **kw)
+    importance = selection_importance(q.detach(), k_cmp.detach(), lse_cmp, block=block, **kw)
+    parts["importance"] = importance
+
+    q_start = tk - tq
+    by_layout = _layout_expresses(granularity, combine, block, window, tq, tk)
+    with torch.no_grad():
+        if granularity == "token":
+            chosen = _pick_in_chunks(importance, torch.arange(q_start, tk, device=q.device) // block, top_n,
+                                     init_blocks, local_blocks)
+        else:
+            per_block = query_block_importance(importance, q_start, block, block_prefix)
+            first = q_start // block
+            chosen = _pick_in_chunks(per_block, torch.arange(first, first + per_block.shape[2], device=q.device),
+                                     top_n, init_blocks, local_blocks)
+            parts["chosen_per_block"] = True
+            if not by_layout:
+                chosen = chosen[:, :, torch.arange(q_start, tk, device=q.device) // block - first]
+                parts["chosen_per_block"] = False
+    parts["chosen"] = chosen
+
+    def selected_branch(with_window: int):
+        if by_layout:
+            layout = selection_layout(chosen, tq, tk, block, with_window)
+            out, lse = block_sparse_attention(q, k, v, layout, scale, backend=backend, return_lse=True)
+            return out, lse.transpose(1, 2)
+        return selected_attention(q, k, v, chosen, block=block, scale=scale, window=with_window, backend=backend)
+
+    if combine == "union":
+        out, lse = selected_branch(window)
+        parts["lse"] = lse
+        return out, parts
+    o_slc, lse_slc = selected_branch(0)
+    o_win, lse_win = _window_branch(q, k, v, window, scale, backend)
+    g = gates.float()
+    out = (g[..., 0:1] * o_cmp.float() + g[..., 1:2] * o_slc.float() + g[..., 2:3] * o_win.float()).to(q.dtype)
+    parts.update(o_cmp=o_cmp, o_slc=o_slc, o_win=o_win, lse_cmp=lse_cmp, lse_slc=lse_slc, lse_win=lse_win)
+    return out, parts
+
+
+def build_aux(parts: dict, combine: str, q_start: int, tq: int, block: int) -> dict:
+    """The ``aux`` dict of ``nsa_attention`` from what ``nsa_from_compressed`` computed."""
+    chosen = parts["chosen"]
+    if parts.get("chosen_per_block"):
+        first = q_start // block
+        chosen = chosen[:, :, torch.arange(q_start, q_start + tq, device=chosen.device) // block - first]
+    aux = {"block_idx": chosen.contiguous(), "block_count": (chosen >= 0).sum(-1, dtype=torch.int32),
+           "importance": parts["importance"]}
+    names = ("lse",) if combine == "union" else ("o_cmp", "o_slc", "o_win", "lse_cmp", "lse_slc", "lse_win")
+    aux.update({name: parts[name] for name in names})
+    return aux
+
+
+def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block: int = 64, top_n: int = 16,
+                  window: int = 512, cmp_block: int = 32, cmp_stride: int = 16, init_blocks: int = 1,
+                  local_blocks: int = 2, combine: str = "union", granularity: str = "token",
+                  gates: Optional[torch.Tensor] = None, compress=None, scale: Optional[float] = None,
+                  backend: str = "auto", return_aux: bool = False):
+    """Native sparse attention of ``q [B, Tq, HQ, D]`` over ``k, v [B, Tk, HKV, D]`` (queries at the last Tq
+    positions); semantics in ``nsa_ref`` (the oracle) and the module docstring.
+
+    ``block`` (l'), ``top_n`` (n), ``window`` (w), ``cmp_block``/``cmp_stride`` (l, d), ``init_blocks`` and
+    ``local_blocks`` (always selected); ``combine="union"`` (one softmax over selected blocks and window) or
+    ``"gated"`` (needs ``gates [B, Tq, HQ, 3]``: g_cmp, g_slc, g_win); ``granularity="token"`` or ``"block"``;
+    ``compress``: None (mean pooling), a callable/nn.Module ``[B, Tk, HKV, D] -> [B, NC, HKV, D]`` or a pair
+    (keys, values). Gradients reach q, k, v, gates and the compression's parameters (through the
+    compressed branch, used for the output only by ``gated``). ``backend``: "auto" (Triton on CUDA),
+    "triton" or "reference".
+
+    Returns ``out [B, Tq, HQ, D]``; with ``return_aux`` ``(out, aux)``: ``block_idx [B, HKV, Tq, top_n]``
+    int32 (ascending, -1 padded), ``block_count [B, HKV, Tq]`` int32, ``importance [B, HKV, Tq, NSEL]``
+    float32 (per query), ``lse [B, Tq, HQ]`` (union) or ``o_cmp/o_slc/o_win``, ``lse_cmp/lse_slc/lse_win``
+    (gated). The aux tensors are computed anyway; asking for them costs only the block-granularity
+    index expansion.
+    """
+    check_nsa_params(block=block, top_n=top_n, window=window, cmp_block=cmp_block, cmp_stride=cmp_stride,
+                     init_blocks=init_blocks, local_blocks=local_blocks, combine=combine, granularity=granularity,
+                     backend=backend)
+    scale = check_qkv(q, k, v, scale)
+    check_gates(gates, combine, q)
+    backend = resolve_backend(backend, q.device)
+    k_cmp, v_cmp = compress_kv(k, v, compress, cmp_block, cmp_stride)
+    out, parts = nsa_from_compressed(q, k, v, k_cmp, v_cmp, block=block, top_n=top_n, window=window,
+                                     cmp_block=cmp_block, cmp_stride=cmp_stride, init_blocks=init_blocks,
+                                     local_blocks=local_blocks, combine=combine, granularity=granularity, gates=gates,
+                                     scale=scale, backend=backend)
+    if not return_aux:
+        return out
+    return out, build_aux(parts, combine, k.shape[1] - q.shape[1], q.shape[1], block)
+
+
+__all__ = ["nsa_attention", "compress_mean", "compress_kv", "select_blocks", "query_block_importance",
+           "selection_layout", "nsa_from_compressed", "GRANULARITIES"]
