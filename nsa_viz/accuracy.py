@@ -4,10 +4,11 @@
   next-token distributions from the dense model's, and top-1 agreement with it. The dense reference
   is the model's own attention; logits are compared chunk by chunk from the final hidden states so
   that no ``T × vocabulary`` tensor is kept for long inputs.
-- :func:`passkey_table`: passkey retrieval accuracy over lengths and depths. Prompts are generated
-  here from a seed, with filler cut from real text (by default the Python reference manual in
-  ``pydoc_data``); success means the model's greedy continuation of the prompt starts with the key,
-  checked teacher-forced in one forward pass (the same decision greedy ``generate`` would make).
+- :func:`retrieval_table` (and :func:`passkey_table`): passkey / needle / multi-key retrieval accuracy
+  over lengths and depths, on the seeded synthetic tasks of :mod:`nsa_viz.data` (filler cut from real
+  text, by default the Python reference manual in ``pydoc_data``); success means the model's greedy
+  continuation of the prompt is the answer, checked teacher-forced in one forward pass (the same
+  decision greedy ``generate`` would make).
 
 Patterns are given as ``{label: pattern}`` where a pattern is anything :func:`nsa_viz.models.apply_pattern`
 accepts, or ``None`` for the model's own attention.
@@ -15,7 +16,6 @@ accepts, or ``None`` for the model's own attention.
 from __future__ import annotations
 
 import math
-import random
 import time
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
@@ -24,10 +24,6 @@ import torch
 from .models import apply_pattern
 from .patterns import Pattern
 
-PASSKEY_INTRO = ("There is an important pass key hidden inside a lot of irrelevant text. "
-                 "Find it and memorize it. I will quiz you about the pass key.\n\n")
-PASSKEY_NEEDLE = "\n\nThe pass key is {key}. Remember it. {key} is the pass key.\n\n"
-PASSKEY_QUESTION = "\n\nWhat is the pass key? The pass key is"
 
 
 def _as_named(items, what: str) -> Dict[str, object]:
@@ -96,13 +92,26 @@ def compare_hidden(model, ids: torch.Tensor, hidden: torch.Tensor, dense_hidden:
             "kl_vs_dense": kl / t, "top1_agree": agree / t}
 
 
+def _token_ids(tokenizer, text) -> torch.Tensor:
+    """``[1, T]`` int64 ids of a text (tokenized) or of ids given as a tensor or list."""
+    if isinstance(text, str):
+        return tokenizer(text, return_tensors="pt").input_ids
+    ids = torch.as_tensor(text, dtype=torch.long)
+    if ids.dim() == 1:
+        ids = ids[None]
+    if ids.dim() != 2 or ids.shape[0] != 1:
+        raise ValueError(f"token ids must be one sequence ([T] or [1, T]), got shape {list(ids.shape)}")
+    return ids
+
+
 def perplexity_table(model, tokenizer, texts: Union[Mapping[str, str], Sequence[str]], patterns,
                      lengths: Union[int, Iterable[int]] = (2048,), *, chunk: int = 512, progress: bool = True):
     """Tidy table, one row per (text, length, pattern): ``text, length, pattern, tokens, nll, ppl,
     dense_ppl, ppl_ratio, kl_vs_dense, top1_agree, seconds``.
 
-    ``texts``: ``{name: text}`` (or a list, named text0, text1, ...); each is cut to its first ``length``
-    tokens (a text that is too short is an error, so lengths are what they say). ``patterns``:
+    ``texts``: ``{name: text or token ids}`` (or a list, named text0, text1, ...), e.g. the samples of
+    ``nsa_viz.data.load_dataset("code").tokenize(tokenizer, length)``; each is cut to its first
+    ``length`` tokens (a text that is too short is an error, so lengths are what they say). ``patterns``:
     ``{label: pattern or mapping or None}``. The dense reference is the model's own attention
     (``dense_ppl``); ``kl_vs_dense`` is the mean over positions of KL(dense || pattern) in nats;
     ``top1_agree`` the fraction of positions whose argmax token equals the dense one.
@@ -112,15 +121,16 @@ def perplexity_table(model, tokenizer, texts: Union[Mapping[str, str], Sequence[
     if not isinstance(texts, Mapping):
         texts = {f"text{i}": t for i, t in enumerate(texts)}
     for name, t in texts.items():
-        if not isinstance(t, str):
-            raise TypeError(f"texts[{name!r}] must be a string, got {type(t).__name__}")
+        if not isinstance(t, (str, torch.Tensor, list, tuple)):
+            raise TypeError(f"texts[{name!r}] must be a string or token ids (a tensor or list of ints), "
+                            f"got {type(t).__name__}")
     patterns = _as_named(patterns, "patterns")
     lengths = _check_lengths(lengths)
     device = next(model.parameters()).device
     rows = []
     bar = _progress(len(texts) * len(lengths) * (len(patterns) + 1), "perplexity", progress)
     for name, text in texts.items():
-        all_ids = tokenizer(text, return_tensors="pt").input_ids
+        all_ids = _token_ids(tokenizer, text)
         for n in lengths:
             if all_ids.shape[1] < n:
                 raise ValueError(f"texts[{name!r}] has {all_ids.shape[1]} tokens, fewer than length {n}")
@@ -141,50 +151,73 @@ def perplexity_table(model, tokenizer, texts: Union[Mapping[str, str], Sequence[
     return pd.DataFrame(rows, columns=cols)
 
 
-# --------------------------------------------------------------------------- passkey
 def default_filler() -> str:
-    """Prose already on every machine: the Python reference manual topics from ``pydoc_data``."""
+    """Prose already on every machine: the Python reference manual (``pydoc_data.topics``), topics in
+    sorted order joined by blank lines; long enough for perplexity at 32k tokens and more."""
     from pydoc_data.topics import topics
 
     return "\n\n".join(topics[k] for k in sorted(topics))
 
 
-def passkey_prompt(tokenizer, length: int, depth: float, seed: int, filler_ids: Optional[List[int]] = None,
-                   key_digits: int = 5) -> dict:
-    """A passkey prompt of exactly ``length`` tokens, the answer included at the end.
+# --------------------------------------------------------------------------- retrieval (passkey, needle, multi-key)
+TASKS = ("passkey", "needle", "multikey")
 
-    The needle sentence sits at fraction ``depth`` (0 = just after the instructions, 1 = just before
-    the question) of the filler, which is a stretch of ``filler_ids`` starting at a seeded offset.
-    Returns ``{"input_ids" [1, length], "answer_len", "key", "needle_pos"}``: the last ``answer_len``
-    tokens are the key (with its leading space), which the model must produce after the question.
+
+def retrieval_prompts(tokenizer, task: str = "passkey", lengths: Union[int, Iterable[int]] = (2048,),
+                      depths: Sequence[float] = (0.1, 0.5, 0.9), trials: int = 3, *, seed: int = 0,
+                      filler="docs") -> List[dict]:
+    """Prompts of exactly each length from the synthetic tasks of :mod:`nsa_viz.data`, with their answers.
+
+    ``task``: ``"passkey"`` (a 5-digit key), ``"needle"`` (a 7-digit "special magic number") or
+    ``"multikey"`` (several named keys, one asked; its depths are drawn by the task, ``depths`` is not
+    used). ``trials`` prompts per (length, depth), seeded per length. ``filler``: a built-in corpus
+    name of :mod:`nsa_viz.data` (``"docs"``, ``"code"``, ``"legal"``) or a ``Dataset``.
+
+    Each prompt: ``{"length", "depth", "trial", "input_ids" [1, length + answer_len] (the prompt, then
+    the answer tokens), "answer_len", "answer", "needle_pos", "distance"}``: the last ``answer_len``
+    tokens are the answer (with its leading space); ``needle_pos`` is the first token of the hidden
+    fact and ``distance`` how far before the answer it sits (what a window would have to reach).
     """
-    if not 0.0 <= depth <= 1.0:
-        raise ValueError(f"depth must be in [0, 1], got {depth!r}")
-    if filler_ids is None:
-        filler_ids = tokenizer(default_filler()).input_ids
-    rng = random.Random(seed)
-    key = str(rng.randint(10 ** (key_digits - 1), 10 ** key_digits - 1))
-    enc = lambda s: tokenizer(s, add_special_tokens=False).input_ids
-    intro, needle = enc(PASSKEY_INTRO), enc(PASSKEY_NEEDLE.format(key=key))
-    question, answer = enc(PASSKEY_QUESTION), enc(" " + key)
-    n_fill = length - len(intro) - len(needle) - len(question) - len(answer)
-    if n_fill < 0:
-        raise ValueError(f"length {length} is too short for a passkey prompt (needs at least "
-                         f"{length - n_fill} tokens)")
-    if n_fill > len(filler_ids):
-        raise ValueError(f"the filler has {len(filler_ids)} tokens, fewer than the {n_fill} needed for length {length}")
-    off = rng.randrange(0, len(filler_ids) - n_fill + 1)
-    fill = list(filler_ids[off:off + n_fill])
-    cut = int(round(depth * n_fill))
-    ids = intro + fill[:cut] + needle + fill[cut:] + question + answer
-    return {"input_ids": torch.tensor([ids]), "answer_len": len(answer), "key": key,
-            "needle_pos": len(intro) + cut}
+    from . import data
+
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    lengths = _check_lengths(lengths)
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
+        raise ValueError(f"trials must be an integer >= 1, got {trials!r}")
+    depths = [float(d) for d in ([depths] if isinstance(depths, (int, float)) else depths)]
+    if not depths:
+        raise ValueError("depths must not be empty")
+    out = []
+    for n in lengths:
+        task_seed = seed * 1_000_003 + n  # other keys at each length, the same ones for every pattern
+        if task == "passkey":
+            ds = data.passkey_task(len(depths) * trials, n, tokenizer=tokenizer, seed=task_seed, depths=depths,
+                                   filler=filler)
+            labels = [(depths[i % len(depths)], i // len(depths)) for i in range(len(ds))]
+        elif task == "needle":
+            ds = data.needle_task(n, depths=depths, per_depth=trials, tokenizer=tokenizer, seed=task_seed,
+                                  filler=filler)
+            labels = [(d, t) for d in depths for t in range(trials)]
+        else:
+            ds = data.multikey_task(trials, n, tokenizer=tokenizer, seed=task_seed, filler=filler)
+            labels = [(float(doc.meta["depths"][doc.meta["asked"]]), t) for t, doc in enumerate(ds)]
+        for doc, (depth, trial) in zip(ds, labels):
+            answer = data.encode(tokenizer, " " + doc.meta["answer"], special=False)
+            span_name = {"passkey": "passkey", "needle": "needle"}.get(task, doc.meta.get("asked"))
+            needle_pos = int(doc.meta["spans"][span_name][0])
+            ids = list(doc.token_ids) + answer
+            out.append({"task": task, "length": n, "depth": depth, "trial": trial,
+                        "input_ids": torch.tensor([ids]), "answer_len": len(answer), "answer": doc.meta["answer"],
+                        "needle_pos": needle_pos, "distance": n - needle_pos})
+    return out
 
 
 @torch.no_grad()
-def passkey_correct(model, prompt: dict) -> bool:
-    """Whether greedy decoding after the question yields the key: all answer tokens are the argmax
-    at their positions given the prompt and the key's previous tokens (one teacher-forced pass)."""
+def answer_correct(model, prompt: dict) -> bool:
+    """Whether greedy decoding after the prompt yields the answer: every answer token is the argmax at
+    its position given the prompt and the answer's earlier tokens (one teacher-forced forward pass,
+    the decision greedy ``generate`` would make token by token)."""
     ids = prompt["input_ids"].to(next(model.parameters()).device)
     na = prompt["answer_len"]
     hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state[:, -na - 1:-1]
@@ -192,42 +225,44 @@ def passkey_correct(model, prompt: dict) -> bool:
     return bool(torch.equal(pred[0].cpu(), ids[0, -na:].cpu()))
 
 
-def passkey_table(model, tokenizer, patterns, lengths: Union[int, Iterable[int]] = (2048,),
-                  depths: Sequence[float] = (0.1, 0.5, 0.9), trials: int = 3, *, seed: int = 0,
-                  filler: Optional[str] = None, progress: bool = True):
-    """Tidy table, one row per (pattern, length, depth, trial): ``pattern, length, depth, trial, key,
-    needle_pos, distance, correct``, where ``distance`` is how many tokens before the question the
-    needle sits (what a window would have to reach). Summarise with
-    ``df.groupby(["pattern", "length"]).correct.mean()``. The same prompts are used for every pattern.
-    """
+passkey_correct = answer_correct  # the name earlier callers used
+
+
+def retrieval_table(model, tokenizer, patterns, task: str = "passkey", lengths: Union[int, Iterable[int]] = (2048,),
+                    depths: Sequence[float] = (0.1, 0.5, 0.9), trials: int = 3, *, seed: int = 0, filler="docs",
+                    progress: bool = True):
+    """Tidy table, one row per (pattern, length, depth, trial): ``task, pattern, length, depth, trial,
+    answer, needle_pos, distance, correct``. The same prompts (:func:`retrieval_prompts`) are used for
+    every pattern. Summarise with ``df.groupby(["pattern", "length"]).correct.mean()``."""
     import pandas as pd
 
     patterns = _as_named(patterns, "patterns")
-    lengths = _check_lengths(lengths)
-    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
-        raise ValueError(f"trials must be an integer >= 1, got {trials!r}")
-    filler_ids = tokenizer(filler if filler is not None else default_filler()).input_ids
-    prompts = []
-    for n in lengths:
-        for di, depth in enumerate(depths):
-            for t in range(trials):
-                p = passkey_prompt(tokenizer, n, float(depth), seed=((seed * 1_000_003 + n) * 1009 + di) * 101 + t,
-                                   filler_ids=filler_ids)
-                prompts.append((n, float(depth), t, p))
+    prompts = retrieval_prompts(tokenizer, task, lengths, depths, trials, seed=seed, filler=filler)
     rows = []
-    bar = _progress(len(prompts) * len(patterns), "passkey", progress)
+    bar = _progress(len(prompts) * len(patterns), task, progress)
     for label, pat in patterns.items():
         def run_all():
-            for n, depth, t, p in prompts:
-                ok = passkey_correct(model, p)
-                rows.append({"pattern": label, "length": n, "depth": depth, "trial": t, "key": p["key"],
-                             "needle_pos": p["needle_pos"], "distance": n - p["answer_len"] - p["needle_pos"],
-                             "correct": ok})
+            for p in prompts:
+                ok = answer_correct(model, p)
+                rows.append({"task": task, "pattern": label, "length": p["length"], "depth": p["depth"],
+                             "trial": p["trial"], "answer": p["answer"], "needle_pos": p["needle_pos"],
+                             "distance": p["distance"], "correct": ok})
                 bar.update(1)
         _run_with(model, pat, run_all)
     bar.close()
-    return pd.DataFrame(rows)
+    cols = ["task", "pattern", "length", "depth", "trial", "answer", "needle_pos", "distance", "correct"]
+    return pd.DataFrame(rows, columns=cols)
 
 
-__all__ = ["perplexity_table", "passkey_table", "passkey_prompt", "passkey_correct", "compare_hidden",
-           "default_filler"]
+def passkey_table(model, tokenizer, patterns, lengths: Union[int, Iterable[int]] = (2048,),
+                  depths: Sequence[float] = (0.1, 0.5, 0.9), trials: int = 3, *, seed: int = 0, filler="docs",
+                  progress: bool = True):
+    """:func:`retrieval_table` for the passkey task (a ``key`` column repeats ``answer``)."""
+    df = retrieval_table(model, tokenizer, patterns, "passkey", lengths, depths, trials, seed=seed, filler=filler,
+                         progress=progress)
+    df["key"] = df["answer"]
+    return df
+
+
+__all__ = ["perplexity_table", "retrieval_table", "passkey_table", "retrieval_prompts", "answer_correct",
+           "passkey_correct", "compare_hidden", "default_filler", "TASKS"]

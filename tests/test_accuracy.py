@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from nsa_viz.accuracy import passkey_correct, passkey_prompt, passkey_table, perplexity_table
+from nsa_viz.accuracy import answer_correct, passkey_table, perplexity_table, retrieval_prompts
+from nsa_viz.data import from_texts
 from nsa_viz.patterns import Dense, SlidingWindow
 
 TEXT = "def add(a, b):\n    return a + b\n\n" * 8 + "The quick brown fox jumps over the lazy dog. " * 6
@@ -49,35 +50,64 @@ def test_perplexity_table_bad_inputs(tiny_llama, char_tokenizer):
         perplexity_table(tiny_llama, char_tokenizer, [TEXT], {}, progress=False)
 
 
-def test_passkey_prompt_layout(char_tokenizer):
-    filler = char_tokenizer(TEXT * 20).input_ids
-    p = passkey_prompt(char_tokenizer, 700, 0.25, seed=3, filler_ids=filler)
-    ids = p["input_ids"][0].tolist()
-    assert len(ids) == 700
-    assert bytes(ids[-p["answer_len"]:]).decode() == " " + p["key"] and len(p["key"]) == 5
-    needle = bytes(ids[p["needle_pos"]:p["needle_pos"] + 40]).decode()
-    assert f"The pass key is {p['key']}" in needle
-    again = passkey_prompt(char_tokenizer, 700, 0.25, seed=3, filler_ids=filler)
-    assert torch.equal(again["input_ids"], p["input_ids"])
-    deeper = passkey_prompt(char_tokenizer, 700, 0.75, seed=3, filler_ids=filler)
-    assert deeper["needle_pos"] > p["needle_pos"]
-    with pytest.raises(ValueError, match="depth"):
-        passkey_prompt(char_tokenizer, 700, 1.5, seed=0, filler_ids=filler)
+def test_perplexity_table_takes_token_ids(tiny_llama, char_tokenizer):
+    ids = char_tokenizer(TEXT, return_tensors="pt").input_ids
+    a = perplexity_table(tiny_llama, char_tokenizer, {"t": TEXT}, {"model": None}, lengths=120, progress=False)
+    b = perplexity_table(tiny_llama, char_tokenizer, {"t": ids[0]}, {"model": None}, lengths=120, progress=False)
+    assert a.nll.tolist() == b.nll.tolist()
+    with pytest.raises(ValueError, match="one sequence"):
+        perplexity_table(tiny_llama, char_tokenizer, {"t": ids.repeat(2, 1)}, {"model": None}, lengths=120,
+                         progress=False)
+
+
+@pytest.mark.parametrize("task", ["passkey", "needle", "multikey"])
+def test_retrieval_prompts_layout(char_tokenizer, task):
+    """Prompts from nsa_viz.data's tasks: exact length plus the answer, the fact where meta says, seeded."""
+    filler = from_texts([TEXT * 20])
+    ps = retrieval_prompts(char_tokenizer, task, lengths=(700,), depths=(0.25, 0.75), trials=2, seed=3, filler=filler)
+    assert len(ps) == (2 if task == "multikey" else 4)
+    for p in ps:
+        ids = p["input_ids"][0].tolist()
+        assert len(ids) == 700 + p["answer_len"] and p["length"] == 700
+        assert bytes(ids[-p["answer_len"]:]).decode() == " " + p["answer"]
+        fact = bytes(ids[p["needle_pos"]:p["needle_pos"] + 60]).decode()
+        assert p["answer"] in fact and p["distance"] == 700 - p["needle_pos"]
+    if task != "multikey":
+        assert [p["depth"] for p in ps] == ([0.25, 0.75, 0.25, 0.75] if task == "passkey" else [0.25, 0.25, 0.75, 0.75])
+        deep = {p["depth"]: p["needle_pos"] for p in ps if p["trial"] == 0}
+        assert deep[0.75] > deep[0.25]
+    again = retrieval_prompts(char_tokenizer, task, lengths=(700,), depths=(0.25, 0.75), trials=2, seed=3, filler=filler)
+    assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(ps, again))
+    with pytest.raises(ValueError, match="task"):
+        retrieval_prompts(char_tokenizer, "riddle", lengths=(700,), filler=filler)
     with pytest.raises(ValueError, match="too short"):
-        passkey_prompt(char_tokenizer, 50, 0.5, seed=0, filler_ids=filler)
+        retrieval_prompts(char_tokenizer, task, lengths=(50,), filler=filler)
 
 
 def test_passkey_table_tiny(tiny_llama, char_tokenizer):
-    df = passkey_table(tiny_llama, char_tokenizer, {"model": None, "dense": Dense()}, lengths=(300,),
-                       depths=(0.2, 0.8), trials=2, filler=TEXT * 10, progress=False)
+    df = passkey_table(tiny_llama, char_tokenizer, {"model": None, "dense": Dense()}, lengths=(400,),
+                       depths=(0.2, 0.8), trials=2, filler=from_texts([TEXT * 10]), progress=False)
     assert len(df) == 8 and set(df.columns) >= {"pattern", "length", "depth", "trial", "key", "distance", "correct"}
     a, b = df[df.pattern == "model"], df[df.pattern == "dense"]
     assert a.correct.tolist() == b.correct.tolist() and a.key.tolist() == b.key.tolist()
 
 
+def test_answer_correct_is_greedy_decoding(tiny_llama):
+    """Teacher-forced check == what greedy generate produces after the prompt."""
+    from tests.conftest import random_ids
+
+    prompt = random_ids(1, 30, seed=8)
+    with torch.no_grad():
+        gen = tiny_llama.generate(prompt, max_new_tokens=3, do_sample=False)
+    good = {"input_ids": gen, "answer_len": 3}
+    bad_ids = gen.clone()
+    bad_ids[0, -1] = (bad_ids[0, -1] + 1) % 128
+    assert answer_correct(tiny_llama, good) and not answer_correct(tiny_llama, {"input_ids": bad_ids, "answer_len": 3})
+
+
 @pytest.mark.slow
 def test_smollm2_passkey_dense_finds_it_window_does_not(smollm2):
-    """At 640 tokens with the needle early, SmolLM2 retrieves the key; a 64-token window cannot see it."""
+    """At 640 tokens with the key early, SmolLM2 retrieves it; a 64-token window cannot see it."""
     model, tok = smollm2
     df = passkey_table(model, tok, {"model": None, "window64": SlidingWindow(64)}, lengths=(640,), depths=(0.2,),
                        trials=1, progress=False)

@@ -18,9 +18,9 @@ from .test_attention import needs_nsa
 
 def real_text_ids(tokenizer, n_tokens: int) -> torch.Tensor:
     """The first ``n_tokens`` tokens of the Python reference manual's prose (pydoc_data, on every machine)."""
-    from pydoc_data.topics import topics
+    from nsa_viz.accuracy import default_filler
 
-    text = "\n\n".join(topics[k] for k in sorted(topics))[: n_tokens * 8]
+    text = default_filler()[: n_tokens * 8]
     ids = tokenizer(text, return_tensors="pt").input_ids[:, :n_tokens]
     assert ids.shape[1] == n_tokens
     return ids
