@@ -285,3 +285,20 @@ def test_cli_end_to_end(tmp_path, capsys):
     heads = pd.read_parquet(out / "heads.parquet")
     assert list(heads.head_class.unique())[0] in A.CLASSES
     assert main(argv) == 0 and "(3 from cache)" in capsys.readouterr().out
+
+
+def test_nsa_compare_takes_part():
+    """NSA measured by capture on every query: its density is counted from the selected blocks, its recall
+    is at least that of its own window, and the recommendation may pick it."""
+    model = tiny_model(seed=3)
+    nsa = NSA(block=16, top_n=3, window=16, cmp_block=16, cmp_stride=8, init_blocks=1, local_blocks=1)
+    res = run(model, compare=[nsa], candidates=[SlidingWindow(16), SlidingWindow(48)])
+    summ = res.summary().set_index("pattern")
+    row = summ.loc["NSA(3x16+16)"]
+    assert row.source == "capture (all queries)" and 0 < row.density < 1
+    assert row.density > res.density(SlidingWindow(16))
+    assert row.recall_mean >= res.recall(SlidingWindow(16))["mean"] - 1e-6
+    per_head = res.recall(nsa, "head")["mean"]
+    assert per_head.shape == (2, 4) and float(per_head.min()) > 0
+    rec = res.recommend(target_recall=float(row.recall_mean), per_layer=False)
+    assert rec.density <= row.density + 1e-9
