@@ -227,6 +227,21 @@ def test_nsa_panels(app):
     assert app.message.value == ""
 
 
+def test_audit_panel_classifies_heads_and_recommends(app, tmp_path, monkeypatch):
+    monkeypatch.setenv("NSA_VIZ_CACHE", str(tmp_path / "audit-cache"))
+    app.w_audit_docs.value = 1
+    app.run_audit()
+    assert app.message.value == "", app.message.value
+    assert app.audit_result is not None and "Recommendation" in app.recommendation.value
+    assert len(app.out_taxonomy.outputs) == 1 and len(app.out_audit_recall.outputs) == 1
+    first = app.recommendation.value
+    app.w_audit_target.value = 0.55
+    assert app.recommendation.value != first  # a lower target, a cheaper pattern
+    if app.w_audit_apply.layout.display != "none":
+        app._recommendation_to_tuner()
+        assert app.tabs.selected_index == 2 and app.w_pattern.value == type(app.recommendation_pattern).__name__
+
+
 def test_bad_input_becomes_a_message_not_a_traceback(app, tmp_path):
     app.w_dataset.value = "file"
     app.w_path.value = str(tmp_path / "nope.txt")

@@ -38,7 +38,7 @@ DEFAULT_BLOCK = 32
 ENV_PREFIX = "NSA_VIZ_DASHBOARD_"
 PATTERN_NAMES = ("SlidingWindow", "GlobalLocal", "Dilated", "NSA")
 MODEL_LABEL = "SmolLM2-135M-Instruct (embedded)"
-EXPLORER_TAB = 3
+TUNER_TAB, EXPLORER_TAB = 2, 3
 
 
 def repository_root() -> Path:
@@ -128,6 +128,7 @@ class Dashboard:
         # ---- data & model
         style = {"description_width": "110px"}
         wide = lambda: W.Layout(width="460px")  # one Layout per widget: hiding one must not hide others
+        slider = lambda: dict(continuous_update=False, style=style, layout=wide())
         self.w_model = W.Text(value=model or "", placeholder=MODEL_LABEL, description="model", style=style, layout=wide())
         self.w_dataset = W.Dropdown(options=sources.CHOICES,
                                     value=dataset if dataset in sources.DATASETS + (sources.FILE,) else "docs",
@@ -160,14 +161,34 @@ class Dashboard:
         self.out_distance = self._output("nsa-distance-plot")
         self.out_locality = self._output("nsa-locality-plot")
         self.out_taxonomy = self._output("nsa-taxonomy-plot")
+        self.out_audit_recall = self._output("nsa-audit-recall-plot")
         self.taxonomy_note = W.HTML("")
+        self.taxonomy_note.add_class("nsa-audit-note")
+        self.w_audit_docs = W.IntSlider(value=2, min=1, max=16, description="documents", **slider())
+        self.w_audit_target = W.FloatSlider(value=0.9, min=0.5, max=0.99, step=0.01, description="target recall",
+                                            **slider())
+        self.w_audit_run = W.Button(description="Run the audit", icon="search", button_style="info")
+        self.w_audit_run.add_class("nsa-run-audit")
+        self.w_audit_run.on_click(lambda _b: self._guard(self.run_audit))
+        self.w_audit_apply = W.Button(description="Try it in the pattern tuner", icon="arrow-right",
+                                      layout=W.Layout(display="none"))
+        self.w_audit_apply.on_click(lambda _b: self._guard(self._recommendation_to_tuner))
+        self.recommendation = W.HTML("")
+        self.recommendation.add_class("nsa-recommendation")
+        self.audit_result = None
         self.w_audit_layer.observe(lambda _c: self._guard(self.draw_audit), names="value")
         self.w_audit_metric.observe(lambda _c: self._guard(self.draw_audit), names="value")
-        audit_tab = W.VBox([W.HBox([self.w_audit_layer, self.w_audit_metric]), self.out_distance, self.out_locality,
-                            self.taxonomy_note, self.out_taxonomy])
+        self.w_audit_target.observe(lambda _c: self._guard(self.draw_audit_result), names="value")
+        audit_tab = W.VBox([
+            W.HTML("<p>From the recording (the recorded layers, this text):</p>"),
+            W.HBox([self.w_audit_layer, self.w_audit_metric]), self.out_distance, self.out_locality,
+            W.HTML("<p><b>The locality audit</b> (<code>nsa_viz.audit</code>) runs every layer over several documents "
+                   "of the chosen data at this length, classifies the heads and recommends a pattern for a target "
+                   "recall (cached on disk; about a forward pass per document).</p>"),
+            W.HBox([self.w_audit_docs, self.w_audit_run]), self.w_audit_target, self.taxonomy_note,
+            self.recommendation, self.w_audit_apply, W.HBox([self.out_taxonomy, self.out_audit_recall])])
 
         # ---- pattern tuner
-        slider = lambda: dict(continuous_update=False, style=style, layout=wide())
         self.w_pattern = W.Dropdown(options=PATTERN_NAMES, value="SlidingWindow", description="pattern", style=style)
         self.w_pattern.add_class("nsa-pattern")
         self.w_window = W.IntSlider(value=64, min=1, max=tokens, description="window", **slider())
@@ -598,19 +619,80 @@ class Dashboard:
         fig2 = self._figure(("locality", st["key"], metric), lambda: plots.recall_heatmap(
             summary, value=metric, colorscale="Blues", title=f"share of each head's attention: {metric}"))
         self._show(self.out_locality, fig2)
-        self._draw_taxonomy(rec)
 
-    def _draw_taxonomy(self, rec) -> None:
-        table = _audit_head_classes(rec)
-        if table is None:
-            self.taxonomy_note.value = message_html(
-                "Head taxonomy: the locality audit (nsa_viz.audit) classifies heads; it is not in this installation "
-                "yet. Run `nsa-viz audit` once it is.", "info")
-            self.out_taxonomy.outputs = ()
+    def run_audit(self) -> None:
+        """Run ``nsa_viz.audit.audit`` over the data tab's text at the recorded length (background, cached)."""
+        if self.state is None:
+            self.set_message("record attention first (Data & model)", "warning")
             return
-        self.taxonomy_note.value = ""
-        kind = "kind" if "kind" in table.columns else [c for c in table.columns if c not in ("layer", "head")][0]
-        self._show(self.out_taxonomy, figure_output(plots.head_taxonomy(table, kind=kind, title="head classes")))
+        st = self.state
+        settings = self.data_settings()
+        data = settings["path"] if settings["dataset"] == sources.FILE else settings["dataset"]
+        n_docs = int(self.w_audit_docs.value)
+        key = (st["key"], data, n_docs)
+        hit = self.figures.get(("audit", key))
+        if hit is not None:
+            self.audit_result = hit
+            self.draw_audit_result()
+            return
+        self.taxonomy_note.value = message_html(f"auditing {n_docs} document(s) of {st['tokens']} tokens …", "info")
+        self.progress.value, self.progress.bar_style = 0, "info"
+
+        def job():
+            from .. import audit
+
+            hooks = compute._with_progress(st["model"], self._progress_fn(0, 100), "audit forward pass")
+            try:
+                return audit.audit(st["model"], st["tokenizer"], data, length=st["tokens"], n_docs=n_docs,
+                                   block=st["block"], rows=min(64, st["tokens"]), progress=False,
+                                   model_name=str(st["model_name"]))
+            finally:
+                for h in hooks:
+                    h.remove()
+
+        def done(result):
+            self.audit_result = self.figures.put(("audit", key), result)
+            self._guard(self.draw_audit_result)
+
+        self.worker.submit("audit", job, done, self._job_failed, label="locality audit")
+
+    def draw_audit_result(self) -> None:
+        result = self.audit_result
+        if result is None:
+            return
+        from .. import audit
+
+        rec = audit.recommend(result, target_recall=float(self.w_audit_target.value))
+        self.recommendation_pattern = rec.uniform
+        meta = result.meta
+        self.taxonomy_note.value = message_html(
+            f"audit of {meta.get('n_docs')} document(s) of {meta.get('length')} tokens ({meta.get('dataset')}) in "
+            f"{meta.get('wall_seconds', 0):.0f} s ({meta.get('cache_hits', 0)} from the cache)", "ok")
+        self.recommendation.value = (f'<div style="font-size:14px;margin:6px 0"><b>Recommendation</b>: '
+                                     f"{html.escape(rec.describe())}</div>")
+        self.w_audit_apply.layout.display = "" if isinstance(rec.uniform, (SlidingWindow, GlobalLocal, Dilated)) else "none"
+        heads = result.heads()
+        self._show(self.out_taxonomy, figure_output(plots.head_taxonomy(
+            heads, kind="head_class", title="head classes (nsa_viz.audit)", height=max(360, 18 * result.num_layers))))
+        figs = audit.figures(result, rec)
+        if "recall_vs_density" in figs:
+            fig = figs["recall_vs_density"]
+            fig.update_layout(template="plotly_white", height=max(360, 18 * result.num_layers))
+            self._show(self.out_audit_recall, figure_output(fig))
+
+    def _recommendation_to_tuner(self) -> None:
+        p = getattr(self, "recommendation_pattern", None)
+        if not isinstance(p, (SlidingWindow, GlobalLocal, Dilated)):
+            return
+        with self.hold_sync():
+            self.w_pattern.value = type(p).__name__
+            self.w_window.value = min(p.window, self.w_window.max)
+            if isinstance(p, GlobalLocal):
+                self.w_sink.value = min(p.sink, self.w_sink.max)
+            if isinstance(p, Dilated):
+                self.w_stride.value, self.w_dil_block.value = p.stride, p.block
+        self.tabs.selected_index = TUNER_TAB
+        self.draw_tuner()
 
     # ================================================================== trade-offs
     def _load_tradeoffs(self) -> None:
@@ -693,25 +775,6 @@ def _default_loader(name):
     except Exception:
         pass
     return load_model(name)
-
-
-def _audit_head_classes(rec):
-    """The audit's head classes for a recording (a table with layer, head and a class column), or None
-    while ``nsa_viz.audit`` has no such function."""
-    try:
-        from .. import audit
-    except ImportError:
-        return None
-    for name in ("classify_heads", "head_taxonomy", "head_classes"):
-        fn = getattr(audit, name, None)
-        if callable(fn):
-            try:
-                table = fn(rec)
-            except TypeError:
-                continue
-            if table is not None and {"layer", "head"} <= set(getattr(table, "columns", ())):
-                return table
-    return None
 
 
 def _describe(exc: BaseException) -> str:
