@@ -40,7 +40,7 @@ HIDDEN_ATTR = "_nsa_viz_trainable_hidden"  # on an attention module: the hidden 
 # training report): a pretrained dense model is best approximated by trusting the selected blocks,
 # which always contain the query's own and the previous block, mixed with the window; the compressed
 # branch starts nearly off (but not at 0, where its gradient would vanish).
-DEFAULT_GATE_INIT = (0.05, 0.7, 0.3)
+DEFAULT_GATE_INIT = (0.03, 0.67, 0.3)
 
 BACKENDS = ("auto", "triton", "reference", "oracle")
 
@@ -374,12 +374,13 @@ def compressed_entropy(q: torch.Tensor, k_cmp: torch.Tensor, spec: NSA, *, scale
     keep = n_vis >= 2
     if not bool(keep.any()):
         return q.new_zeros((), dtype=torch.float32)
-    qg = q.float().view(b, tq, hkv, hq // hkv, d)
-    s = torch.einsum("bthgd,bjhd->bthgj", qg, k_cmp.float()) * scale
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qg = q.to(work).view(b, tq, hkv, hq // hkv, d)
+    s = torch.einsum("bthgd,bjhd->bthgj", qg, k_cmp.to(work)) * scale
     s = s.masked_fill(~vis[None, :, None, None, :], float("-inf"))
     logp = torch.log_softmax(s, -1)
     ent = -(logp.exp() * logp.masked_fill(~vis[None, :, None, None, :], 0.0)).sum(-1)   # [B,Tq,HKV,G]
-    norm = torch.log(n_vis.clamp(min=2).float())[None, :, None, None]
+    norm = torch.log(n_vis.clamp(min=2).to(work))[None, :, None, None]
     return (ent / norm)[:, keep].mean()
 
 
@@ -421,9 +422,13 @@ def _trainable_attention(module, query, key, value, attention_mask, scaling=None
                          "batch sequences of equal length (attention_mask all ones)")
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     if mode == "transfer":
-        out = layer(q.detach(), k.detach(), v.detach(), None if hidden is None else hidden.detach(), scale=scaling)
+        n = retrofit.transfer_queries or q.shape[1]
+        # only the last n queries (the ones furthest from the start, where sparsity drops the most keys)
+        qs = q[:, -n:].detach()
+        hs = None if hidden is None else hidden[:, -n:].detach()
+        out = layer(qs, k.detach(), v.detach(), hs, scale=scaling)
         b, t = out.shape[:2]
-        proj_dense = module.o_proj(dense.reshape(b, t, -1).to(out.dtype))
+        proj_dense = module.o_proj(dense[:, -n:].reshape(b, t, -1).to(out.dtype))
         proj_nsa = module.o_proj(out.reshape(b, t, -1))
         err = (proj_nsa.float() - proj_dense.float()).square().sum() / proj_dense.float().square().sum().clamp(min=1e-12)
         retrofit.transfer_losses.append(err)
@@ -480,6 +485,7 @@ class NSARetrofit(nn.Module):
         self.layers = nn.ModuleDict({str(i): NSAAttention(spec, **dims, **module_kwargs) for i in layers})
         self.mode = "nsa"
         self.transfer_losses: list = []
+        self.transfer_queries: Optional[int] = None
         object.__setattr__(self, "_model", None)   # a plain reference: the model is not ours to save
         self._hooks = []
         self._previous_impl = None
@@ -558,17 +564,23 @@ class NSARetrofit(nn.Module):
             self.mode = prev
 
     @contextlib.contextmanager
-    def transfer(self):
+    def transfer(self, queries: Optional[int] = None):
         """Layer-wise attention transfer inside the block: the model computes its dense outputs while
         each NSA layer's distance to its dense attention output (after ``o_proj``) is collected in
-        ``transfer_losses`` (cleared on entry), ready to be summed and backpropagated."""
-        prev = self.mode
-        self.mode = "transfer"
+        ``transfer_losses`` (cleared on entry), ready to be summed and backpropagated.
+
+        ``queries``: compare only the last ``queries`` positions of each sequence (all keys still
+        count); NSA's cost then scales with ``queries`` instead of the length, and the late positions
+        are where the sparse pattern leaves out most keys."""
+        if queries is not None and (isinstance(queries, bool) or not isinstance(queries, int) or queries < 1):
+            raise ValueError(f"queries must be a positive integer or None, got {queries!r}")
+        prev, prev_q = self.mode, self.transfer_queries
+        self.mode, self.transfer_queries = "transfer", queries
         self.transfer_losses = []
         try:
             yield self
         finally:
-            self.mode = prev
+            self.mode, self.transfer_queries = prev, prev_q
 
     # -- guards
     def set_tracking(self, on: bool = True) -> None:

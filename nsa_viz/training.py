@@ -92,6 +92,16 @@ class TokenStream:
             ids = tokenizer(text, return_tensors="pt").input_ids[0]
         return cls(ids, **kw)
 
+    @classmethod
+    def combine(cls, streams: Sequence["TokenStream"]) -> "TokenStream":
+        """One stream whose training part and held-out part are the concatenations of ``streams``'."""
+        if not streams:
+            raise ValueError("combine needs at least one TokenStream")
+        out = cls.__new__(cls)
+        out.train = torch.cat([s.train for s in streams])
+        out.val = torch.cat([s.val for s in streams])
+        return out
+
     def _part(self, split: str) -> torch.Tensor:
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
@@ -259,7 +269,9 @@ class RetrofitConfig:
 
     ``objective``: ``"transfer"`` (layer-wise attention transfer, cheap) or ``"kl"`` (end-to-end
     distillation to the dense model's logits, plus ``lm_weight`` times the language-model loss).
-    ``entropy_weight`` adds the anti-collapse loss of :class:`~nsa_viz.nsa_module.NSAAttention`.
+    ``transfer_queries``: with ``"transfer"``, train on the last N positions of each window only
+    (cost scales with N; every key still counts). ``entropy_weight`` adds the anti-collapse loss of
+    :class:`~nsa_viz.nsa_module.NSAAttention`.
     """
 
     steps: int = 50
@@ -269,6 +281,7 @@ class RetrofitConfig:
     warmup: int = 5
     weight_decay: float = 0.0
     objective: str = "transfer"
+    transfer_queries: Optional[int] = None
     kl_weight: float = 1.0
     lm_weight: float = 0.0
     temperature: float = 1.0
@@ -292,6 +305,9 @@ class RetrofitConfig:
         for name in ("weight_decay", "kl_weight", "lm_weight", "entropy_weight", "grad_clip"):
             if getattr(self, name) < 0:
                 raise ValueError(f"RetrofitConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.transfer_queries is not None and not 1 <= self.transfer_queries <= self.seq_len:
+            raise ValueError(f"RetrofitConfig.transfer_queries must be in [1, seq_len={self.seq_len}] or None, "
+                             f"got {self.transfer_queries!r}")
         if self.objective == "kl" and not (self.kl_weight or self.lm_weight):
             raise ValueError("objective='kl' needs kl_weight > 0 or lm_weight > 0")
 
@@ -343,7 +359,7 @@ def retrofit_train(model, retrofit: NSARetrofit, stream: TokenStream, config: Re
                 ids = stream.batch(step, cfg.batch_size, cfg.seq_len, seed=cfg.seed).to(device)
                 row = {"step": step + 1, "lr": opt.param_groups[0]["lr"]}
                 if cfg.objective == "transfer":
-                    with retrofit.transfer():
+                    with retrofit.transfer(cfg.transfer_queries):
                         model.get_decoder()(input_ids=ids, use_cache=False)
                         parts = retrofit.transfer_losses
                         loss = torch.stack(parts).mean()
