@@ -316,6 +316,19 @@ def _base_attention_fn(module, base: str):
     return fn
 
 
+def _check_positions(layer, q_len: int, kv_len: int, position_ids) -> None:
+    """Patterns place query i at key position ``kv_len - q_len + i``. A preallocated cache (transformers'
+    ``StaticCache``) hands over keys beyond the last query, which would shift every query: refuse it.
+    Checked only when the keys outnumber the queries (a cached step), where it can happen."""
+    if q_len == kv_len or not isinstance(position_ids, torch.Tensor) or position_ids.numel() == 0:
+        return
+    last = int(position_ids[..., -1].max())
+    if last != kv_len - 1:
+        raise ValueError(f"nsa_viz attention (layer {layer}) got {kv_len} cached keys but its last query is at "
+                         f"position {last}: preallocated caches (cache_implementation='static' and similar) are "
+                         "not supported; use the default dynamic cache")
+
+
 # --------------------------------------------------------------------------- the attention function
 def nsa_viz_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: Optional[torch.Tensor], scaling: Optional[float] = None, dropout: float = 0.0,
@@ -347,6 +360,7 @@ def nsa_viz_attention(module, query: torch.Tensor, key: torch.Tensor, value: tor
     if padded:
         raise ValueError(f"nsa_viz attention (layer {layer}) does not support padded batches: run sequences one at "
                          "a time or batch sequences of equal length (attention_mask all ones)")
+    _check_positions(layer, query.shape[2], key.shape[2], kwargs.get("position_ids"))
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # views, no copies

@@ -276,3 +276,13 @@ def test_gated_nsa_needs_model_gates(tiny_llama):
     finally:
         for m in mods.values():
             del m.nsa_gate
+
+
+def test_static_cache_is_refused_clearly(tiny_llama):
+    """A preallocated cache would shift every query against its keys: a clear error, not wrong numbers."""
+    x = random_ids(1, 20)
+    with torch.no_grad(), apply_pattern(tiny_llama, SlidingWindow(8)):
+        with pytest.raises(ValueError, match="preallocated caches"):
+            tiny_llama.generate(x, max_new_tokens=2, do_sample=False, cache_implementation="static")
+        out = tiny_llama.generate(x, max_new_tokens=2, do_sample=False)
+    assert out.shape == (1, 22)
