@@ -1,0 +1,65 @@
+"""Triton top-n block selection: identical indices to the composition's PyTorch ranking (the oracle)."""
+import pytest
+import torch
+
+from nsa_viz.kernels import nsa_topk
+from nsa_viz.kernels.nsa import select_blocks
+from nsa_viz.kernels.nsa_compressed import selection_importance
+from nsa_viz.kernels.nsa_topk import pick_top_blocks
+
+
+def both(scores, cur, **kw):
+    tri = pick_top_blocks(scores, cur, backend="triton", **kw)
+    ref = pick_top_blocks(scores, cur, backend="reference", **kw)
+    return tri, ref
+
+
+@pytest.mark.parametrize("kind, nsel, rows, top_n, init, local", [
+    ("ties", 300, 24, 16, 1, 2),     # integer scores: many ties, several chunks (chunk shrunk below)
+    ("ties", 9, 23, 16, 1, 2),       # fewer visible blocks than n: -1 padding
+    ("random", 200, 37, 5, 0, 0),    # nothing forced, n not a power of two
+    ("zeros", 70, 20, 4, 2, 1),      # all scores equal (+0.0 and -0.0): pure index order
+])
+def test_matches_reference(kind, nsel, rows, top_n, init, local, monkeypatch):
+    monkeypatch.setitem(nsa_topk.TOPN_LAUNCH, "chunk", 32)
+    gen = torch.Generator().manual_seed(nsel + rows)
+    shape = (2, 2, rows, nsel)
+    if kind == "ties":
+        scores = torch.randint(0, 3, shape, generator=gen).float()
+    elif kind == "random":
+        scores = torch.rand(shape, generator=gen)
+    else:
+        scores = torch.zeros(shape)
+        scores[..., ::3] = -0.0
+    cur = torch.randint(-1, nsel + 3, (rows,), generator=gen)  # includes rows that see nothing / past the end
+    tri, ref = both(scores, cur, top_n=top_n, init_blocks=init, local_blocks=local)
+    assert tri.dtype == torch.int32 and tri.shape == ref.shape == (2, 2, rows, top_n)
+    assert torch.equal(tri, ref)
+
+
+def test_end_to_end_equals_select_blocks():
+    """select_blocks(selection_importance(...)) for token and block granularity, on a non-contiguous view."""
+    gen = torch.Generator().manual_seed(3)
+    b, t, hq, hkv, d, block = 1, 150, 4, 2, 32, 16
+    q = torch.randn(b, t, hq, d, generator=gen)
+    kc = torch.randn(b, (t - 32) // 16 + 1, hkv, d, generator=gen)
+    lse = torch.logsumexp(torch.randn(b, t, hq, 8, generator=gen), -1) + 3
+    imp = selection_importance(q, kc, lse, cmp_block=32, cmp_stride=16, block=block, kv_len=t, backend="reference")
+    imp = imp.round(decimals=2)  # coarse scores: ties
+    pos = torch.arange(t)
+    want = select_blocks(imp, top_n=5, block=block, init_blocks=1, local_blocks=2, kv_len=t)
+    got = pick_top_blocks(imp, pos // block, top_n=5, init_blocks=1, local_blocks=2, backend="triton")
+    assert torch.equal(got, want)
+    # a strided view (rows of a larger tensor) gives the same result
+    wide = torch.zeros(b, hkv, t, imp.shape[-1] + 5)
+    wide[..., :imp.shape[-1]] = imp
+    got = pick_top_blocks(wide[..., :imp.shape[-1]], pos // block, top_n=5, init_blocks=1, local_blocks=2,
+                          backend="triton")
+    assert torch.equal(got, want)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="top_n"):
+        pick_top_blocks(torch.zeros(1, 1, 2, 4), torch.zeros(2), top_n=2, init_blocks=1, local_blocks=2)
+    with pytest.raises(ValueError, match="cur_block"):
+        pick_top_blocks(torch.zeros(1, 1, 2, 4), torch.zeros(3), top_n=4, init_blocks=1, local_blocks=2)
