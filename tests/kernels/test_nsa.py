@@ -5,9 +5,11 @@ import math
 import pytest
 import torch
 
-from nsa_viz.kernels.nsa_ref import nsa_attention_reference
+from nsa_viz.kernels import nsa
+from nsa_viz.kernels.nsa import compress_mean, nsa_attention, select_blocks
+from nsa_viz.kernels.nsa_ref import _select, nsa_attention_reference
 
-from .helpers import rel_err
+from .helpers import TOLERANCE, rel_err
 
 SMALL = dict(block=16, top_n=4, window=24, cmp_block=8, cmp_stride=4, init_blocks=1, local_blocks=2)
 
@@ -116,15 +118,15 @@ class BlockMLP(torch.nn.Module):
 def test_reference_gradients_match_finite_differences():
     torch.manual_seed(0)
     params = dict(block=8, top_n=2, window=4, cmp_block=8, cmp_stride=4, init_blocks=1, local_blocks=1)
-    q, k, v = make_qkv(1, 19, 19, 2, 1, 32, torch.float64)
-    gates = torch.rand(1, 19, 2, 3, dtype=torch.float64, requires_grad=True)
+    q, k, v = make_qkv(1, 17, 17, 2, 1, 32, torch.float64)
+    gates = torch.rand(1, 17, 2, 3, dtype=torch.float64, requires_grad=True)
     mlp_k, mlp_v = BlockMLP(32, 8, 4, torch.float64), BlockMLP(32, 8, 4, torch.float64)
     for p in list(mlp_k.parameters()) + list(mlp_v.parameters()):
         p.requires_grad_(False)
     w = mlp_k.mlp[2].weight.requires_grad_(True)
     # the selection is piecewise constant in the inputs; tiny steps stay inside one piece
     fn = lambda q, k, v, gates, w: nsa_attention_reference(q, k, v, **params, combine="gated", gates=gates,
-                                                           compress=(mlp_k, mlp_v), max_bytes=4000)
+                                                           compress=(mlp_k, mlp_v))
     assert torch.autograd.gradcheck(fn, (q, k, v, gates, w), eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=True)
     fn = lambda q, k, v: nsa_attention_reference(q, k, v, **params, combine="union", granularity="block")
     assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=True)
@@ -161,8 +163,111 @@ BAD_PARAMS = [
 ]
 
 
+@pytest.mark.parametrize("fn", [nsa_attention_reference, nsa_attention], ids=["reference_oracle", "nsa_attention"])
 @pytest.mark.parametrize("bad,word", BAD_PARAMS)
-def test_bad_parameters_are_refused_clearly(bad, word):
+def test_bad_parameters_are_refused_clearly(fn, bad, word):
     q, k, v = make_qkv(1, 20, 20, 2, 1, 32)
     with pytest.raises((ValueError, TypeError), match=word):
-        nsa_attention_reference(q, k, v, **{**SMALL, **bad})
+        fn(q, k, v, **{**SMALL, **bad})
+
+
+# --------------------------------------------------------------------------- building blocks of nsa.py
+def test_compress_mean_is_the_block_mean():
+    x = torch.randn(2, 77, 3, 32, requires_grad=True)
+    got = compress_mean(x, 16, 4)
+    want = torch.stack([x[:, j * 4:j * 4 + 16].mean(1) for j in range((77 - 16) // 4 + 1)], 1)
+    assert torch.allclose(got, want, atol=1e-6)
+    assert compress_mean(x[:, :15], 16, 4).shape == (2, 0, 3, 32)
+    with pytest.raises(ValueError, match="cmp_block"):
+        compress_mean(x, 4, 8)
+
+
+def test_select_blocks_ties_forced_and_few_visible():
+    # integer importance: many exact ties, which must go to the lower block index, as in the oracle
+    imp = torch.randint(0, 3, (2, 3, 70, 9)).float()
+    for granularity in ("token", "block"):
+        got = select_blocks(imp, top_n=4, block=8, init_blocks=1, local_blocks=1, kv_len=70, granularity=granularity)
+        pos = torch.arange(70)
+        if granularity == "token":
+            want = _select(imp, pos // 8, top_n=4, init_blocks=1, local_blocks=1)
+        else:
+            per_block = torch.zeros(2, 3, 9, 9).index_add_(2, pos // 8, imp)
+            want = _select(per_block, torch.arange(9), top_n=4, init_blocks=1, local_blocks=1)[:, :, pos // 8]
+        assert torch.equal(got, want), granularity
+    # position 20 (block 2) sees blocks 0..2 only: all taken, padded with -1; block 0 forced despite 0 importance
+    imp = torch.zeros(1, 1, 1, 9)
+    imp[..., 5:] = 1.0
+    one = select_blocks(imp, top_n=4, block=8, init_blocks=1, local_blocks=1, q_positions=torch.tensor([20]))
+    assert one.tolist() == [[[[0, 1, 2, -1]]]]
+    one = select_blocks(imp, top_n=3, block=8, init_blocks=1, local_blocks=1, q_positions=torch.tensor([71]))
+    assert one.tolist() == [[[[0, 5, 8]]]]  # forced first and own block, then the lowest of the tied ones
+
+
+# --------------------------------------------------------------------------- nsa_attention against the oracle
+CASES = {
+    # name: (combine, granularity, backend, via_layout, B, Tq, Tk, HQ, HKV, D, dtype, extra kwargs)
+    "union_token_triton_gqa9_3": ("union", "token", "triton", True, 1, 60, 60, 9, 3, 64, torch.float32, {}),
+    "union_block_triton_layout": ("union", "block", "triton", True, 2, 70, 70, 4, 2, 32, torch.float32, {}),
+    "union_block_triton_short_window": ("union", "block", "triton", True, 1, 50, 50, 9, 3, 32, torch.float32,
+                                        dict(window=8)),
+    "union_block_triton_decode_rows": ("union", "block", "triton", True, 2, 36, 100, 4, 2, 32, torch.float32, {}),
+    "gated_token_triton_mlp": ("gated", "token", "triton", True, 2, 40, 40, 4, 2, 32, torch.float32, {}),
+    "gated_block_triton_layout_mlp": ("gated", "block", "triton", True, 2, 60, 60, 4, 2, 64, torch.float32, {}),
+    "gated_block_triton_per_token": ("gated", "block", "triton", False, 1, 21, 100, 4, 2, 32, torch.float32, {}),
+    "union_token_reference": ("union", "token", "reference", True, 2, 100, 100, 9, 3, 32, torch.float32, {}),
+    "gated_block_reference_mlp": ("gated", "block", "reference", False, 2, 100, 100, 4, 2, 64, torch.float32, {}),
+    "union_token_triton_bf16": ("union", "token", "triton", True, 1, 50, 50, 4, 2, 64, torch.bfloat16, {}),
+    "gated_block_triton_fp16": ("gated", "block", "triton", True, 1, 50, 50, 9, 3, 32, torch.float16, {}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_nsa_attention_matches_reference(name, monkeypatch):
+    combine, granularity, backend, via_layout, b, tq, tk, hq, hkv, d, dtype, extra = CASES[name]
+    monkeypatch.setattr(nsa, "BLOCK_GRANULARITY_VIA_LAYOUT", via_layout)
+    params = {**SMALL, **extra}
+    q, k, v = make_qkv(b, tq, tk, hq, hkv, d, dtype)
+    inputs = [q, k, v]
+    kw = dict(params, combine=combine, granularity=granularity, return_aux=True)
+    if combine == "gated":
+        gates = torch.sigmoid(torch.randn(b, tq, hq, 3)).to(dtype).requires_grad_(True)
+        inputs.append(gates)
+        kw["gates"] = gates
+    if dtype != torch.float32:
+        # identical compressed keys for both: two roundings of a mean to 8 bits could flip a near-tie in top-n
+        kw["compress"] = lambda x: compress_mean(x, params["cmp_block"], params["cmp_stride"])
+    elif combine == "gated":
+        mlps = BlockMLP(d, params["cmp_block"], params["cmp_stride"]), BlockMLP(d, params["cmp_block"], params["cmp_stride"])
+        inputs += [p for m in mlps for p in m.parameters()]
+        kw["compress"] = mlps
+    do = torch.randn(b, tq, hq, d).to(dtype)
+    results = []
+    for fn, fkw in ((nsa_attention, dict(backend=backend)), (nsa_attention_reference, {})):
+        out, aux = fn(q, k, v, **kw, **fkw)
+        results.append((out, aux, torch.autograd.grad(out, inputs, do)))
+    (out, aux, grads), (r_out, r_aux, r_grads) = results
+    assert torch.equal(aux["block_idx"], r_aux["block_idx"]), "different blocks selected"
+    assert torch.equal(aux["block_count"], r_aux["block_count"])
+    assert set(aux) == set(r_aux)
+    tol = TOLERANCE[dtype]
+    assert rel_err(aux["importance"], r_aux["importance"]) < 1e-5
+    for key in [key for key in aux if key.startswith("lse")]:
+        assert torch.equal(torch.isneginf(aux[key]), torch.isneginf(r_aux[key])), key
+        assert rel_err(aux[key], r_aux[key]) < tol, key
+    for key in ("o_cmp", "o_slc", "o_win"):
+        if key in aux:
+            assert rel_err(aux[key], r_aux[key]) < tol, key
+    assert not torch.isnan(out).any()
+    # tensors first; the compression's parameters as one vector (a key bias alone has a zero gradient:
+    # softmax ignores a shift shared by all keys, so its relative error would be pure rounding noise)
+    n = 4 if combine == "gated" else 3
+    flat = lambda gs: [torch.cat([g.flatten() for g in gs])] if gs else []
+    errs = [rel_err(out, r_out)] + [rel_err(g, rg) for g, rg in zip(grads[:n] + tuple(flat(grads[n:])),
+                                                                    r_grads[:n] + tuple(flat(r_grads[n:])))]
+    assert max(errs) < tol, dict(enumerate(errs))
+
+
+def test_no_aux_returns_the_output_alone():
+    q, k, v = make_qkv(1, 40, 40, 2, 1, 32)
+    out = nsa_attention(q, k, v, **SMALL, backend="reference")
+    assert isinstance(out, torch.Tensor) and out.shape == q.shape
