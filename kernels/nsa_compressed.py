@@ -25,7 +25,7 @@ import triton.language as tl
 from . import resolve_backend
 from .block_sparse import LOG2E, _bwd_delta_kernel, _mm, _precision, _strides
 from .nsa_compressed_ref import (check_compressed_inputs, check_importance_inputs, compressed_attention_reference,
-                                 selection_importance_reference)
+                                 compressed_lse_reference, selection_importance_reference)
 
 
 @triton.jit
@@ -40,8 +40,9 @@ def _cmp_fwd_kernel(
     sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, sob, sot, soh, sod,
     q_len, num_cmp, num_q_heads, q_offset, qk_scale_log2,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, PRECISION: tl.constexpr,
+    CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, PRECISION: tl.constexpr, WITH_OUT: tl.constexpr,
 ):
+    """WITH_OUT=False: the LSE only (union mode scores blocks with it): no V loads, no P·V, O untouched."""
     qb = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // num_q_heads
@@ -72,8 +73,9 @@ def _cmp_fwd_kernel(
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_k[:, None].to(tl.int64) * svt + offs_d[None, :] * svd)
-        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PRECISION)
+        if WITH_OUT:
+            v = tl.load(v_base + offs_k[:, None].to(tl.int64) * svt + offs_d[None, :] * svd)
+            acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PRECISION)
         m_i = m_new
     for j in range(n_full, n_all):
         offs_k = j * BLOCK_N + offs_n
@@ -86,15 +88,18 @@ def _cmp_fwd_kernel(
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_k[:, None].to(tl.int64) * svt + offs_d[None, :] * svd, mask=kmask[:, None], other=0.0)
-        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PRECISION)
+        if WITH_OUT:
+            v = tl.load(v_base + offs_k[:, None].to(tl.int64) * svt + offs_d[None, :] * svd, mask=kmask[:, None],
+                        other=0.0)
+            acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PRECISION)
         m_i = m_new
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
-    out = acc / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
-    tl.store(O + b.to(tl.int64) * sob + h * soh + offs_m[:, None].to(tl.int64) * sot + offs_d[None, :] * sod,
-             out.to(O.dtype.element_ty), mask=mrow[:, None])
+    if WITH_OUT:
+        out = acc / l_safe[:, None]
+        tl.store(O + b.to(tl.int64) * sob + h * soh + offs_m[:, None].to(tl.int64) * sot + offs_d[None, :] * sod,
+                 out.to(O.dtype.element_ty), mask=mrow[:, None])
     tl.store(LSE + bh.to(tl.int64) * q_len + offs_m, lse, mask=mrow)
 
 
@@ -207,18 +212,40 @@ def _overlap_weights(offs_j, first_block, CMP_BLOCK: tl.constexpr, CMP_STRIDE: t
 
 
 @triton.jit
+def _group_probs(Q, LSE, k, offs_m, offs_k, mrow, n_vis, b, hk, sqb, sqt, sqh, sqd, slb, slt, slh, qk_scale_log2,
+                 GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] compressed-branch probabilities of key tile ``k`` summed over the group's heads."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    vis = offs_k[None, :] < n_vis[:, None]
+    psum = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        q = tl.load(Q + b.to(tl.int64) * sqb + h * sqh + offs_m[:, None].to(tl.int64) * sqt + offs_d[None, :] * sqd,
+                    mask=mrow[:, None], other=0.0)
+        lse = tl.load(LSE + b.to(tl.int64) * slb + h * slh + offs_m.to(tl.int64) * slt, mask=mrow, other=float("inf"))
+        lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+        s = _mm(q, k, PRECISION) * qk_scale_log2
+        psum += tl.where(vis, tl.math.exp2(s - lse[:, None]), 0.0)
+    return psum
+
+
+@triton.jit
 def _importance_kernel(
     Q, K, LSE, IMP,
     sqb, sqt, sqh, sqd, skb, skt, skh, skd, slb, slt, slh, sib, sih, sit, sis,
-    q_len, num_cmp, num_sel, num_kv_heads, q_offset, qk_scale_log2,
+    q_len, num_cmp, num_sel, num_kv_heads, q_offset, qk_scale_log2, tiles_per_split,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SEL: tl.constexpr,
     CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SEL_BLOCK: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """One program per (query tile, sequence × kv head). Key tile j covers compressed keys
-    [j*BLOCK_N, (j+1)*BLOCK_N), which start inside selection blocks [j*NUM_SEL, (j+1)*NUM_SEL)
-    (BLOCK_N*d == NUM_SEL*l'); their last keys may spill into the next NUM_SEL blocks."""
+    """One program per (query tile, sequence × kv head, split of the output columns). Key tile j covers
+    compressed keys [j*BLOCK_N, (j+1)*BLOCK_N), which start inside selection blocks [j*NUM_SEL, (j+1)*NUM_SEL)
+    (BLOCK_N*d == NUM_SEL*l'); their last keys may spill into the next NUM_SEL blocks. A split owns column
+    tiles [j0, j0 + tiles_per_split) and recomputes the spill of key tile j0 - 1, so every column is
+    written once, with the same arithmetic whatever the split (decode splits to fill the GPU)."""
     qb = tl.program_id(0)
     bh = tl.program_id(1)
+    split = tl.program_id(2)
     b = bh // num_kv_heads
     hk = bh % num_kv_heads
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -229,23 +256,25 @@ def _importance_kernel(
     n_vis = _visible_count(offs_m + q_offset, CMP_BLOCK, CMP_STRIDE)
     last_row = tl.minimum(qb * BLOCK_M + BLOCK_M, q_len) - 1 + q_offset
     n_tiles = tl.cdiv(tl.minimum(_visible_count(last_row, CMP_BLOCK, CMP_STRIDE), num_cmp), BLOCK_N)
+    j0 = split * tiles_per_split
+    j1 = tl.minimum(j0 + tiles_per_split, tl.cdiv(num_sel, NUM_SEL))
     k_base = K + b.to(tl.int64) * skb + hk * skh
     imp_rows = IMP + b.to(tl.int64) * sib + hk * sih + offs_m[:, None].to(tl.int64) * sit
     carry = tl.zeros([BLOCK_M, NUM_SEL], dtype=tl.float32)
-    for j in range(0, n_tiles):
+    if (j0 > 0) & (j0 - 1 < n_tiles):  # the spill of the previous split's last key tile
+        offs_k = (j0 - 1) * BLOCK_N + offs_n
+        k = tl.load(k_base + offs_k[None, :].to(tl.int64) * skt + offs_d[:, None] * skd, mask=offs_k[None, :] < num_cmp,
+                    other=0.0)
+        psum = _group_probs(Q, LSE, k, offs_m, offs_k, mrow, n_vis, b, hk, sqb, sqt, sqh, sqd, slb, slt, slh,
+                            qk_scale_log2, GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, PRECISION)
+        w_next = _overlap_weights(offs_k, j0 * NUM_SEL, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK, NUM_SEL)
+        carry = tl.dot(psum, w_next, input_precision="ieee")
+    for j in range(j0, tl.minimum(j1, n_tiles)):
         offs_k = j * BLOCK_N + offs_n
         kmask = offs_k < num_cmp
         k = tl.load(k_base + offs_k[None, :].to(tl.int64) * skt + offs_d[:, None] * skd, mask=kmask[None, :], other=0.0)
-        vis = offs_k[None, :] < n_vis[:, None]
-        psum = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for g in range(0, GROUP):
-            h = hk * GROUP + g
-            q = tl.load(Q + b.to(tl.int64) * sqb + h * sqh + offs_m[:, None].to(tl.int64) * sqt + offs_d[None, :] * sqd,
-                        mask=mrow[:, None], other=0.0)
-            lse = tl.load(LSE + b.to(tl.int64) * slb + h * slh + offs_m.to(tl.int64) * slt, mask=mrow, other=float("inf"))
-            lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
-            s = _mm(q, k, PRECISION) * qk_scale_log2
-            psum += tl.where(vis, tl.math.exp2(s - lse[:, None]), 0.0)
+        psum = _group_probs(Q, LSE, k, offs_m, offs_k, mrow, n_vis, b, hk, sqb, sqt, sqh, sqd, slb, slt, slh,
+                            qk_scale_log2, GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, PRECISION)
         w_own = _overlap_weights(offs_k, j * NUM_SEL, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK, NUM_SEL)
         w_next = _overlap_weights(offs_k, (j + 1) * NUM_SEL, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK, NUM_SEL)
         # fp32 products: the probabilities keep their precision (ties in top-n depend on it)
@@ -254,10 +283,53 @@ def _importance_kernel(
         cols = j * NUM_SEL + offs_s
         tl.store(imp_rows + cols[None, :] * sis, own, mask=mrow[:, None] & (cols[None, :] < num_sel))
     # the remaining blocks: the spill of the last tile, then zeros (blocks no query of this tile sees)
-    for j in range(n_tiles, tl.cdiv(num_sel, NUM_SEL)):
+    for j in range(tl.maximum(j0, n_tiles), j1):
         cols = j * NUM_SEL + offs_s
         tl.store(imp_rows + cols[None, :] * sis, carry, mask=mrow[:, None] & (cols[None, :] < num_sel))
         carry = tl.zeros([BLOCK_M, NUM_SEL], dtype=tl.float32)
+
+
+@triton.jit
+def _cmp_lse_split_kernel(
+    Q, K, M_PART, L_PART,
+    sqb, sqt, sqh, sqd, skb, skt, skh, skd,
+    q_len, num_cmp, num_q_heads, q_offset, qk_scale_log2, tiles_per_split, part_stride,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Partial (running max in log2 units, sum) of the compressed softmax over one split of the key tiles,
+    per (query tile, sequence × query head, split): flash-decoding for few queries; combined on the host."""
+    qb = tl.program_id(0)
+    bh = tl.program_id(1)
+    split = tl.program_id(2)
+    b = bh // num_q_heads
+    h = bh % num_q_heads
+    hk = h // GROUP
+    offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mrow = offs_m < q_len
+    q = tl.load(Q + b.to(tl.int64) * sqb + h * sqh + offs_m[:, None].to(tl.int64) * sqt + offs_d[None, :] * sqd,
+                mask=mrow[:, None], other=0.0)
+    k_base = K + b.to(tl.int64) * skb + hk * skh
+    n_vis = tl.minimum(_visible_count(offs_m + q_offset, CMP_BLOCK, CMP_STRIDE), num_cmp)
+    last_row = tl.minimum(qb * BLOCK_M + BLOCK_M, q_len) - 1 + q_offset
+    n_all = tl.cdiv(tl.minimum(_visible_count(last_row, CMP_BLOCK, CMP_STRIDE), num_cmp), BLOCK_N)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for j in range(split * tiles_per_split, tl.minimum(split * tiles_per_split + tiles_per_split, n_all)):
+        offs_k = j * BLOCK_N + offs_n
+        kmask = offs_k < num_cmp
+        k = tl.load(k_base + offs_k[None, :].to(tl.int64) * skt + offs_d[:, None] * skd, mask=kmask[None, :], other=0.0)
+        s = _mm(q, k, PRECISION) * qk_scale_log2
+        s = tl.where(offs_k[None, :] < n_vis[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.math.exp2(m_i - m_safe) + tl.sum(tl.math.exp2(s - m_safe[:, None]), 1)
+        m_i = m_new
+    part = split.to(tl.int64) * part_stride + bh.to(tl.int64) * q_len + offs_m
+    tl.store(M_PART + part, m_i, mask=mrow)
+    tl.store(L_PART + part, l_i, mask=mrow)
 
 
 # ----------------------------------------------------------------------------- host side
@@ -282,18 +354,43 @@ def _tuning(kernel: str, head_dim: int, device: torch.device) -> dict:
     return dict(num_warps=4, num_stages=2)
 
 
-def compressed_forward(q, k_cmp, v_cmp, cmp_block: int, cmp_stride: int, scale: float, kv_len: int):
-    """``(out [B, Tq, HQ, D], lse [B, HQ, Tq] float32)``."""
+def compressed_forward(q, k_cmp, v_cmp, cmp_block: int, cmp_stride: int, scale: float, kv_len: int,
+                       with_out: bool = True):
+    """``(out [B, Tq, HQ, D], lse [B, HQ, Tq] float32)``; ``with_out=False``: ``(None, lse)`` (v_cmp unused)."""
     b, tq, hq, d = q.shape
     nc, hkv = k_cmp.shape[1], k_cmp.shape[2]
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format) if with_out else q
     lse = torch.empty(b, hq, tq, dtype=torch.float32, device=q.device)
     bm, bn = _tiles("fwd", q.device)
     _cmp_fwd_kernel[(triton.cdiv(tq, bm), b * hq)](
         q, k_cmp, v_cmp, out, lse, *_strides(q), *_strides(k_cmp), *_strides(v_cmp), *_strides(out),
         tq, nc, hq, kv_len - tq, scale * LOG2E, GROUP=hq // hkv, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn,
-        CMP_BLOCK=cmp_block, CMP_STRIDE=cmp_stride, PRECISION=_precision(q.dtype, q.device), **_tuning("fwd", d, q.device))
-    return out, lse
+        CMP_BLOCK=cmp_block, CMP_STRIDE=cmp_stride, PRECISION=_precision(q.dtype, q.device), WITH_OUT=with_out,
+        **_tuning("fwd", d, q.device))
+    return (out if with_out else None), lse
+
+
+def compressed_lse_split(q, k_cmp, cmp_block: int, cmp_stride: int, scale: float, kv_len: int, splits: int):
+    """LSE ``[B, HQ, Tq]`` from ``splits`` partial passes over the key tiles (flash-decoding), combined here.
+    Equal to the single pass up to float rounding (the sums are grouped differently)."""
+    b, tq, hq, d = q.shape
+    nc, hkv = k_cmp.shape[1], k_cmp.shape[2]
+    bm, bn = (16 if tq <= 16 else 64), _tiles("fwd", q.device)[1]
+    tiles = triton.cdiv(nc, bn)
+    splits = max(1, min(splits, tiles))
+    per_split = triton.cdiv(tiles, splits)
+    splits = triton.cdiv(tiles, per_split)
+    m_part = torch.empty(splits, b * hq, tq, dtype=torch.float32, device=q.device)
+    l_part = torch.empty_like(m_part)
+    _cmp_lse_split_kernel[(triton.cdiv(tq, bm), b * hq, splits)](
+        q, k_cmp, m_part, l_part, *_strides(q), *_strides(k_cmp), tq, nc, hq, kv_len - tq, scale * LOG2E, per_split,
+        b * hq * tq, GROUP=hq // hkv, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, CMP_BLOCK=cmp_block, CMP_STRIDE=cmp_stride,
+        PRECISION=_precision(q.dtype, q.device), **_tuning("lse_split", d, q.device))
+    m = m_part.amax(0)
+    m_safe = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+    total = (l_part * torch.exp2(m_part - m_safe)).sum(0)
+    lse = torch.where(total > 0, (m_safe + torch.log2(total)) * 0.6931471805599453, torch.full_like(total, -float("inf")))
+    return lse.view(b, hq, tq)
 
 
 def compressed_backward(do, q, k_cmp, v_cmp, out, lse, cmp_block: int, cmp_stride: int, scale: float, kv_len: int):
@@ -353,9 +450,30 @@ def compressed_attention_triton(q, k_cmp, v_cmp, *, cmp_block: int, cmp_stride: 
 
 @torch.compiler.disable
 @torch.no_grad()
+def compressed_lse_triton(q, k_cmp, *, cmp_block: int, cmp_stride: int, scale: Optional[float] = None,
+                          kv_len: Optional[int] = None, splits: int = 1):
+    """Triton version of ``compressed_lse_reference``: the forward without P·V and without V loads."""
+    scale, kv_len = check_compressed_inputs(q, k_cmp, k_cmp, cmp_block, cmp_stride, scale, kv_len)
+    if k_cmp.shape[1] == 0:
+        return compressed_lse_reference(q, k_cmp, cmp_block=cmp_block, cmp_stride=cmp_stride, scale=scale, kv_len=kv_len)
+    if splits > 1:
+        lse = compressed_lse_split(q, k_cmp, cmp_block, cmp_stride, scale, kv_len, splits)
+    else:
+        _, lse = compressed_forward(q, k_cmp, k_cmp, cmp_block, cmp_stride, scale, kv_len, with_out=False)
+    return lse.transpose(1, 2)
+
+
+# Decode has few query rows: split the importance's output columns over programs until about this many
+# programs run (the arithmetic per column is the same whatever the split, so results are identical).
+IMPORTANCE_MIN_PROGRAMS = 512
+
+
+@torch.compiler.disable
+@torch.no_grad()
 def selection_importance_triton(q, k_cmp, lse, *, cmp_block: int, cmp_stride: int, block: int,
-                                scale: Optional[float] = None, kv_len: int):
-    """Triton version of ``selection_importance_reference``."""
+                                scale: Optional[float] = None, kv_len: int, splits: Optional[int] = None):
+    """Triton version of ``selection_importance_reference``; ``splits``: programs per (query tile, kv head)
+    over the output columns (default: enough to keep about IMPORTANCE_MIN_PROGRAMS programs busy)."""
     scale = check_importance_inputs(q, k_cmp, lse, cmp_block, cmp_stride, block, scale, kv_len)
     b, tq, hq, d = q.shape
     nc, hkv = k_cmp.shape[1], k_cmp.shape[2]
@@ -364,15 +482,23 @@ def selection_importance_triton(q, k_cmp, lse, *, cmp_block: int, cmp_stride: in
     if nc == 0:
         return imp.zero_()
     bm, _ = _tiles("importance", q.device)
+    if tq <= 16 and "importance" not in TILE_OVERRIDES:
+        bm = 16  # decode: one query row, the smallest tl.dot tile
     # a key tile spans NUM_SEL selection blocks; NUM_SEL >= 16 for tl.dot, BLOCK_N >= 64 for efficiency
     block_n = max(64, 16 * block // cmp_stride)
     num_sel = block_n * cmp_stride // block
     if cmp_block - cmp_stride > num_sel * block:  # a key would spill past the next tile's blocks: not tiled here
         return selection_importance_reference(q, k_cmp, lse, cmp_block=cmp_block, cmp_stride=cmp_stride, block=block,
                                               scale=scale, kv_len=kv_len)
-    _importance_kernel[(triton.cdiv(tq, bm), b * hkv)](
+    col_tiles = triton.cdiv(nsel, num_sel)
+    programs = triton.cdiv(tq, bm) * b * hkv
+    if splits is None:  # only on the GPU: the interpreter gains nothing from more programs
+        few = q.device.type == "cuda" and programs < IMPORTANCE_MIN_PROGRAMS
+        splits = triton.cdiv(IMPORTANCE_MIN_PROGRAMS, programs) if few else 1
+    per_split = triton.cdiv(col_tiles, max(1, min(splits, col_tiles)))
+    _importance_kernel[(triton.cdiv(tq, bm), b * hkv, triton.cdiv(col_tiles, per_split))](
         q, k_cmp, lse, imp, *_strides(q), *_strides(k_cmp), *_strides(lse), *_strides(imp),
-        tq, nc, nsel, hkv, kv_len - tq, scale * LOG2E, GROUP=hq // hkv, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=block_n,
+        tq, nc, nsel, hkv, kv_len - tq, scale * LOG2E, per_split, GROUP=hq // hkv, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=block_n,
         NUM_SEL=num_sel, CMP_BLOCK=cmp_block, CMP_STRIDE=cmp_stride, SEL_BLOCK=block,
         PRECISION=_precision(q.dtype, q.device), **_tuning("importance", d, q.device))
     return imp
@@ -394,17 +520,37 @@ def compressed_attention(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tens
                                           scale=scale, kv_len=kv_len)
 
 
+def compressed_lse(q: torch.Tensor, k_cmp: torch.Tensor, *, cmp_block: int, cmp_stride: int,
+                   scale: Optional[float] = None, kv_len: Optional[int] = None, splits: int = 1,
+                   backend: str = "auto") -> torch.Tensor:
+    """Only the LSE ``[B, Tq, HQ]`` float32 of ``compressed_attention`` (what ``union`` needs to score blocks):
+    no values read, no output written, no gradient. ``splits > 1`` (Triton) divides the key range over that
+    many programs per (query tile, head) and combines partial sums, for decode's few queries; equal to the
+    single pass up to rounding. Identical to ``compressed_attention(...)[1]`` with ``splits=1``."""
+    backend = resolve_backend(backend, q.device)
+    if not isinstance(splits, int) or isinstance(splits, bool) or splits < 1:
+        raise ValueError(f"splits must be a positive integer, got {splits!r}")
+    if backend == "triton":
+        return compressed_lse_triton(q, k_cmp, cmp_block=cmp_block, cmp_stride=cmp_stride, scale=scale, kv_len=kv_len,
+                                     splits=splits)
+    return compressed_lse_reference(q, k_cmp, cmp_block=cmp_block, cmp_stride=cmp_stride, scale=scale, kv_len=kv_len)
+
+
 def selection_importance(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, *, cmp_block: int, cmp_stride: int,
-                         block: int, scale: Optional[float] = None, kv_len: int, backend: str = "auto") -> torch.Tensor:
+                         block: int, scale: Optional[float] = None, kv_len: int, backend: str = "auto",
+                         splits: Optional[int] = None) -> torch.Tensor:
     """Importance ``[B, HKV, Tq, ceil(kv_len / block)]`` float32 of each selection block for each query:
     the compressed-branch probabilities (recomputed from ``lse`` of ``compressed_attention``) summed over
-    the GQA group's query heads and mapped to blocks of ``block`` tokens (eq. 9). No gradient."""
+    the GQA group's query heads and mapped to blocks of ``block`` tokens (eq. 9). No gradient.
+    ``splits`` (Triton): programs per (query tile, kv head) over the output columns; the default fills
+    the GPU when there are few query rows (decode). The result does not depend on it."""
     backend = resolve_backend(backend, q.device)
     if backend == "triton":
         return selection_importance_triton(q, k_cmp, lse, cmp_block=cmp_block, cmp_stride=cmp_stride, block=block,
-                                           scale=scale, kv_len=kv_len)
+                                           scale=scale, kv_len=kv_len, splits=splits)
     return selection_importance_reference(q, k_cmp, lse, cmp_block=cmp_block, cmp_stride=cmp_stride, block=block,
                                           scale=scale, kv_len=kv_len)
 
 
-__all__ = ["compressed_attention", "selection_importance", "compressed_attention_triton", "selection_importance_triton"]
+__all__ = ["compressed_attention", "compressed_lse", "selection_importance", "compressed_attention_triton",
+           "compressed_lse_triton", "selection_importance_triton"]

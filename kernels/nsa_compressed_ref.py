@@ -136,6 +136,15 @@ def compressed_attention_reference(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: 
     return torch.cat(outs, 1), torch.cat(lses, -1).transpose(1, 2).contiguous()
 
 
+@torch.no_grad()
+def compressed_lse_reference(q: torch.Tensor, k_cmp: torch.Tensor, *, cmp_block: int, cmp_stride: int,
+                             scale: Optional[float] = None, kv_len: Optional[int] = None,
+                             max_bytes: int = DEFAULT_MAX_BYTES) -> torch.Tensor:
+    """Only the LSE ``[B, Tq, HQ]`` float32 of ``compressed_attention_reference`` (no gradient)."""
+    return compressed_attention_reference(q, k_cmp, k_cmp, cmp_block=cmp_block, cmp_stride=cmp_stride, scale=scale,
+                                          kv_len=kv_len, max_bytes=max_bytes)[1]
+
+
 def check_importance_inputs(q, k_cmp, lse, cmp_block, cmp_stride, block, scale, kv_len) -> float:
     scale, _ = check_compressed_inputs(q, k_cmp, k_cmp, cmp_block, cmp_stride, scale, kv_len)
     check_compression(cmp_block, cmp_stride, block)
@@ -180,5 +189,5 @@ def selection_importance_reference(q: torch.Tensor, k_cmp: torch.Tensor, lse: to
     return out
 
 
-__all__ = ["compressed_attention_reference", "selection_importance_reference", "num_compressed",
+__all__ = ["compressed_attention_reference", "compressed_lse_reference", "selection_importance_reference", "num_compressed",
            "compressed_to_selection", "check_compression"]
