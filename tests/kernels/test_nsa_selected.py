@@ -129,3 +129,19 @@ def test_clear_errors(case, match):
         kw["window"] = -1
     with pytest.raises((ValueError, TypeError), match=match):
         selected_attention(q, k, v, idx, backend="reference", **kw)
+
+
+@pytest.mark.parametrize("hq, hkv, d, dtype, block, window, tq, tk", [
+    (9, 3, 64, torch.bfloat16, 64, 128, 1, 700),   # SmolLM2 heads, one new token, blocks overlapping the window
+    (4, 1, 32, torch.float32, 32, 0, 3, 300),      # no window, a few new tokens
+    (4, 2, 32, torch.float16, 16, 40, 2, 90),      # window not a multiple of the key tile, short cache
+])
+def test_decode_split_matches_reference(hq, hkv, d, dtype, block, window, tq, tk):
+    from nsa_viz.kernels.nsa_decode_kernels import selected_window_decode
+    q, k, v = random_qkv(2, tq, tk, hq, hkv, d, dtype, seed=tk)
+    idx = random_block_idx(2, hkv, tq, tk, 5, block, seed=tk)
+    got = selected_window_decode(q, k, v, idx, block=block, window=window, backend="triton")
+    want = selected_attention_reference(q, k, v, idx, block=block, window=window)
+    assert not torch.isnan(got[0]).any()
+    assert torch.equal(torch.isneginf(got[1]), torch.isneginf(want[1]))
+    assert rel_err(got[0], want[0]) < TOLERANCE[dtype] and rel_err(got[1], want[1]) < TOLERANCE[dtype]
