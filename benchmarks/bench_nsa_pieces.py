@@ -32,7 +32,7 @@ from nsa_viz.kernels.nsa_selected import selected_attention
 from nsa_viz.kernels.nsa_topk import pick_top_blocks
 
 T0 = time.time()
-BUDGET_S = 200
+BUDGET_S = 150  # stop starting new prefill lengths after this; decode lengths stop at 190 s
 
 
 def log(*a):
@@ -219,6 +219,10 @@ def main():
 
     # ------------------------------------------------------------------ decode: one token against a cache of t
     for t in dec_lengths:
+        if time.time() - T0 > BUDGET_S + 40:
+            log(f"budget reached: skipping decode T={t}")
+            continue
+
         def run_decode(t=t):
             torch.manual_seed(t + 1)
             mk = lambda *sh: torch.randn(*sh, device=device, dtype=dtype)
