@@ -310,6 +310,11 @@ def test_launcher_arguments_ports_and_notebook():
     assert env["NSA_VIZ_DASHBOARD_TOKENS"] == "256" and env["HF_HUB_OFFLINE"] == "1"
     cmd = launch.server_command(launch.notebook_path(), 1234)
     assert "--Voila.ip=127.0.0.1" in cmd and "--port=1234" in cmd and "--no-browser" in cmd
+    # our Voila template (no CDN stylesheets) is found through JUPYTER_PATH
+    assert launch.has_template() and "--template=nsa-viz" in cmd
+    assert env["JUPYTER_PATH"].split(":")[0] == str(launch.TEMPLATE_DATA_DIR)
+    template = (launch.TEMPLATE_DATA_DIR / "voila" / "templates" / "nsa-viz" / "index.html.j2").read_text()
+    assert "extends 'lab/index.html.j2'" in template and template.count("replace(") == 2
 
 
 def test_dashboard_notebook_is_thin_and_stripped():

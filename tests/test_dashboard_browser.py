@@ -84,6 +84,9 @@ def test_dashboard_reacts_in_chromium(tmp_path):
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS, headless=True)
             page = browser.new_page(viewport={"width": 1500, "height": 1200})
             page.set_default_timeout(60_000)
+            elsewhere = []  # the page must work offline: every request goes to our server
+            page.on("request", lambda r: None if r.url.startswith((url, "data:", "blob:", "ws://127.0.0.1"))
+                    else elsewhere.append(r.url))
             page.goto(url, timeout=180_000)
             page.wait_for_selector(".nsa-dashboard", timeout=FIRST_RECORDING_S * 1000)
             page.get_by_role("tab", name="Pattern tuner").click()
@@ -119,6 +122,7 @@ def test_dashboard_reacts_in_chromium(tmp_path):
             assert after_png != before_png  # the drawn tiles changed, not only the text
             errors = _errors_on(page)
             assert not errors, errors
+            assert not elsewhere, f"requests that left 127.0.0.1: {elsewhere[:5]}"
 
             shot = tmp_path / "dashboard.png"
             page.screenshot(path=str(shot), full_page=True)

@@ -139,7 +139,7 @@ class Dashboard:
                                description="layers", style=style, layout=wide())
         self.w_block = W.Dropdown(options=[16, 32, 64], value=block if block in (16, 32, 64) else DEFAULT_BLOCK,
                                   description="block size", style=style, layout=W.Layout(width="220px"))
-        self.w_run = W.Button(description="Record attention", button_style="primary", icon="play")
+        self.w_run = W.Button(description="Record attention", button_style="primary")
         self.w_run.add_class("nsa-run")
         self.w_run.on_click(lambda _b: self.run_capture())
         self.w_path.layout.display = "" if self.w_dataset.value == sources.FILE else "none"
@@ -167,11 +167,10 @@ class Dashboard:
         self.w_audit_docs = W.IntSlider(value=2, min=1, max=16, description="documents", **slider())
         self.w_audit_target = W.FloatSlider(value=0.9, min=0.5, max=0.99, step=0.01, description="target recall",
                                             **slider())
-        self.w_audit_run = W.Button(description="Run the audit", icon="search", button_style="info")
+        self.w_audit_run = W.Button(description="Run the audit", button_style="info")
         self.w_audit_run.add_class("nsa-run-audit")
         self.w_audit_run.on_click(lambda _b: self._guard(self.run_audit))
-        self.w_audit_apply = W.Button(description="Try it in the pattern tuner", icon="arrow-right",
-                                      layout=W.Layout(display="none"))
+        self.w_audit_apply = W.Button(description="Try it in the pattern tuner →", layout=W.Layout(display="none", width="auto"))
         self.w_audit_apply.on_click(lambda _b: self._guard(self._recommendation_to_tuner))
         self.recommendation = W.HTML("")
         self.recommendation.add_class("nsa-recommendation")

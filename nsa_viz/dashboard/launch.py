@@ -85,6 +85,16 @@ def notebook_path(given: str = "") -> Path:
     return out
 
 
+TEMPLATE = "nsa-viz"
+# Voila looks for templates under <data dir>/voila/templates; ours (Voila's lab template without its CDN
+# stylesheets) lives in this package, whose folder goes on JUPYTER_PATH
+TEMPLATE_DATA_DIR = Path(__file__).resolve().parent / "share"
+
+
+def has_template() -> bool:
+    return (TEMPLATE_DATA_DIR / "voila" / "templates" / TEMPLATE / "index.html.j2").is_file()
+
+
 def environment(args) -> dict:
     """The server's environment: ours plus the dashboard settings for the kernel, offline switches on."""
     env = dict(os.environ)
@@ -96,23 +106,32 @@ def environment(args) -> dict:
     env.setdefault("HF_HUB_OFFLINE", "1")  # nothing may try the network
     env.setdefault("TRANSFORMERS_OFFLINE", "1")
     env.setdefault("TQDM_DISABLE", "1")
+    if has_template():
+        env["JUPYTER_PATH"] = os.pathsep.join(p for p in (str(TEMPLATE_DATA_DIR), env.get("JUPYTER_PATH", "")) if p)
     return env
 
 
 def server_command(notebook: Path, port: int) -> list:
-    return [sys.executable, "-m", "voila", str(notebook), "--no-browser", f"--port={port}", "--Voila.ip=127.0.0.1",
-            "--theme=light", "--VoilaConfiguration.show_tracebacks=False"]
+    cmd = [sys.executable, "-m", "voila", str(notebook), "--no-browser", f"--port={port}", "--Voila.ip=127.0.0.1",
+           "--theme=light", "--VoilaConfiguration.show_tracebacks=False"]
+    if has_template():
+        cmd.append(f"--template={TEMPLATE}")
+    return cmd
 
 
 def wait_until_up(url: str, proc: Optional[subprocess.Popen], timeout: float) -> bool:
+    """True once the server answers HTTP. It asks for a static file, never the page itself: each request for
+    the page starts a kernel that runs the notebook (and would load the model once more)."""
     end = time.monotonic() + timeout
+    probe = url.rstrip("/") + "/voila/static/voila.js"
     while time.monotonic() < end:
         if proc is not None and proc.poll() is not None:
             return False
         try:
-            with urllib.request.urlopen(url, timeout=5) as r:
-                if r.status < 500:
-                    return True
+            with urllib.request.urlopen(probe, timeout=5):
+                return True
+        except urllib.error.HTTPError:  # any HTTP answer means the server is up
+            return True
         except (urllib.error.URLError, ConnectionError, OSError):
             pass
         time.sleep(0.5)
@@ -131,6 +150,10 @@ def start_server(args, *, log=None):
 
 
 def run(args) -> int:
+    import signal
+
+    # a SIGTERM (service managers, `timeout`) ends us through `finally`, which stops the server too
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     if args.dataset == FILE and not args.file:
         print("--dataset file needs --file PATH", file=sys.stderr)
         return 2
