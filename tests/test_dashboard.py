@@ -158,6 +158,16 @@ def app(tiny, tmp_path):
             (("dense", "sdpa", 1024, 1.0), ("dense", "sdpa", 2048, 4.0), ("sliding_window", "nsa_viz", 1024, 0.5),
              ("sliding_window", "nsa_viz", 2048, 1.0))]
     (tmp_path / "benchmarks" / "results" / "k.json").write_text(json.dumps(rows))
+    from nsa_viz import tradeoffs
+
+    common = dict(run_id="R", device="GPU X", B=1, HQ=4, HKV=2, D=32, dtype="float32", status="ok")
+    table = [{**common, "level": "kernel", "pass": "fwd", "op": op, "impl": impl, "pattern": op, "is_baseline": base,
+              "T": t, "ms": ms} for t in (1024, 2048) for op, impl, base, ms in
+             (("dense", "sdpa", True, 1.0 * t / 1024), ("sliding_window", "nsa_viz", False, 0.8))]
+    table += [{**common, "level": "model", "pass": "accuracy", "model": "m", "op": op, "impl": "nsa_viz",
+               "pattern": op, "is_baseline": op == "dense", "T": 512, "density": d, "kl": kl, "top1_agree": 1 - kl}
+              for op, d, kl in (("dense", 1.0, 0.0), ("sliding_window", 0.3, 0.1))]
+    tradeoffs.append_rows(table, tmp_path / "data" / "results" / "tradeoffs_test.json")
     loads = []
 
     def loader(name):
@@ -178,6 +188,18 @@ def test_app_records_and_draws_every_panel(app):
     assert "data-recall" in app.recall_summary.value
     assert app.progress.bar_style == "success"
     assert "GPU X" in json.dumps(app.out_tradeoff.outputs[0]["data"])
+
+
+def test_tradeoff_panel_draws_both_kinds_of_results(app):
+    sources_ = [v for _, v in app.w_t_source.options]
+    assert [k for k, _ in sources_] == ["benchmarks", "tradeoffs"]
+    app.w_t_source.value = sources_[1]
+    views = [v for _, v in app.w_t_view.options]
+    assert ("tradeoffs", "time_fwd") in views and ("tradeoffs", "accuracy_kl") in views
+    for v in views:
+        app.w_t_view.value = v
+        assert app.message.value == "" and len(app.out_tradeoff.outputs) == 1
+        assert "GPU X" in json.dumps(app.out_tradeoff.outputs[0]["data"])
 
 
 def _recall(app) -> float:

@@ -346,7 +346,7 @@ def nsa_query_view(dense_rec, nsa_rec, layer: int, group: int, query: int, patte
 def benchmark_table(paths: Sequence) -> "object":
     """Rows of ``benchmarks/results/*.json`` files (device, op, impl, pass, T, ms, peak_mem_mb, params, ...) as
     one tidy table with ``series`` (pattern [implementation]), ``shape`` (batch, heads, head dim, dtype as
-    one label) and ``speedup_vs_dense``: the fastest dense SDPA
+    one label) and ``speedup_vs_dense``: the fastest dense SDPA (``impl`` sdpa*)
     row of the same file, device, shape and pass divided by the row's time. When a file holds the same
     measurement twice (a later run), the later row counts."""
     import pandas as pd
@@ -377,21 +377,31 @@ def benchmark_table(paths: Sequence) -> "object":
     df["series"] = [_series(op, impl, p) for op, impl, p in zip(df["op"], df["impl"], df["params"])]
     df["shape"] = [f"B={b}, {hq}/{hkv} heads, d={d}, {dt}" for b, hq, hkv, d, dt in
                    zip(df["B"], df["HQ"], df["HKV"], df["D"], df["dtype"])]
-    sdpa = df[(df["op"] == "dense") & df["impl"].astype(str).str.startswith("sdpa")]
+    sdpa = df[df["impl"].astype(str).str.startswith("sdpa")]  # dense SDPA, whatever the op column calls it
     best = sdpa.groupby(shape, dropna=False)["ms"].min().rename("dense_ms").reset_index()
     df = df.merge(best, on=shape, how="left")
     df["speedup_vs_dense"] = df["dense_ms"] / df["ms"]
     return df[cols].reset_index(drop=True)
 
 
-_OP_NAMES = {"dense": "Dense", "sliding_window": "SlidingWindow", "global_local": "GlobalLocal", "dilated": "Dilated",
-             "nsa": "NSA"}
-
-
 def _series(op, impl, params) -> str:
-    name = _OP_NAMES.get(str(op), str(op))
-    args = ", ".join(f"{k}={v}" for k, v in (params or {}).items()) if isinstance(params, dict) else ""
-    return f"{name}({args}) [{impl}]"
+    """``Pattern(its own parameters) [implementation]``: a results file may attach one run's settings to every
+    row (NSA's to the dense baseline too); only the parameters the op's pattern has are named."""
+    import dataclasses
+
+    from ..tradeoffs import PATTERN_NAMES
+
+    cls = PATTERN_NAMES.get(str(op))
+    if cls is None:  # not a pattern (e.g. one NSA branch timed alone): the implementation names it
+        return f"{op} [{impl}]"
+    params = params if isinstance(params, dict) else {}
+    if cls is NSA and {"top_n", "block", "window"} <= set(params):  # the budget first, briefly: n×l' + window
+        extra = [str(params[k]) for k in ("combine", "granularity") if k in params]
+        args = ", ".join([f"{params['top_n']}×{params['block']} + window {params['window']}"] + extra)
+    else:
+        own = {f.name for f in dataclasses.fields(cls)} - {"causal"}
+        args = ", ".join(f"{k}={v}" for k, v in params.items() if k in own)
+    return f"{cls.__name__}({args}) [{impl}]"
 
 
 def results_files(root) -> Dict[str, List[Path]]:
