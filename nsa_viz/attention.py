@@ -161,48 +161,62 @@ class NSASequenceState:
         held = self.block_queries[:, self.block_queries.shape[1] - (kv_len - q.shape[1] - start):]
         return torch.cat([held.to(q.dtype), q], dim=1)
 
-    def advance(self, q: torch.Tensor, k: torch.Tensor, pattern: NSA, q_all: Optional[torch.Tensor] = None) -> None:
-        """Remember the state after a call whose queries ``q_all`` (default ``q``) end at ``k``'s last key."""
+    def advance(self, q: torch.Tensor, k: torch.Tensor, pattern: Optional[NSA],
+                q_all: Optional[torch.Tensor] = None) -> None:
+        """Remember the state after a call whose queries ``q_all`` (default ``q``) end at ``k``'s last key
+        (``pattern`` None: the decode kernels' cache keeps what block granularity needs)."""
         tk = k.shape[1]
         self.kv_len = tk
         self.last_key = k[:, tk - 1].detach().clone()
-        if pattern.granularity == "block":
+        if pattern is not None and pattern.granularity == "block":
             q_all = q if q_all is None else q_all
             keep = tk - (tk // pattern.block) * pattern.block  # queries of the (partial) block holding tk - 1
             self.block_queries = q_all[:, q_all.shape[1] - min(keep, q_all.shape[1]):].detach().clone()
 
     def reset(self) -> None:
+        """Forget the sequence (the decode cache object is kept, emptied, for reuse)."""
+        cache = self.cache
         self.__init__()
+        if cache is not None:
+            cache.reset()
+            self.cache = cache
 
 
 def _run_nsa(pattern: NSA, q, k, v, scale, backend, return_info, state: Optional[NSASequenceState], gates):
-    fn = _nsa_attention()
     kw = dict(nsa_kwargs(pattern), gates=gates, scale=scale, backend=backend)
     tq, tk = q.shape[1], k.shape[1]
-    decode = state is not None and tq < tk
-    if not decode:
-        res = fn(q, k, v, **kw, return_aux=return_info)
-        if state is not None:
-            state.reset()
-            state.advance(q, k, pattern)
-        if not return_info:
-            return res
-        return res[0], {"aux": res[1], "gates": gates}
-    if not state.continues(k, tq):
-        # another sequence or a reordered cache: start over from what the cache holds (for block
-        # granularity the earlier queries of the current block are not known; only the new ones score)
+    decoder = _nsa_decode() if state is not None and not torch.is_grad_enabled() else None
+    if state is not None and (tq == tk or not state.continues(k, tq)):
+        # a prefill, or a cache that is not the continuation of what this layer saw: start afresh (for
+        # block granularity the earlier queries of the current block are then unknown; the new ones score)
         state.reset()
-    q_all = state.held_queries(q, pattern, tk)
-    g_all = gates
-    if gates is not None and q_all.shape[1] != tq:
-        g_all = torch.cat([gates.new_zeros(gates.shape[0], q_all.shape[1] - tq, *gates.shape[2:]), gates], 1)
-    res = fn(q_all, k, v, **dict(kw, gates=g_all), return_aux=return_info)
-    out = res[0] if return_info else res
-    state.advance(q, k, pattern, q_all)
+    if decoder is not None:
+        # the decode kernels keep the compressed keys (and a block's running importance) in NSACache;
+        # a prefill is a call whose queries are the whole prompt
+        NSACache, nsa_decode = decoder
+        if state.cache is None:
+            state.cache = NSACache(pattern.cmp_block, pattern.cmp_stride)
+        res = nsa_decode(q, k, v, state.cache, **kw, return_aux=return_info)
+        state.advance(q, k, None)
+    elif state is None or tq == tk:
+        # no decode state wanted (capture's comparisons, training with gradients) or a prefill
+        res = _nsa_attention()(q, k, v, **kw, return_aux=return_info)
+        if state is not None:
+            state.advance(q, k, pattern)
+    else:
+        # without the decode kernels: NSA of the new queries, and of the earlier queries of their block
+        # (block granularity), against the whole cache; only the new rows are kept
+        q_all = state.held_queries(q, pattern, tk)
+        g_all = gates
+        if gates is not None and q_all.shape[1] != tq:
+            g_all = torch.cat([gates.new_zeros(gates.shape[0], q_all.shape[1] - tq, *gates.shape[2:]), gates], 1)
+        res = _nsa_attention()(q_all, k, v, **dict(kw, gates=g_all), return_aux=return_info)
+        state.advance(q, k, pattern, q_all)
+        if q_all.shape[1] != tq:
+            res = (res[0][:, -tq:], {n: _last_rows(n, t, tq) for n, t in res[1].items()}) if return_info else res[:, -tq:]
     if not return_info:
-        return out[:, -tq:]
-    aux = {name: _last_rows(name, t, tq) for name, t in res[1].items()}
-    return out[:, -tq:], {"aux": aux, "gates": gates}
+        return res
+    return res[0], {"aux": res[1], "gates": gates}
 
 
 def _last_rows(name: str, t: torch.Tensor, tq: int) -> torch.Tensor:

@@ -183,11 +183,23 @@ def _nsa_oracle(q, k, v, pat, scale):
     return nsa_attention_reference(tr(q), tr(k), tr(v), **kw, scale=scale)
 
 
+def _decode_paths():
+    """Inference (no grad) runs the NSA decode kernels' cache when they are installed; with gradients
+    enabled the layer re-runs nsa_attention on the new queries (and their block's earlier ones)."""
+    from nsa_viz.attention import _nsa_decode
+
+    paths = [pytest.param(torch.enable_grad, id="rerun")]
+    if _nsa_decode() is not None:
+        paths.append(pytest.param(torch.no_grad, id="nsa_decode"))
+    return paths
+
+
 @needs_nsa
+@pytest.mark.parametrize("mode", _decode_paths())
 @pytest.mark.parametrize("granularity", ["token", "block"])
-def test_nsa_decode_steps_equal_nsa_over_the_prefix(tiny_llama, granularity):
+def test_nsa_decode_steps_equal_nsa_over_the_prefix(tiny_llama, granularity, mode):
     """Prefill then decode steps of 1 and several tokens: each step's output equals the last rows of NSA
-    over the whole prefix so far (per-block selection included: the block's earlier queries are kept)."""
+    over the whole prefix so far (per-block selection included: the block's earlier queries count)."""
     pat = NSA(**NSA_KW, granularity=granularity)
     mod = attention_modules(tiny_llama)[0]
     g = torch.Generator().manual_seed(11)
@@ -195,21 +207,25 @@ def test_nsa_decode_steps_equal_nsa_over_the_prefix(tiny_llama, granularity):
     q, k, v = (torch.randn(1, h, t_all, 32, generator=g) for h in (4, 2, 2))
     mod._nsa_viz_spec = pat
     try:
-        t = 37
-        out, _ = nsa_viz_attention(mod, q[:, :, :t], k[:, :, :t], v[:, :, :t], None, scaling=0.2)
-        torch.testing.assert_close(out, _nsa_oracle(q[:, :, :t], k[:, :, :t], v[:, :, :t], pat, 0.2), atol=1e-5, rtol=1e-5)
-        for step in (1, 1, 3, 1, 9, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1):
-            out, _ = nsa_viz_attention(mod, q[:, :, t:t + step], k[:, :, :t + step], v[:, :, :t + step], None, scaling=0.2)
-            want = _nsa_oracle(q[:, :, :t + step], k[:, :, :t + step], v[:, :, :t + step], pat, 0.2)[:, t:]
+        with mode():
+            t = 37
+            out, _ = nsa_viz_attention(mod, q[:, :, :t], k[:, :, :t], v[:, :, :t], None, scaling=0.2)
+            want = _nsa_oracle(q[:, :, :t], k[:, :, :t], v[:, :, :t], pat, 0.2)
             torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
-            t += step
-        assert t == 71
+            for step in (1, 1, 3, 1, 9, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1):
+                out, _ = nsa_viz_attention(mod, q[:, :, t:t + step], k[:, :, :t + step], v[:, :, :t + step], None,
+                                           scaling=0.2)
+                want = _nsa_oracle(q[:, :, :t + step], k[:, :, :t + step], v[:, :, :t + step], pat, 0.2)[:, t:]
+                torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+                t += step
+            assert t == 71
     finally:
         del mod._nsa_viz_spec
 
 
 @needs_nsa
-def test_nsa_decode_state_follows_the_sequence(tiny_llama):
+@pytest.mark.parametrize("mode", _decode_paths())
+def test_nsa_decode_state_follows_the_sequence(tiny_llama, mode):
     """A new prefill resets the state; a cache that does not continue what the layer saw is not trusted."""
     from nsa_viz.attention import STATE_ATTR
 
@@ -220,17 +236,22 @@ def test_nsa_decode_state_follows_the_sequence(tiny_llama):
     k2 = torch.randn(1, 2, 40, 32, generator=g)
     mod._nsa_viz_spec = pat
     try:
-        nsa_viz_attention(mod, q[:, :, :35], k[:, :, :35], v[:, :, :35], None, scaling=0.2)
-        state = getattr(mod, STATE_ATTR)["all"]
-        assert state.kv_len == 35 and state.block_queries.shape[1] == 3  # queries 32..34 share block 2
-        assert state.continues(k[:, :, :36].transpose(1, 2), 1)
-        assert not state.continues(k2[:, :, :36].transpose(1, 2), 1)  # another sequence of the same length
-        # another sequence's decode step: the stale block queries must not leak into it
-        out, _ = nsa_viz_attention(mod, q[:, :, 35:36], k2[:, :, :36], v[:, :, :36], None, scaling=0.2)
-        alone = _nsa_oracle(q[:, :, 35:36], k2[:, :, :36], v[:, :, :36], pat, 0.2)
-        torch.testing.assert_close(out, alone, atol=1e-5, rtol=1e-5)
-        nsa_viz_attention(mod, q[:, :, :20], k[:, :, :20], v[:, :, :20], None, scaling=0.2)  # new prefill
-        assert getattr(mod, STATE_ATTR)["all"].kv_len == 20
+        with mode():
+            nsa_viz_attention(mod, q[:, :, :35], k[:, :, :35], v[:, :, :35], None, scaling=0.2)
+            state = getattr(mod, STATE_ATTR)["all"]
+            assert state.kv_len == 35
+            if state.cache is None:  # re-run path: queries 32..34 share block 2 with the next ones
+                assert state.block_queries.shape[1] == 3
+            else:
+                assert state.cache.kv_len == 35 and state.block_queries is None
+            assert state.continues(k[:, :, :36].transpose(1, 2), 1)
+            assert not state.continues(k2[:, :, :36].transpose(1, 2), 1)  # another sequence of the same length
+            # another sequence's decode step: the stale block queries must not leak into it
+            out, _ = nsa_viz_attention(mod, q[:, :, 35:36], k2[:, :, :36], v[:, :, :36], None, scaling=0.2)
+            alone = _nsa_oracle(q[:, :, 35:36], k2[:, :, :36], v[:, :, :36], pat, 0.2)
+            torch.testing.assert_close(out, alone, atol=1e-5, rtol=1e-5)
+            nsa_viz_attention(mod, q[:, :, :20], k[:, :, :20], v[:, :, :20], None, scaling=0.2)  # new prefill
+            assert getattr(mod, STATE_ATTR)["all"].kv_len == 20
     finally:
         del mod._nsa_viz_spec
     apply_pattern(tiny_llama, pat)
