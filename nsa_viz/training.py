@@ -12,6 +12,9 @@
     model loss (``lm_weight``). Slower; it corrects what layer-wise training cannot see (errors
     compounding over layers).
 
+Text comes from :mod:`nsa_viz.data` (``code``, ``docs``, ``legal`` or the user's own files) through
+:class:`TokenStream`, which draws reproducible training windows and keeps a held-out tail.
+
 - **From scratch** (:func:`train_from_scratch`, :func:`compare_from_scratch`): a tiny Llama-style model
   trained with dense attention and with NSA on the same bytes, the same initial weights and the same
   batches, so that the two loss curves differ only by the attention.
@@ -43,33 +46,6 @@ CHECKPOINT_FORMAT = "nsa-viz-training/1"
 
 
 # --------------------------------------------------------------------------- data
-def corpus_text(name: str, max_chars: Optional[int] = None) -> str:
-    """Real text already on the machine: ``"docs"`` (the Python reference manual in
-    ``pydoc_data.topics``) or ``"code"`` (Python standard-library sources, in a fixed order)."""
-    if name == "docs":
-        from pydoc_data.topics import topics
-
-        text = "\n\n".join(topics[k] for k in sorted(topics))
-    elif name == "code":
-        import sysconfig
-
-        root = Path(sysconfig.get_paths()["stdlib"])
-        parts, total = [], 0
-        for path in sorted(root.glob("*.py")):
-            try:
-                src = path.read_text(encoding="utf-8")
-            except (UnicodeDecodeError, OSError):
-                continue
-            parts.append(src)
-            total += len(src)
-            if max_chars is not None and total >= max_chars:
-                break
-        text = "\n\n".join(parts)
-    else:
-        raise ValueError(f"corpus name must be 'docs' or 'code', got {name!r}")
-    return text if max_chars is None else text[:max_chars]
-
-
 class TokenStream:
     """A long 1-D token sequence cut into a training part and a held-out tail, from which batches of
     windows are drawn reproducibly: :meth:`batch` depends only on ``(seed, step)``."""
@@ -89,8 +65,32 @@ class TokenStream:
         if tokenizer is None:
             ids = torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
         else:
-            ids = tokenizer(text, return_tensors="pt").input_ids[0]
+            from .data import encode
+
+            ids = torch.tensor(encode(tokenizer, text, special=False), dtype=torch.long)
         return cls(ids, **kw)
+
+    @classmethod
+    def from_dataset(cls, dataset, tokenizer=None, *, max_chars: Optional[int] = None, seed: int = 0,
+                     val_fraction: float = 0.1) -> "TokenStream":
+        """The documents of a :class:`nsa_viz.data.Dataset` (or a built-in name: ``"code"``, ``"docs"``,
+        ``"legal"``) in seeded order, joined by blank lines up to ``max_chars`` characters and tokenised.
+        The held-out part is the tail, i.e. whole documents the training part does not contain (but
+        the one cut in two)."""
+        from .data import PACK_SEPARATOR, Dataset, load_dataset
+
+        if isinstance(dataset, str):
+            dataset = load_dataset(dataset)
+        if not isinstance(dataset, Dataset):
+            raise TypeError(f"dataset must be a nsa_viz.data.Dataset or a built-in name, got {type(dataset).__name__}")
+        parts, total = [], 0
+        for doc in dataset.sample(None, seed):
+            parts.append(doc.text)
+            total += len(doc.text) + len(PACK_SEPARATOR)
+            if max_chars is not None and total >= max_chars:
+                break
+        text = PACK_SEPARATOR.join(parts)
+        return cls.from_text(text if max_chars is None else text[:max_chars], tokenizer, val_fraction=val_fraction)
 
     @classmethod
     def combine(cls, streams: Sequence["TokenStream"]) -> "TokenStream":
@@ -648,6 +648,6 @@ def loss_curves_figure(histories: Dict[str, "object"], *, title: str = "training
     return fig
 
 
-__all__ = ["TokenStream", "corpus_text", "save_checkpoint", "load_checkpoint", "RetrofitConfig", "retrofit_train",
+__all__ = ["TokenStream", "save_checkpoint", "load_checkpoint", "RetrofitConfig", "retrofit_train",
            "retrofit_perplexity", "freeze", "ScratchConfig", "tiny_llama", "train_from_scratch", "compare_from_scratch",
            "summarize_stats", "loss_curves_figure"]

@@ -14,7 +14,7 @@ import torch
 from nsa_viz.nsa_module import (DEFAULT_GATE_INIT, BlockCompressor, BranchGates, NSAAttention, NSARetrofit,
                                 compressed_entropy, gate_stats, selection_diversity)
 from nsa_viz.patterns import NSA
-from nsa_viz.training import (RetrofitConfig, ScratchConfig, TokenStream, corpus_text, load_checkpoint,
+from nsa_viz.training import (RetrofitConfig, ScratchConfig, TokenStream, load_checkpoint,
                               retrofit_perplexity, retrofit_train, save_checkpoint, summarize_stats,
                               train_from_scratch)
 
@@ -332,16 +332,20 @@ def test_retrofit_perplexity_table():
     assert same.iloc[-1]["ppl_ratio"] == pytest.approx(1.0)
 
 
-def test_data_helpers():
-    docs = corpus_text("docs", 5000)
-    assert len(docs) == 5000 and "\n" in docs
-    assert "def " in corpus_text("code", 20000)
-    with pytest.raises(ValueError, match="'docs' or 'code'"):
-        corpus_text("legal")
-    st = TokenStream.from_text("hello world " * 50, val_fraction=0.1)
+def test_token_stream():
+    from nsa_viz.data import from_texts
+
+    ds = from_texts([f"document {i} " * 40 for i in range(10)])
+    st = TokenStream.from_dataset(ds, max_chars=2000, val_fraction=0.25)
+    assert st.train.numel() + st.val.numel() == 2000 and st.val.numel() == 500
     a, b = st.batch(3, 2, 16, seed=1), st.batch(3, 2, 16, seed=1)
     assert torch.equal(a, b) and a.shape == (2, 16) and not torch.equal(a, st.batch(4, 2, 16, seed=1))
+    assert [w.shape for w in st.windows(3, 100)] == [(1, 100)] * 3
     with pytest.raises(ValueError, match="seq_len"):
         st.batch(0, 1, 10_000)
+    with pytest.raises(ValueError, match="windows"):
+        st.windows(6, 100)
+    with pytest.raises(TypeError, match="Dataset"):
+        TokenStream.from_dataset(["text"])
     with pytest.raises(ValueError, match="objective"):
         RetrofitConfig(objective="mse")
