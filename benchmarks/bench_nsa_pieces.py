@@ -65,7 +65,7 @@ def main():
     sel = dict(top_n=top_n, init_blocks=1, local_blocks=2)
     ck = dict(cmp_block=l, cmp_stride=s)
     out_path = Path(args.out) if args.out else (Path(tempfile.gettempdir()) / "nsa_pieces_smoke.json" if args.smoke
-                                                else ROOT / "benchmarks" / "results" / "nsa_pieces_h100.json")
+                                                else ROOT / "benchmarks" / "results" / "nsa_pieces_h100.json")  # run 2 merged into nsa_h100.json
     rows, checks = [], []
 
     def row(op, impl, t, pass_, ms, note="", **extra):

@@ -63,3 +63,17 @@ def test_bad_arguments():
         pick_top_blocks(torch.zeros(1, 1, 2, 4), torch.zeros(2), top_n=2, init_blocks=1, local_blocks=2)
     with pytest.raises(ValueError, match="cur_block"):
         pick_top_blocks(torch.zeros(1, 1, 2, 4), torch.zeros(3), top_n=4, init_blocks=1, local_blocks=2)
+
+
+@pytest.mark.parametrize("kind", ["ties", "zeros"])
+def test_column_splits_give_the_same_indices(kind, monkeypatch):
+    """Decode's two-stage form (partial top-n per column run, then a merge) keeps the oracle's tie rule."""
+    monkeypatch.setitem(nsa_topk.TOPN_LAUNCH, "chunk", 32)
+    gen = torch.Generator().manual_seed(5)
+    shape = (1, 2, 5, 200)
+    scores = torch.randint(0, 3, shape, generator=gen).float() if kind == "ties" else torch.zeros(shape)
+    cur = torch.tensor([199, 150, 3, -1, 64])
+    kw = dict(top_n=6, init_blocks=1, local_blocks=2)
+    want = pick_top_blocks(scores, cur, backend="reference", **kw)
+    for splits in (2, 4):
+        assert torch.equal(nsa_topk.pick_top_blocks_triton(scores, cur, splits=splits, **kw), want)
