@@ -11,7 +11,8 @@ from nsa_viz.kernels.nsa_ref import _select, nsa_attention_reference
 
 from .helpers import TOLERANCE, rel_err
 
-SMALL = dict(block=16, top_n=4, window=24, cmp_block=8, cmp_stride=4, init_blocks=1, local_blocks=2)
+# with blocks of 16 and top_n=3 (one forced initial, one local block) queries from position 48 on choose
+SMALL = dict(block=16, top_n=3, window=20, cmp_block=8, cmp_stride=4, init_blocks=1, local_blocks=1)
 
 
 def make_qkv(b, tq, tk, hq, hkv, d, dtype=torch.float32):
@@ -145,6 +146,7 @@ def test_no_visible_key_gives_zero_not_nan():
 
 BAD_PARAMS = [
     (dict(top_n=2, init_blocks=1, local_blocks=2), "top_n"),
+    (dict(top_n=3, init_blocks=2, local_blocks=2), "top_n"),
     (dict(block=24), "block"),
     (dict(block=8, cmp_stride=16, cmp_block=16), "multiple of cmp_stride"),
     (dict(cmp_block=4, cmp_stride=8), "cmp_block"),
@@ -206,18 +208,18 @@ def test_select_blocks_ties_forced_and_few_visible():
 # --------------------------------------------------------------------------- nsa_attention against the oracle
 CASES = {
     # name: (combine, granularity, backend, via_layout, B, Tq, Tk, HQ, HKV, D, dtype, extra kwargs)
-    "union_token_triton_gqa9_3": ("union", "token", "triton", True, 1, 60, 60, 9, 3, 64, torch.float32, {}),
-    "union_block_triton_layout": ("union", "block", "triton", True, 2, 70, 70, 4, 2, 32, torch.float32, {}),
-    "union_block_triton_short_window": ("union", "block", "triton", True, 1, 50, 50, 9, 3, 32, torch.float32,
+    "union_token_triton_gqa9_3": ("union", "token", "triton", True, 1, 64, 64, 9, 3, 64, torch.float32, {}),
+    "union_block_triton_layout": ("union", "block", "triton", True, 2, 90, 90, 4, 2, 32, torch.float32, {}),
+    "union_block_triton_short_window": ("union", "block", "triton", True, 1, 64, 64, 4, 2, 32, torch.float32,
                                         dict(window=8)),
     "union_block_triton_decode_rows": ("union", "block", "triton", True, 2, 36, 100, 4, 2, 32, torch.float32, {}),
-    "gated_token_triton_mlp": ("gated", "token", "triton", True, 2, 40, 40, 4, 2, 32, torch.float32, {}),
-    "gated_block_triton_layout_mlp": ("gated", "block", "triton", True, 2, 60, 60, 4, 2, 64, torch.float32, {}),
+    "gated_token_triton_mlp": ("gated", "token", "triton", True, 2, 64, 64, 4, 2, 32, torch.float32, {}),
+    "gated_block_triton_layout_mlp": ("gated", "block", "triton", True, 2, 75, 75, 4, 2, 64, torch.float32, {}),
     "gated_block_triton_per_token": ("gated", "block", "triton", False, 1, 21, 100, 4, 2, 32, torch.float32, {}),
     "union_token_reference": ("union", "token", "reference", True, 2, 100, 100, 9, 3, 32, torch.float32, {}),
     "gated_block_reference_mlp": ("gated", "block", "reference", False, 2, 100, 100, 4, 2, 64, torch.float32, {}),
-    "union_token_triton_bf16": ("union", "token", "triton", True, 1, 50, 50, 4, 2, 64, torch.bfloat16, {}),
-    "gated_block_triton_fp16": ("gated", "block", "triton", True, 1, 50, 50, 9, 3, 32, torch.float16, {}),
+    "union_token_triton_bf16": ("union", "token", "triton", True, 1, 64, 64, 4, 2, 64, torch.bfloat16, {}),
+    "gated_block_triton_fp16": ("gated", "block", "triton", True, 1, 70, 70, 9, 3, 32, torch.float16, {}),
 }
 
 
@@ -247,6 +249,8 @@ def test_nsa_attention_matches_reference(name, monkeypatch):
         results.append((out, aux, torch.autograd.grad(out, inputs, do)))
     (out, aux, grads), (r_out, r_aux, r_grads) = results
     assert torch.equal(aux["block_idx"], r_aux["block_idx"]), "different blocks selected"
+    chose = (aux["block_count"] == params["top_n"]) & (torch.arange(tk - tq, tk) // params["block"] >= params["top_n"])
+    assert chose.float().mean() > 0.2, "too short to exercise the top-n choice"
     assert torch.equal(aux["block_count"], r_aux["block_count"])
     assert set(aux) == set(r_aux)
     tol = TOLERANCE[dtype]
