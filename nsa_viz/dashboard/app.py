@@ -475,10 +475,16 @@ class Dashboard:
                 self.tune_note.value = message_html("computing what NSA selects on the recorded layers …", "info")
                 return
             rkey = (st["key"], pattern)
-            table, density = self.recalls.get(rkey) or self.recalls.put(
-                rkey, (compute.recall_from_compare(nsa_rec, pattern.label),
-                       compute.nsa_tiles(nsa_rec, layer, pattern)[1]))
-            tiles, layer_density = compute.nsa_tiles(nsa_rec, layer, pattern)
+            hit = self.recalls.get(rkey)
+            if hit is None:  # NSA's density depends on the layer (what it selected there): averaged
+                per_layer = [compute.nsa_tiles(nsa_rec, i, pattern)[1] for i in st["layers"]]
+                hit = self.recalls.put(rkey, (compute.recall_from_compare(nsa_rec, pattern.label),
+                                              sum(per_layer) / len(per_layer)))
+            table, density = hit
+            group = None if head == -1 else head // (st["rec"].layers[layer].num_q_heads // st["rec"].layers[layer].num_kv_heads)
+            tkey = ("nsa-tiles", st["key"], pattern, layer, group)
+            tiles, layer_density = self.figures.get(tkey) or self.figures.put(
+                tkey, compute.nsa_tiles(nsa_rec, layer, pattern, group=group))
         else:
             rkey = (st["key"], pattern)
             hit = self.recalls.get(rkey)

@@ -149,6 +149,14 @@ def start_server(args, *, log=None):
     return proc, url
 
 
+def can_open_browser() -> bool:
+    """A graphical session to open a browser in: on a headless machine Python's ``webbrowser`` would start a
+    text-mode browser in this terminal, or a graphical one that fails; the URL printed is enough there."""
+    if sys.platform in ("darwin", "win32"):
+        return True
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
 def run(args) -> int:
     import signal
 
@@ -168,7 +176,7 @@ def run(args) -> int:
             proc.terminate()
             return 1
         print(f"\nnsa-viz dashboard: {url}  (Ctrl+C stops it)\n", flush=True)
-        if not args.no_browser:
+        if not args.no_browser and can_open_browser():
             import webbrowser
 
             webbrowser.open(url)
