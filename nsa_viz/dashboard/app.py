@@ -47,6 +47,18 @@ def repository_root() -> Path:
     return here if (here / "benchmarks").is_dir() else Path.cwd()
 
 
+def _one_at_a_time(method):
+    """Draws run one at a time: widget events (kernel thread) and finished jobs (worker thread) both draw."""
+    import functools
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 def figure_output(fig) -> dict:
     """A plotly figure as one display output (the plotly MIME type that Voila and JupyterLab render)."""
     import plotly.io as pio
@@ -370,6 +382,7 @@ class Dashboard:
         self.progress.bar_style = "danger"
         self.set_message(_describe(exc), "error")
 
+    @_one_at_a_time
     def _after_capture(self) -> None:
         st = self.state
         rec = st["rec"]
@@ -449,6 +462,7 @@ class Dashboard:
         for w in (self.w_window, self.w_sink, self.w_stride, self.w_dil_block, self.w_top_n, self.w_nsa_block):
             w.layout.display = "" if w in visible else "none"
 
+    @_one_at_a_time
     def draw_tuner(self) -> None:
         if self._quiet or self.state is None:
             return
@@ -541,6 +555,7 @@ class Dashboard:
                            label="NSA selections")
         return None
 
+    @_one_at_a_time
     def draw_explorer(self) -> None:
         if self._quiet or self.state is None:
             return
@@ -597,6 +612,7 @@ class Dashboard:
                 f"spread over all blocks)</p>{table}")
 
     # ================================================================== audit
+    @_one_at_a_time
     def draw_audit(self) -> None:
         if self._quiet or self.state is None:
             return
@@ -661,6 +677,7 @@ class Dashboard:
 
         self.worker.submit("audit", job, done, self._job_failed, label="locality audit")
 
+    @_one_at_a_time
     def draw_audit_result(self) -> None:
         result = self.audit_result
         if result is None:
@@ -752,6 +769,7 @@ class Dashboard:
         self.w_t_view.value = views[0][1]
         self.draw_tradeoffs()
 
+    @_one_at_a_time
     def draw_tradeoffs(self) -> None:
         if self.w_t_view.value is None or self.w_t_source.value is None:
             return

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import threading
 from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
@@ -421,24 +422,27 @@ class ResultCache:
     def __init__(self, size: int = 32):
         self.size = size
         self._items: "OrderedDict[object, object]" = OrderedDict()
+        self._lock = threading.Lock()  # the page's thread and the worker's both use it
         self.hits = self.misses = 0
 
     def get(self, key, default=None):
-        if key in self._items:
-            self._items.move_to_end(key)
-            self.hits += 1
-            return self._items[key]
-        self.misses += 1
-        return default
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                self.hits += 1
+                return self._items[key]
+            self.misses += 1
+            return default
 
     def __contains__(self, key) -> bool:
         return key in self._items
 
     def put(self, key, value):
-        self._items[key] = value
-        self._items.move_to_end(key)
-        while len(self._items) > self.size:
-            self._items.popitem(last=False)
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
         return value
 
     def __len__(self) -> int:
