@@ -35,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-browser", action="store_true", help="do not open a web browser, only print the URL")
     p.add_argument("--model", default=None, help="local model folder or .gguf file (default: embedded SmolLM2-135M)")
     p.add_argument("--dataset", default="docs", choices=DATASETS + (FILE,), help="text to record (default: docs)")
-    p.add_argument("--file", default="", help="a UTF-8 text file (with --dataset file)")
+    p.add_argument("--file", default="", help="a UTF-8 text file, a folder of them or a JSONL (with --dataset file)")
     p.add_argument("--tokens", type=int, default=512, help="text length in tokens (default 512: seconds on a CPU)")
     p.add_argument("--layers", default="", help="layers to record, e.g. '0, 9, 19, 29' (default: 4 spread)")
     p.add_argument("--block", type=int, default=32, choices=(16, 32, 64), help="block size of the maps (default 32)")
