@@ -581,6 +581,10 @@ def to_token_length(dataset: Dataset, tokenizer, length: int, *, n: Optional[int
         samples += r
     if n is not None:
         samples = samples[:n]
+    used = {sp.source for s in samples for sp in s.spans}
+    # a short document queued for packing but not needed (enough longer ones) was not used after all
+    short = [(src, cnt, what if what != "packed" or src in used else "not used (enough longer documents)")
+             for src, cnt, what in short]
     if not samples:
         raise DataError(f"{dataset.name}: no sample of {length} tokens can be made ({len(short)} documents are "
                         f"shorter{'; try mode=pack' if mode == 'cut' else ''})")

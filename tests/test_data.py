@@ -189,6 +189,8 @@ def test_pack_and_auto(char_tokenizer):
     assert auto.samples[0].spans[0].source == "texts[2]" and len(auto.samples[0].spans) == 1
     assert any(s.meta.get("packed") for s in auto)
     assert "shorter than 8 tokens (3 packed" in auto.report()
+    one = ds.tokenize(char_tokenizer, 8, n=1, mode="auto", seed=0)  # the long document suffices
+    assert {s for _, _, s in one.short} <= {"not used (enough longer documents)"}
 
 
 def test_tokenize_with_real_corpus(char_tokenizer):
