@@ -63,7 +63,7 @@ class LayerRecord:
       mass on the selected blocks alone, window excluded), ``gates [B, Tq, HQ, 3]`` when gated.
       For NSA the pattern maps and ``recall`` describe one softmax over selected blocks ∪ window (what
       ``union`` computes; for ``gated`` the keys its branches may read).
-    - ``nsa_params``: the NSA pattern's parameters.
+    - ``nsa_params``: the NSA pattern's parameters (per group as ``nsa_params["g<k>"]`` for per-group patterns).
     """
 
     layer: int
@@ -340,7 +340,11 @@ class Recorder:
                     prefix = f"g{sl.start}." if per_group else ""
                     nsa_out = dict(nsa_out or {})
                     nsa_out.update({prefix + name: t for name, t in keep.items()})
-                    nsa_params = _nsa_params(pat)
+                    nsa_params = dict(nsa_params or {})
+                    if per_group:
+                        nsa_params[f"g{sl.start}"] = _nsa_params(pat)  # groups may run different NSA settings
+                    else:
+                        nsa_params.update(_nsa_params(pat))
                 else:
                     st = attention_mass_stats(qg, kg, block=blk, scale=scale, causal=True, layout=info["layout"],
                                               rows=rows)
@@ -588,7 +592,7 @@ def _nsa_sources(lr: LayerRecord, compare_params: dict):
             dot = f"{pre}." if pre else ""
             keep = {k[len(dot):]: t for k, t in lr.nsa.items() if k.startswith(dot) and (pre or "." not in k)}
             if "block_idx" in keep:
-                out.append(("pattern", int(pre[1:]) if pre else 0, keep, params))
+                out.append(("pattern", int(pre[1:]) if pre else 0, keep, params.get(pre, params) if pre else params))
     for label, keep in (lr.compare_nsa or {}).items():
         out.append((label, 0, keep, compare_params.get(label, {})))
     return out

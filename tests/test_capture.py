@@ -273,11 +273,16 @@ def test_nsa_recording_save_load_and_budget(tiny_llama, tmp_path):
 @needs_nsa
 def test_per_group_nsa_is_recorded_per_group(tiny_llama):
     x = random_ids(1, 64, seed=4)
-    with torch.no_grad(), apply_pattern(tiny_llama, {0: {1: NSA_SMALL}}), capture(tiny_llama, layers=[0]) as rec:
+    other = NSA(block=16, top_n=2, window=8, cmp_block=16, cmp_stride=8, init_blocks=1, local_blocks=1)
+    with torch.no_grad(), apply_pattern(tiny_llama, {0: {1: NSA_SMALL}, 1: {0: other, 1: NSA_SMALL}}), \
+            capture(tiny_llama) as rec:
         tiny_llama(x)
     lr = rec.layers[0]
     assert set(lr.nsa) == {"g1.block_idx", "g1.block_count", "g1.importance", "g1.recall_selected"}
     assert lr.nsa["g1.block_idx"].shape == (1, 1, 64, 3)
     torch.testing.assert_close(lr.recall[:, :2], torch.ones(1, 2, 64))  # group 0 dense
+    assert rec.layers[1].nsa_params["g0"]["top_n"] == 2 and rec.layers[1].nsa_params["g1"]["top_n"] == 3
+    assert int((rec.layers[1].nsa["g0.block_idx"] >= 0).sum(-1).max()) == 2
     stats = selection_stats(rec)
-    assert stats.kv_group.tolist() == [1]
+    assert stats[["layer", "kv_group"]].values.tolist() == [[0, 1], [1, 0], [1, 1]]
+    assert stats.mean_block_count.iloc[1] <= 2 < stats.mean_block_count.iloc[2]
