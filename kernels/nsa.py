@@ -3,11 +3,14 @@
 ``nsa_attention`` runs, in order:
 
 1. compression: ``compress_mean`` (training-free) or the caller's learnable ``compress``;
-2. ``compressed_attention`` (the compressed branch; only its LSE is needed for ``union``);
+2. ``compressed_attention`` for ``gated`` (its output is a branch), ``compressed_lse`` for ``union``
+   (the compressed branch only scores blocks there: no values read);
 3. ``selection_importance``: eq. 9 importance of each selection block, summed over the GQA group;
-4. ``select_blocks``: top-n with the forced initial and local blocks, deterministic ties;
+4. top-n with the forced initial and local blocks, deterministic ties (``nsa_topk.pick_top_blocks``;
+   ``select_blocks`` is the same step as a public function);
 5. attention over the selected blocks and the window: one softmax (``union``) or three gated
-   branches (``gated``: ``g_cmp*o_cmp + g_slc*o_slc + g_win*o_win``).
+   branches (``gated``: ``g_cmp*o_cmp + g_slc*o_slc + g_win*o_win``, fused in ``gated_combine`` so
+   that no float32 copy of a branch output is kept for backward).
 
 Every step dispatches to Triton or to its PyTorch reference by ``backend``. With
 ``granularity="block"`` all queries of a query block share one selection, so the selected tiles
@@ -23,14 +26,17 @@ import math
 from typing import Optional
 
 import torch
+import triton
+import triton.language as tl
 
 from . import block_sparse_attention, resolve_backend
 from .checks import check_qkv
 from .layout import EMPTY, BlockLayout, TokenRule, layout_from_rule
-from .nsa_compressed import compressed_attention, selection_importance
+from .nsa_compressed import compressed_attention, compressed_lse, selection_importance
 from .nsa_ref import (GRANULARITIES, check_compressed, check_gates, check_nsa_params, num_compressed_blocks,
                       split_compress)
 from .nsa_selected import selected_attention, window_layout
+from .nsa_topk import pick_top_blocks
 
 # Block granularity runs the selected tiles through the block-sparse kernel when the layout can express them
 # (tests switch this off to cover the per-token path with block granularity too).
@@ -114,6 +120,7 @@ def _rank_and_pick(scores: torch.Tensor, cur_block: torch.Tensor, top_n: int, in
 
 def _pick_in_chunks(scores: torch.Tensor, cur_block: torch.Tensor, top_n: int, init_blocks: int,
                     local_blocks: int) -> torch.Tensor:
+    """The PyTorch ranking (oracle of ``nsa_topk.pick_top_blocks``), rows in chunks to bound the int64 keys."""
     b, h, rows, nsel = scores.shape
     step = max(1, SELECT_CHUNK_BYTES // max(1, b * h * nsel * 8 * 3))
     if rows <= step:
@@ -152,7 +159,8 @@ def query_block_importance(importance: torch.Tensor, q_start: int, block: int,
 
 def select_blocks(importance: torch.Tensor, *, top_n: int, block: int, init_blocks: int = 1, local_blocks: int = 2,
                   q_positions: Optional[torch.Tensor] = None, kv_len: Optional[int] = None,
-                  granularity: str = "token", prefix: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  granularity: str = "token", prefix: Optional[torch.Tensor] = None,
+                  backend: str = "auto") -> torch.Tensor:
     """Selected blocks ``[B, HKV, Tq, top_n]`` int32 from ``importance [B, HKV, Tq, NSEL]`` (float32).
 
     Query ``i`` sits at ``q_positions[i]`` (default ``kv_len - Tq + i``); it sees blocks ``s`` with
@@ -161,7 +169,7 @@ def select_blocks(importance: torch.Tensor, *, top_n: int, block: int, init_bloc
     visible blocks than ``top_n`` are all chosen. Rows are sorted ascending and padded with -1.
     ``granularity="block"``: one selection per query block of ``block`` positions, from the importance
     summed over its queries (plus ``prefix``, see ``query_block_importance``); positions must then be
-    consecutive."""
+    consecutive. ``backend``: the ranking runs in Triton (``nsa_topk``) or in PyTorch (the oracle)."""
     check_nsa_params(block=block, top_n=top_n, window=0, cmp_block=block, cmp_stride=block, init_blocks=init_blocks,
                      local_blocks=local_blocks, combine="union", granularity=granularity)
     if not isinstance(importance, torch.Tensor) or importance.dim() != 4 or not importance.is_floating_point():
@@ -175,14 +183,16 @@ def select_blocks(importance: torch.Tensor, *, top_n: int, block: int, init_bloc
     if tuple(q_positions.shape) != (tq,):
         raise ValueError(f"q_positions must have shape [Tq] = [{tq}], got {tuple(q_positions.shape)}")
     if granularity == "token":
-        return _pick_in_chunks(importance, q_positions // block, top_n, init_blocks, local_blocks)
+        return pick_top_blocks(importance, q_positions // block, top_n=top_n, init_blocks=init_blocks,
+                               local_blocks=local_blocks, backend=backend)
     q_start = int(q_positions[0])
     if tq and not torch.equal(q_positions, torch.arange(q_start, q_start + tq, device=importance.device)):
         raise ValueError("granularity='block' needs consecutive q_positions")
     per_block = query_block_importance(importance, q_start, block, prefix)
     first = q_start // block
     blocks = torch.arange(first, first + per_block.shape[2], device=importance.device)
-    chosen = _pick_in_chunks(per_block, blocks, top_n, init_blocks, local_blocks)
+    chosen = pick_top_blocks(per_block, blocks, top_n=top_n, init_blocks=init_blocks, local_blocks=local_blocks,
+                             backend=backend)
     return chosen[:, :, q_positions // block - first]
 
 
@@ -214,6 +224,83 @@ def selection_layout(chosen: torch.Tensor, q_len: int, kv_len: int, block: int, 
     return BlockLayout(q_len, kv_len, block, block, cls.to(torch.int8).contiguous(), rule, name="nsa_selection")
 
 
+# --------------------------------------------------------------------------- gated combination
+@triton.jit
+def _gate_fwd_kernel(G, O1, O2, O3, OUT, n_rows, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, HEAD_DIM)
+    rmask = rows < n_rows
+    at = rows[:, None].to(tl.int64) * HEAD_DIM + cols[None, :]
+    g1 = tl.load(G + rows.to(tl.int64) * 3, mask=rmask, other=0.0).to(tl.float32)[:, None]
+    g2 = tl.load(G + rows.to(tl.int64) * 3 + 1, mask=rmask, other=0.0).to(tl.float32)[:, None]
+    g3 = tl.load(G + rows.to(tl.int64) * 3 + 2, mask=rmask, other=0.0).to(tl.float32)[:, None]
+    acc = g1 * tl.load(O1 + at, mask=rmask[:, None], other=0.0).to(tl.float32)
+    acc += g2 * tl.load(O2 + at, mask=rmask[:, None], other=0.0).to(tl.float32)
+    acc += g3 * tl.load(O3 + at, mask=rmask[:, None], other=0.0).to(tl.float32)
+    tl.store(OUT + at, acc.to(OUT.dtype.element_ty), mask=rmask[:, None])
+
+
+@triton.jit
+def _gate_grad_one(G, O, D, DG, i: tl.constexpr, rows, at, rmask, do):
+    g = tl.load(G + rows.to(tl.int64) * 3 + i, mask=rmask, other=0.0).to(tl.float32)
+    o = tl.load(O + at, mask=rmask[:, None], other=0.0).to(tl.float32)
+    tl.store(D + at, (g[:, None] * do).to(D.dtype.element_ty), mask=rmask[:, None])
+    tl.store(DG + rows.to(tl.int64) * 3 + i, tl.sum(do * o, axis=1).to(DG.dtype.element_ty), mask=rmask)
+
+
+@triton.jit
+def _gate_bwd_kernel(G, O1, O2, O3, DO, DG, D1, D2, D3, n_rows, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr):
+    """d o_i = g_i * dout; d g_i = <dout, o_i> over the head dimension (float32)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, HEAD_DIM)
+    rmask = rows < n_rows
+    at = rows[:, None].to(tl.int64) * HEAD_DIM + cols[None, :]
+    do = tl.load(DO + at, mask=rmask[:, None], other=0.0).to(tl.float32)
+    _gate_grad_one(G, O1, D1, DG, 0, rows, at, rmask, do)
+    _gate_grad_one(G, O2, D2, DG, 1, rows, at, rmask, do)
+    _gate_grad_one(G, O3, D3, DG, 2, rows, at, rmask, do)
+
+
+GATE_ROWS = 16  # rows of [head_dim] per program of the gate kernels (elementwise: any size is fine)
+
+
+class _GatedCombine(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gates, o1, o2, o3):
+        gates, o1, o2, o3 = (t.contiguous() for t in (gates, o1, o2, o3))
+        d = o1.shape[-1]
+        rows = o1.numel() // d
+        out = torch.empty_like(o1)
+        _gate_fwd_kernel[(triton.cdiv(rows, GATE_ROWS),)](gates, o1, o2, o3, out, rows, HEAD_DIM=d, BLOCK_R=GATE_ROWS)
+        ctx.save_for_backward(gates, o1, o2, o3)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        gates, o1, o2, o3 = ctx.saved_tensors
+        dout = dout.contiguous()
+        d = o1.shape[-1]
+        rows = o1.numel() // d
+        dg = torch.empty_like(gates)
+        d1, d2, d3 = torch.empty_like(o1), torch.empty_like(o2), torch.empty_like(o3)
+        _gate_bwd_kernel[(triton.cdiv(rows, GATE_ROWS),)](gates, o1, o2, o3, dout, dg, d1, d2, d3, rows, HEAD_DIM=d,
+                                                           BLOCK_R=GATE_ROWS)
+        return dg, d1, d2, d3
+
+
+def gated_combine(gates: torch.Tensor, o_cmp: torch.Tensor, o_slc: torch.Tensor, o_win: torch.Tensor, *,
+                  backend: str = "auto") -> torch.Tensor:
+    """``g_cmp*o_cmp + g_slc*o_slc + g_win*o_win`` with ``gates [B, Tq, HQ, 3]`` and branch outputs
+    ``[B, Tq, HQ, D]``, summed in float32 and rounded once to the outputs' dtype. Differentiable in all four.
+    The Triton form keeps no float32 copies (the PyTorch form holds several, 4 bytes per element each)."""
+    backend = resolve_backend(backend, o_cmp.device)
+    same = o_cmp.dtype == o_slc.dtype == o_win.dtype and o_cmp.shape == o_slc.shape == o_win.shape
+    if backend == "triton" and same and (o_cmp.shape[-1] & (o_cmp.shape[-1] - 1)) == 0:
+        return _GatedCombine.apply(gates, o_cmp, o_slc, o_win)
+    g = gates.float()
+    return (g[..., 0:1] * o_cmp.float() + g[..., 1:2] * o_slc.float() + g[..., 2:3] * o_win.float()).to(o_cmp.dtype)
+
+
 # --------------------------------------------------------------------------- composition
 def _window_branch(q, k, v, window: int, scale: float, backend: str):
     b, tq, hq, d = q.shape
@@ -237,8 +324,8 @@ def nsa_from_compressed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cmp
     kw = dict(cmp_block=cmp_block, cmp_stride=cmp_stride, scale=scale, kv_len=tk, backend=backend)
     parts = {}
     if combine == "union":
-        with torch.no_grad():  # the compressed branch only scores blocks here
-            _, lse_cmp = compressed_attention(q.detach(), k_cmp.detach(), v_cmp.detach(), **kw)
+        with torch.no_grad():  # the compressed branch only scores blocks here: its LSE is all we need
+            lse_cmp = compressed_lse(q.detach(), k_cmp.detach(), **kw)
     else:
         o_cmp, lse_cmp = compressed_attention(q, k_cmp, v_cmp, **kw)
     importance = selection_importance(q.detach(), k_cmp.detach(), lse_cmp, block=block, **kw)
@@ -246,15 +333,15 @@ def nsa_from_compressed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cmp
 
     q_start = tk - tq
     by_layout = _layout_expresses(granularity, combine, block, window, tq, tk)
+    pick = dict(top_n=top_n, init_blocks=init_blocks, local_blocks=local_blocks, backend=backend)
     with torch.no_grad():
         if granularity == "token":
-            chosen = _pick_in_chunks(importance, torch.arange(q_start, tk, device=q.device) // block, top_n,
-                                     init_blocks, local_blocks)
+            chosen = pick_top_blocks(importance, torch.arange(q_start, tk, device=q.device) // block, **pick)
         else:
             per_block = query_block_importance(importance, q_start, block, block_prefix)
             first = q_start // block
-            chosen = _pick_in_chunks(per_block, torch.arange(first, first + per_block.shape[2], device=q.device),
-                                     top_n, init_blocks, local_blocks)
+            chosen = pick_top_blocks(per_block, torch.arange(first, first + per_block.shape[2], device=q.device),
+                                     **pick)
             parts["chosen_per_block"] = True
             if not by_layout:
                 chosen = chosen[:, :, torch.arange(q_start, tk, device=q.device) // block - first]
@@ -274,8 +361,7 @@ def nsa_from_compressed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cmp
         return out, parts
     o_slc, lse_slc = selected_branch(0)
     o_win, lse_win = _window_branch(q, k, v, window, scale, backend)
-    g = gates.float()
-    out = (g[..., 0:1] * o_cmp.float() + g[..., 1:2] * o_slc.float() + g[..., 2:3] * o_win.float()).to(q.dtype)
+    out = gated_combine(gates, o_cmp, o_slc, o_win, backend=backend)
     parts.update(o_cmp=o_cmp, o_slc=o_slc, o_win=o_win, lse_cmp=lse_cmp, lse_slc=lse_slc, lse_win=lse_win)
     return out, parts
 
@@ -332,4 +418,4 @@ def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block: i
 
 
 __all__ = ["nsa_attention", "compress_mean", "compress_kv", "select_blocks", "query_block_importance",
-           "selection_layout", "nsa_from_compressed", "GRANULARITIES"]
+           "selection_layout", "gated_combine", "nsa_from_compressed", "GRANULARITIES"]
