@@ -179,7 +179,8 @@ def _lr_at(step: int, cfg) -> float:
 
 def summarize_stats(stats: Dict[int, dict]) -> dict:
     """One row of guard figures from per-layer statistics (:meth:`NSARetrofit.stats`): means over layers,
-    and the layers whose selection collapsed or whose gates saturated."""
+    the worst layer's ``window_like_max`` and ``pick_entropy_ratio_min``, and the layers whose selection
+    looks collapsed or whose gates saturated."""
     if not stats:
         return {}
     rows = list(stats.values())
@@ -189,6 +190,9 @@ def summarize_stats(stats: Dict[int, dict]) -> dict:
         vals = [r[key] for r in rows if key in r]
         if vals:
             out[key] = float(sum(vals) / len(vals))
+    if any("window_like" in r for r in rows):
+        out["window_like_max"] = max(r.get("window_like", 0.0) for r in rows)
+        out["pick_entropy_ratio_min"] = min(r.get("pick_entropy_ratio", 1.0) for r in rows)
     out["collapsed_layers"] = sorted(int(i) for i, r in stats.items() if r.get("collapsed"))
     out["saturated_layers"] = sorted(int(i) for i, r in stats.items() if r.get("gates_saturated"))
     return out
@@ -197,9 +201,9 @@ def summarize_stats(stats: Dict[int, dict]) -> dict:
 def _guard_warning(step: int, summary: dict) -> Optional[str]:
     msgs = []
     if summary.get("collapsed_layers"):
-        msgs.append(f"selection collapsed in layers {summary['collapsed_layers']} (window_like "
-                    f"{summary.get('window_like', 0):.2f}, pick entropy ratio {summary.get('pick_entropy_ratio', 1):.2f}); "
-                    "consider entropy_weight > 0")
+        msgs.append(f"selection looks collapsed in layers {summary['collapsed_layers']} (worst layer: window_like "
+                    f"{summary.get('window_like_max', 0):.2f}, pick entropy ratio "
+                    f"{summary.get('pick_entropy_ratio_min', 1):.2f}); consider entropy_weight > 0")
     if summary.get("saturated_layers"):
         msgs.append(f"gates saturated in layers {summary['saturated_layers']}; lower the learning rate")
     return f"step {step}: " + "; ".join(msgs) if msgs else None
