@@ -35,12 +35,16 @@ from .layout import EMPTY, BlockLayout, TokenRule, layout_from_rule
 from .nsa_compressed import compressed_attention, compressed_lse, selection_importance
 from .nsa_ref import (GRANULARITIES, check_compressed, check_gates, check_nsa_params, num_compressed_blocks,
                       split_compress)
+from .nsa_decode_kernels import selected_window_decode
 from .nsa_selected import selected_attention, window_layout
 from .nsa_topk import pick_top_blocks
 
 # Block granularity runs the selected tiles through the block-sparse kernel when the layout can express them
 # (tests switch this off to cover the per-token path with block granularity too).
 BLOCK_GRANULARITY_VIA_LAYOUT = True
+# At most this many queries without gradient run the split-key decode kernels (their partial buffers grow with
+# the number of queries, see nsa_decode_kernels).
+DECODE_MAX_QUERIES = 16
 # Bytes of the int64 ranking keys that select_blocks materialises at once (rows are processed in chunks).
 SELECT_CHUNK_BYTES = 256 * 2**20
 _FLOAT_INF_BITS = 0x7F800000  # bit pattern of +inf in float32: above every finite importance
@@ -332,7 +336,11 @@ def nsa_from_compressed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cmp
     parts["importance"] = importance
 
     q_start = tk - tq
-    by_layout = _layout_expresses(granularity, combine, block, window, tq, tk)
+    # a few queries with no gradient (decoding) take the split-key kernels: one token alone would leave
+    # the per-token kernels with HKV programs walking all its keys serially
+    few_queries = tq <= DECODE_MAX_QUERIES and not (torch.is_grad_enabled() and any(
+        t.requires_grad for t in (q, k, v)))
+    by_layout = not few_queries and _layout_expresses(granularity, combine, block, window, tq, tk)
     pick = dict(top_n=top_n, init_blocks=init_blocks, local_blocks=local_blocks, backend=backend)
     with torch.no_grad():
         if granularity == "token":
@@ -349,6 +357,9 @@ def nsa_from_compressed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cmp
     parts["chosen"] = chosen
 
     def selected_branch(with_window: int):
+        if few_queries:
+            return selected_window_decode(q, k, v, chosen, block=block, scale=scale, window=with_window,
+                                          backend=backend)
         if by_layout:
             layout = selection_layout(chosen, tq, tk, block, with_window)
             out, lse = block_sparse_attention(q, k, v, layout, scale, backend=backend, return_lse=True)
@@ -360,7 +371,12 @@ def nsa_from_compressed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cmp
         parts["lse"] = lse
         return out, parts
     o_slc, lse_slc = selected_branch(0)
-    o_win, lse_win = _window_branch(q, k, v, window, scale, backend)
+    if few_queries and window > 0:  # the window alone: no selected slot, split-key window parts
+        nothing = torch.full((*chosen.shape[:3], 1), -1, dtype=torch.int32, device=q.device)
+        o_win, lse_win = selected_window_decode(q, k, v, nothing, block=block, scale=scale, window=window,
+                                                backend=backend)
+    else:
+        o_win, lse_win = _window_branch(q, k, v, window, scale, backend)
     out = gated_combine(gates, o_cmp, o_slc, o_win, backend=backend)
     parts.update(o_cmp=o_cmp, o_slc=o_slc, o_win=o_win, lse_cmp=lse_cmp, lse_slc=lse_slc, lse_win=lse_win)
     return out, parts

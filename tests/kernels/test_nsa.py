@@ -275,3 +275,18 @@ def test_no_aux_returns_the_output_alone():
     q, k, v = make_qkv(1, 40, 40, 2, 1, 32)
     out = nsa_attention(q, k, v, **SMALL, backend="reference")
     assert isinstance(out, torch.Tensor) and out.shape == q.shape
+
+
+@pytest.mark.parametrize("combine", ["union", "gated"])
+def test_few_queries_without_gradient_take_the_decode_kernels(combine):
+    # Tq <= nsa.DECODE_MAX_QUERIES and no gradient: split-key selected/window kernels, same result
+    q, k, v = (torch.randn(2, t, h, 32) for t, h in ((5, 9), (90, 3), (90, 3)))
+    gates = torch.rand(2, 5, 9, 3) if combine == "gated" else None
+    kw = dict(SMALL, combine=combine, gates=gates, return_aux=True)
+    with torch.no_grad():
+        out, aux = nsa_attention(q, k, v, **kw, backend="triton")
+        want, want_aux = nsa_attention_reference(q, k, v, **kw)
+    assert torch.equal(aux["block_idx"], want_aux["block_idx"])
+    assert rel_err(out, want) < TOLERANCE[torch.float32]
+    for key in [key for key in aux if key.startswith("lse")]:
+        assert rel_err(aux[key], want_aux[key]) < TOLERANCE[torch.float32], key
