@@ -9,10 +9,12 @@ block, because all queries of a block share one selection scored by all of them.
 ``nsa_decode(q_new, k_cache, v_cache, cache, **nsa_kwargs)`` gives exactly the last ``Tnew`` rows of
 ``nsa_attention`` over the whole sequence (``k_cache``/``v_cache`` include the new tokens), provided
 every query of the sequence went through ``nsa_decode`` with this cache (a prefill is simply a call
-whose queries are the whole prompt). It runs the same primitives as ``nsa_attention`` with
-``Tq = Tnew`` (the Triton kernels on CUDA): the per-token selected-attention kernel, the window
-through the block-sparse kernel, compressed attention over the cached compressed keys. There is no
-decode-specific split-key kernel yet.
+whose queries are the whole prompt). It runs ``nsa.nsa_from_compressed`` on the cached compressed
+keys with ``Tq = Tnew``; up to ``nsa.DECODE_MAX_QUERIES`` queries without gradient take the
+decode-shaped Triton kernels (flash-decoding: ``nsa_decode_kernels.selected_window_decode`` splits
+one token's selected blocks and window over programs; the importance and top-n kernels split their
+columns when few rows run), so one token's cost is bound by the bytes it reads, not by a handful of
+serial programs.
 
 The cache holds no autograd graph (decoding is inference): gradients of a decode step reach q, k, v
 and the gates, not the compression's parameters.
