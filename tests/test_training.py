@@ -230,6 +230,9 @@ def test_retrofit_installs_disables_and_restores_exactly():
         assert (sparse - dense).abs().max() > 1e-3
         with pytest.raises(RuntimeError, match="already installed"):
             retro.install(model)
+        # generation with a KV cache: the new query sits at the end of the keys, gates see its hidden state
+        gen = model.generate(ids[:1, :40], max_new_tokens=3, do_sample=False)
+        assert gen.shape == (1, 43)
         with pytest.raises(ValueError, match="padded"), torch.no_grad():
             model(ids, attention_mask=torch.tensor([[0] * 5 + [1] * 75, [1] * 80]))
     assert model.config._attn_implementation == "sdpa"
