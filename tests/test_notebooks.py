@@ -49,3 +49,8 @@ def test_notebook_runs(path, monkeypatch):
     except CellExecutionError as exc:
         pytest.fail(f"{path.name} failed:\n{exc}", pytrace=False)
     print(f"{path.name}: {time.perf_counter() - t0:.0f} s")
+    # a failure while *displaying* a result (e.g. a formatter's missing dependency) leaves an error output
+    # without failing the cell: look for those too
+    shown = [(i, o.get("ename"), o.get("evalue")) for i, c in enumerate(nb.cells) if c.cell_type == "code"
+             for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not shown, f"{path.name}: error outputs in cells {shown}"
