@@ -52,6 +52,8 @@ SCHEMA = {
     "device": "device name: the GPU model, or 'cpu: <model> (<n> threads)'", "device_type": "cuda | cpu",
     "torch": "torch version", "triton": "triton version (None if absent)", "transformers": "transformers version",
     "python": "python version", "mode": "quick | full | custom",
+    "load_avg": "the machine's 1-minute load average when the run started: above its core count, other "
+                "processes were slowing the timings down",
     # what was measured
     "level": "kernel (attention op alone) | model (whole model with the pattern in every layer)",
     "op": "pattern family: dense | sliding_window | global_local | dilated | nsa | custom | block_sparse",
@@ -62,7 +64,7 @@ SCHEMA = {
     "model": "model name (model level)", "dataset": "text the accuracy was measured on",
     "B": "batch size", "T": "sequence length (prefill, fwd, accuracy) or KV-cache length (decode)",
     "HQ": "query heads", "HKV": "key/value heads", "D": "head dim", "dtype": "tensor dtype",
-    "pass": "fwd | fwd_bwd | decode | max_batch (kernel); prefill | generate | max_batch | accuracy | passkey (model)",
+    "pass": "fwd | fwd_bwd | decode (kernel); prefill | generate | max_batch | accuracy | passkey (model)",
     "new_tokens": "tokens generated per sequence (generate)",
     # measurements
     "ms": "median milliseconds per call (after warm-up, device synchronised); generate: per decode step",
@@ -71,14 +73,15 @@ SCHEMA = {
     "peak_mem_mb": "peak memory during one call: CUDA max_memory_allocated, or the CPU process's peak RSS (mem_kind)",
     "mem_delta_mb": "peak minus what was in use just before the call: what the call itself added",
     "mem_kind": "cuda_max_allocated | cpu_process_peak_rss",
-    "max_batch": "largest batch whose fwd+bwd (kernel) or prefill (model) fits in GPU memory",
+    "max_batch": "largest batch whose prefill (model, KV cache kept) fits in GPU memory",
     "density": "fraction of the causal (query, key) area the pattern attends to (NSA: upper bound)",
     "ppl": "perplexity", "ppl_delta": "perplexity minus dense perplexity on the same tokens",
     "kl": "mean KL(dense || pattern) of next-token distributions, nats",
     "top1_agree": "fraction of positions where the pattern's top-1 token equals dense's",
     "passkey_acc": "fraction of passkey prompts answered exactly", "n_eval": "tokens or prompts evaluated",
     "status": "ok | oom | unsupported | failed", "note": "why a row failed, or what to know about it",
-    # derived against the dense baseline of the same run and shape (add_derived)
+    # derived by add_derived: a legend label, and columns against the dense baseline of the same run and shape
+    "label": "short label for legends: 'dense (<impl>)', or op(parameters that differ from the defaults)",
     "speedup_vs_dense": "dense ms / ms, or tokens_per_s / dense tokens_per_s: > 1 means faster than dense",
     "mem_vs_dense": "peak_mem_mb / dense peak_mem_mb", "max_batch_vs_dense": "max_batch / dense max_batch",
     "crossover_T": "smallest length from which this series beats dense at every larger measured length "
@@ -132,9 +135,13 @@ def environment(device=None) -> dict:
     dev = resolve_device(device)
     name = (torch.cuda.get_device_name(dev) if dev.type == "cuda"
             else f"cpu: {_cpu_name()} ({torch.get_num_threads()} threads)")
+    try:
+        load = round(os.getloadavg()[0], 2)
+    except OSError:
+        load = None
     return {"device": name, "device_type": dev.type, "torch": torch.__version__, "triton": _version("triton"),
             "transformers": _version("transformers"), "python": platform.python_version(),
-            "date": datetime.date.today().isoformat()}
+            "date": datetime.date.today().isoformat(), "load_avg": load}
 
 
 def synchronize(device) -> None:
@@ -540,10 +547,17 @@ class Recorder:
     ``attempt`` turns any exception into a row with a status, so one failure never ends the run."""
 
     def __init__(self, env: Optional[dict] = None, run_id: Optional[str] = None, mode: str = "custom",
-                 verbose: bool = True):
+                 verbose: bool = True, out=None):
         self.common = {**(env or environment()), "run_id": run_id or new_run_id(), "mode": mode}
         self.rows: List[dict] = []
         self.verbose = verbose
+        self.out = Path(out) if out is not None else None
+
+    def save(self) -> None:
+        """With ``out`` set: write this run's rows so far (derived columns included) into that table,
+        replacing its earlier save, so that a run stopped half-way keeps what it measured."""
+        if self.out is not None:
+            append_rows(add_derived(self.rows), self.out)
 
     @property
     def run_id(self) -> str:
@@ -678,15 +692,13 @@ def kernel_attention(pattern: Optional[Pattern], backend: str = "auto"):
 
 def bench_kernels(rec: Recorder, patterns: Iterable, lengths: Iterable[int], *, batch: int = 1, q_heads: int = 9,
                   kv_heads: int = 3, head_dim: int = 64, dtype=None, device=None, passes: Sequence[str] = KERNEL_PASSES,
-                  backend: str = "auto", warmup_ms: float = 100.0, rep_ms: float = 400.0,
-                  max_batch_lengths: Iterable[int] = (), max_batch_cap: int = 1024, seed: int = 0,
+                  backend: str = "auto", warmup_ms: float = 100.0, rep_ms: float = 400.0, seed: int = 0,
                   progress: bool = True) -> List[dict]:
     """Time (median ms) and peak memory of each pattern's attention beside dense SDPA, per length and pass.
 
     ``fwd`` is an inference forward (no autograd graph), ``fwd_bwd`` a forward that records the graph
     plus the backward to q, k and v, ``decode`` one query against a cache of ``T`` keys. Dense and the
-    patterns are measured together at every length, on the same inputs. On CUDA, ``max_batch_lengths``
-    also finds the largest batch whose fwd+bwd fits. Returns the rows added to ``rec``.
+    patterns are measured together at every length, on the same inputs. Returns the rows added to ``rec``.
     """
     dev = resolve_device(device)
     dtype = parse_dtype(dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32))
@@ -697,7 +709,7 @@ def bench_kernels(rec: Recorder, patterns: Iterable, lengths: Iterable[int], *, 
     if not lengths or lengths[0] < 1:
         raise ValueError(f"lengths must be positive integers, got {lengths}")
     start = len(rec.rows)
-    entries = _entries(rec, patterns, "kernel", Entry(None, "dense", "sdpa", "dense (SDPA)", {}))
+    entries = _entries(rec, patterns, "kernel", Entry(None, "dense", "sdpa", "dense (sdpa)", {}))
     shape = dict(level="kernel", HQ=q_heads, HKV=kv_heads, D=head_dim, dtype=_dtype_name(dtype))
     gen = torch.Generator(device=dev).manual_seed(seed)
 
@@ -738,20 +750,7 @@ def bench_kernels(rec: Recorder, patterns: Iterable, lengths: Iterable[int], *, 
                             warmup_ms=warmup_ms, rep_ms=rep_ms)
         del q, k, v, do, q1, qg, kg, vg
         free_memory()
-    if dev.type == "cuda":
-        for t in sorted({int(x) for x in max_batch_lengths}):
-            for e in entries:
-                with rec.attempt(**e.fields(), **shape, T=t, backend=_backend_name(e.pattern, backend, dev, "sdpa"),
-                                 note=f"fwd+bwd, capped at {max_batch_cap}", **{"pass": "max_batch"}) as row:
-                    attn = kernel_attention(e.pattern, backend)
-
-                    def fits(b, attn=attn):
-                        x = [torch.randn(b, h, t, head_dim, device=dev, dtype=dtype, requires_grad=True)
-                             for h in (q_heads, kv_heads, kv_heads)]
-                        out = attn(*x)
-                        torch.autograd.grad(out, x, torch.ones_like(out))
-                        torch.cuda.synchronize(dev)
-                    row["max_batch"] = largest_batch(fits, max_batch_cap)
+        rec.save()
     return rec.rows[start:]
 
 
@@ -876,6 +875,7 @@ def bench_model(rec: Recorder, patterns: Iterable, *, model: Optional[str] = Non
                 row["tokens_per_s"] = batch * (t if row["pass"] == "prefill" else 1) / (row["ms"] / 1e3)
             del ids
             free_memory()
+            rec.save()
         if dev.type == "cuda":
             for t in sorted({int(x) for x in max_batch_lengths}):
                 for e in entries:
@@ -886,6 +886,7 @@ def bench_model(rec: Recorder, patterns: Iterable, *, model: Optional[str] = Non
                                 _prefill(mdl, torch.randint(0, cfg.vocab_size, (b, t), device=dev))
                                 torch.cuda.synchronize(dev)
                             row["max_batch"] = largest_batch(fits, max_batch_cap)
+            rec.save()
     if accuracy:
         bench_accuracy(rec, entries, mdl, tok, fields=fields, lengths=lengths, dataset=dataset,
                        eval_tokens=eval_tokens, passkey_prompts=passkey_prompts, random_weights=random_weights,
@@ -977,6 +978,7 @@ def bench_accuracy(rec: Recorder, entries: List[Entry], model, tokenizer, *, fie
                     row.update(ppl=ppl, ppl_delta=ppl - dense_ppl, kl=float((w * mine["kl_vs_dense"]).sum()),
                                top1_agree=float((w * mine["top1_agree"]).sum()), n_eval=int(mine["tokens"].sum()),
                                note=f"{len(mine)} window(s) of {t} tokens")
+        rec.save()
 
 
 # --------------------------------------------------------------------------- ratios, crossovers, Pareto front
@@ -1041,7 +1043,8 @@ def add_derived(table):
             base.setdefault(_key(r, _SHAPE_KEYS), r)
     series, groups = {}, {}
     for r in rows:
-        r.update(speedup_vs_dense=None, mem_vs_dense=None, max_batch_vs_dense=None, crossover_T=None, pareto=None)
+        r.update(label=short_label(r), speedup_vs_dense=None, mem_vs_dense=None, max_batch_vs_dense=None,
+                 crossover_T=None, pareto=None)
         b = base.get(_key(r, _SHAPE_KEYS))
         if r.get("status") != "ok":
             continue
@@ -1083,7 +1086,7 @@ def crossover_table(table):
         g = g.sort_values("T")
         first, last = g.iloc[0], g.iloc[-1]
         out.append({**{k: first[k] for k in ("run_id", "device", "level", "op", "impl", "pattern", "pass", "model",
-                                             "HQ", "HKV", "D")},
+                                             "HQ", "HKV", "D", "label")},
                     "T_min": first["T"], "speedup_at_T_min": first["speedup_vs_dense"], "T_max": last["T"],
                     "speedup_at_T_max": last["speedup_vs_dense"], "crossover_T": first["crossover_T"]})
     return pd.DataFrame(out)
@@ -1093,12 +1096,12 @@ def crossover_table(table):
 QUICK = dict(  # a CPU, a few minutes on SmolLM2: SmolLM2's attention shape, lengths the reference path can do
     patterns=["window:window=128", "global_local:window=128,sink=32", "dilated:stride=4,block=64,window=128",
               "nsa:block=32,top_n=4,window=64,cmp_block=32,cmp_stride=16"],
-    lengths=[256, 512, 1024, 2048], q_heads=9, kv_heads=3, head_dim=64, dtype="float32", warmup_ms=20.0, rep_ms=100.0,
-    model_lengths=[256, 512, 1024], gen_tokens=8, max_batch_lengths=[], eval_tokens=1024, passkey_prompts=4)
+    lengths=[256, 512, 1024], q_heads=9, kv_heads=3, head_dim=64, dtype="float32", warmup_ms=20.0, rep_ms=100.0,
+    model_lengths=[256, 512], gen_tokens=4, max_batch_lengths=[], eval_tokens=512, passkey_prompts=3)
 FULL = dict(  # a GPU: the lengths where sparse attention matters, the shape of a large GQA model
     patterns=["window:window=512", "global_local:window=512,sink=64", "nsa"],
     lengths=[8192, 16384, 32768, 65536], q_heads=64, kv_heads=4, head_dim=128, dtype="bfloat16", warmup_ms=100.0,
-    rep_ms=400.0, model_lengths=[1024, 2048, 4096, 8192], gen_tokens=32, max_batch_lengths=[8192],
+    rep_ms=400.0, model_lengths=[1024, 2048, 4096, 8192], gen_tokens=16, max_batch_lengths=[8192],
     eval_tokens=16384, passkey_prompts=8)
 LEVELS = ("kernel", "model", "accuracy")
 
@@ -1137,7 +1140,7 @@ def add_arguments(parser) -> None:
     g.add_argument("--dataset", default=None, help="text file for perplexity/KL (default: pydoc_data.topics)")
     g.add_argument("--model-lengths", nargs="+", type=int, help="model-level prompt lengths (speed and accuracy)")
     g.add_argument("--gen-tokens", type=int, help="new tokens per sequence when timing generation")
-    g.add_argument("--max-batch-lengths", nargs="+", type=int, help="lengths at which to find the largest batch (CUDA)")
+    g.add_argument("--max-batch-lengths", nargs="+", type=int, help="model-level lengths at which to find the largest prefill batch (CUDA)")
     g.add_argument("--eval-tokens", type=int, help="tokens of text per length for perplexity/KL")
     g.add_argument("--passkey-prompts", type=int, help="passkey prompts per length")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda[:n]")
@@ -1163,11 +1166,14 @@ def run_bench(args):
     if mode == "full" and device.type == "cpu" and not args.lengths:
         print("[bench] full mode on a CPU runs GPU-sized lengths through the reference path and will be very slow; "
               "use --quick or --lengths", file=sys.stderr)
+    if device.type == "cpu" and (env["load_avg"] or 0) > (os.cpu_count() or 1):
+        print(f"[bench] load average {env['load_avg']} on {os.cpu_count()} cores: other processes will slow these "
+              "timings (dense and patterns are interleaved, so ratios suffer less than times)", file=sys.stderr)
     out = Path(args.out) if args.out else default_results_path(env)
     if out.suffix == "" or out.is_dir():
         out = default_results_path(env, folder=out)
     _format_of(out)
-    rec = Recorder(env, mode=mode)
+    rec = Recorder(env, mode=mode, out=out)
     patterns = []
     for spec in s["patterns"]:
         try:
@@ -1175,13 +1181,11 @@ def run_bench(args):
         except (TypeError, ValueError) as exc:
             rec.add(level="kernel", op=str(spec), impl="nsa_viz", pattern=str(spec), status="unsupported", note=str(exc)[:300])
     progress, t0 = not args.no_progress, time.perf_counter()
-    save = lambda: append_rows(_to_records(add_derived(rec.rows)), out)  # noqa: E731
     if "kernel" in args.levels:
         bench_kernels(rec, patterns, s["lengths"], batch=args.batch, q_heads=s["q_heads"], kv_heads=s["kv_heads"],
                       head_dim=s["head_dim"], dtype=args.dtype or (s["dtype"] if device.type == "cuda" else "float32"),
                       device=device, passes=args.passes, backend=args.backend, warmup_ms=s["warmup_ms"],
-                      rep_ms=s["rep_ms"], max_batch_lengths=s["max_batch_lengths"], seed=args.seed, progress=progress)
-        save()
+                      rep_ms=s["rep_ms"], seed=args.seed, progress=progress)
     if "model" in args.levels or "accuracy" in args.levels:
         bench_model(rec, patterns, model=args.model, lengths=s["model_lengths"], device=device, batch=args.batch,
                     gen_tokens=s["gen_tokens"], max_batch_lengths=s["max_batch_lengths"],
@@ -1189,7 +1193,7 @@ def run_bench(args):
                     random_weights=args.random_weights, dataset=args.dataset, eval_tokens=s["eval_tokens"],
                     passkey_prompts=s["passkey_prompts"], warmup_ms=s["warmup_ms"], rep_ms=s["rep_ms"],
                     backend=args.backend, seed=args.seed, progress=progress)
-    save()
+    rec.save()
     df = add_derived(rec.rows)
     print(f"[bench] run {rec.run_id}: {len(df)} rows ({int((df['status'] != 'ok').sum())} not ok) in "
           f"{time.perf_counter() - t0:.0f} s on {env['device']} -> {out}")
@@ -1204,15 +1208,30 @@ def run_bench(args):
     return df
 
 
-def _label(r: dict) -> str:
-    return str(r.get("pattern") or r.get("op"))
+_KEY_PARAMS = {"sliding_window": ("window",), "global_local": ("window", "sink"), "dilated": ("stride", "block", "window"),
+               "nsa": ("block", "top_n", "window")}
+
+
+def short_label(row: dict) -> str:
+    """``op(key=value, ...)``: the family's key parameters and any other that differs from its default,
+    e.g. ``sliding_window(window=128)``; dense rows keep their label, e.g. ``dense (sdpa)``."""
+    if row.get("is_baseline") in (True, 1, "True", "true"):
+        return str(row.get("pattern") or f"dense ({row.get('impl')})")
+    cls = next((c for c, op in _OPS.items() if op == row.get("op")), None)
+    params = row.get("params") if isinstance(row.get("params"), dict) else None
+    if cls is None or params is None or not dataclasses.is_dataclass(cls):
+        return str(row.get("pattern") or row.get("op"))
+    defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+    key = _KEY_PARAMS.get(row["op"], ())
+    changed = [f"{k}={v}" for k, v in params.items()
+               if k in key or k not in defaults or defaults[k] != (tuple(v) if isinstance(v, list) else v)]
+    return f"{row['op']}({', '.join(changed)})"
 
 
 def summary_text(table) -> str:
     """A printable digest: per level and pass, ms or tokens/s and the speedup over dense per length;
     then accuracy, what failed, and the crossover lengths."""
     df = add_derived(table)
-    df["label"] = [_label(r) for r in df.to_dict("records")]
     lines = []
     speed = df[df["pass"].isin(SPEED_PASSES)]
     for (level, pas), g in speed.groupby(["level", "pass"], sort=False):
@@ -1229,14 +1248,16 @@ def summary_text(table) -> str:
     if len(bad):
         lines.append("\nnot ok")
         for (label, status, note), g in bad.groupby(["label", "status", "note"], sort=False):
-            lines.append(f"  {label[:44]:44s} {status} x{len(g)}: {note}")
+            lines.append(f"  {label[:44]:44s} {status} x{len(g)}: {str(note)[:160]}")
     cross = crossover_table(df)
     if len(cross):
         lines.append("\ncrossover (length from which the pattern beats dense)")
         for r in cross.to_dict("records"):
             c = _num(r["crossover_T"])
-            lines.append(f"  {r['level']:6s} {r['pass']:8s} {str(r['pattern'])[:44]:44s} "
-                         + (f"T≈{c:,.0f}" if c is not None else f"not within T≤{int(r['T_max'])}")
+            where = (f"T≈{c:,.0f}" if c is not None and c > r["T_min"] else
+                     f"already at T={int(r['T_min'])}, the shortest measured" if c is not None else
+                     f"not within T≤{int(r['T_max'])}")
+            lines.append(f"  {r['level']:6s} {r['pass']:8s} {r['label'][:44]:44s} {where}"
                          + f" (speedup {r['speedup_at_T_min']:.2f}x at {int(r['T_min'])}, "
                            f"{r['speedup_at_T_max']:.2f}x at {int(r['T_max'])})")
     return "\n".join(lines)

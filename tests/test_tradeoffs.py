@@ -52,6 +52,42 @@ def test_kernel_rows_schema_values_and_density():
     assert win[(96, "fwd")]["params"] == {"window": 32, "causal": True}
 
 
+def test_rows_are_saved_after_each_length_and_a_resave_replaces_them(tmp_path):
+    out = tmp_path / "tradeoffs_cpu.json"
+    rec = tr.Recorder(verbose=False, out=out)
+    tr.bench_kernels(rec, ["window:window=32"], [64, 96], q_heads=4, kv_heads=2, head_dim=32, passes=("fwd",), **FAST)
+    saved = tr.read_table(out)
+    assert len(saved) == 4 and set(saved["run_id"]) == {rec.run_id}
+    assert saved["speedup_vs_dense"].notna().all()  # derived columns are saved with the rows
+    tr.append_rows(tr.add_derived([_row("other", "dense", 64, 1.0, base=True)]), out)
+    rec.save()  # this run's rows are replaced, the other run's kept
+    assert len(tr.read_table(out)) == 5
+
+
+def test_short_labels_name_only_what_differs_from_the_defaults():
+    rows = tr.add_derived([_row("R", "dense", 64, 1.0, base=True, pattern="dense (sdpa)")])
+    assert tr.short_label(rows.iloc[0].to_dict()) == "dense (sdpa)"
+    nsa = tr.parse_pattern("nsa:block=32,top_n=4")
+    row = {"op": tr.pattern_op(nsa), "params": tr.pattern_params(nsa), "pattern": nsa.label}
+    assert tr.short_label(row) == "nsa(block=32, top_n=4, window=512)"
+    row["params"] = tr.pattern_params(tr.parse_pattern("nsa:granularity=block"))
+    assert tr.short_label(row) == "nsa(block=64, top_n=16, window=512, granularity=block)"
+    gl = tr.parse_pattern("global_local:window=128,sink=32")
+    assert tr.short_label({"op": "global_local", "params": tr.pattern_params(gl)}) == "global_local(window=128, sink=32)"
+
+
+@pytest.mark.slow
+def test_random_weight_smollm2_has_the_real_architecture(smollm2):
+    real = smollm2[0].config
+    model, tok = tr.load_bench_model("smollm2", "cpu", random_weights=True)
+    assert tok is None
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "max_position_embeddings", "tie_word_embeddings", "hidden_act"):
+        assert getattr(model.config, key) == getattr(real, key), key
+    assert model.config.rope_parameters["rope_theta"] == real.rope_parameters["rope_theta"]
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in smollm2[0].parameters())
+
+
 def test_parse_pattern_and_clear_errors():
     assert tr.parse_pattern("window:window=128") == SlidingWindow(128)
     nsa = tr.parse_pattern("nsa:block=32,top_n=4,granularity=block")
