@@ -672,20 +672,43 @@ def _dtype_name(dtype) -> str:
 
 
 # --------------------------------------------------------------------------- kernel level
-def kernel_attention(pattern: Optional[Pattern], backend: str = "auto"):
+def kernel_attention(pattern: Optional[Pattern], backend: str = "auto", decode: bool = False):
     """``fn(q, k, v) -> out`` on ``[B, H, T, D]`` tensors (what transformers hands an attention function):
     PyTorch SDPA for ``None`` (the dense baseline, whichever fused backend it picks; causal unless a
     single decode query sees the whole cache), else the pattern through ``attention.run_pattern``
-    (the kernels take strides: the transposes are views)."""
+    (the kernels take strides: the transposes are views). With ``decode``, NSA runs ``nsa_decode``
+    on an ``NSACache`` filled on the first call, as a generation step would (``_nsa_decode_step``)."""
     if pattern is None:
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] == k.shape[2],
                                                               enable_gqa=q.shape[1] != k.shape[1])
     _require_kernels(pattern)
+    if decode and isinstance(pattern, NSA):
+        return _nsa_decode_step(pattern, backend)
     from .attention import run_pattern
 
     def fn(q, k, v):
         out = run_pattern(pattern, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), q.shape[-1] ** -0.5,
                           backend=backend)
+        return out.transpose(1, 2)
+    return fn
+
+
+def _nsa_decode_step(pattern: NSA, backend: str):
+    """One NSA decode step: the compressed keys of the cache's first ``T - 1`` tokens are made on the first
+    call (what the generation kept up to date so far); every call then runs ``nsa_decode`` for the query
+    at position ``T - 1``, whose own compression work (one block every ``cmp_stride`` steps) is done once."""
+    from .attention import nsa_kwargs
+    from .kernels.nsa_decode import NSACache, nsa_decode
+    held = {}
+
+    def fn(q, k, v):
+        k, v = k.transpose(1, 2), v.transpose(1, 2)
+        cache = held.get("cache")
+        if cache is None or cache.kv_len != k.shape[1]:
+            cache = held["cache"] = NSACache(pattern.cmp_block, pattern.cmp_stride)
+            cache.update(k[:, :-1], v[:, :-1])
+        out = nsa_decode(q.transpose(1, 2), k, v, cache, **nsa_kwargs(pattern), scale=q.shape[-1] ** -0.5,
+                         backend=backend)
         return out.transpose(1, 2)
     return fn
 
@@ -734,7 +757,7 @@ def bench_kernels(rec: Recorder, patterns: Iterable, lengths: Iterable[int], *, 
             def make(row):
                 q_len = 1 if pas == "decode" else t
                 row["density"] = pattern_density(entry.pattern, q_len, t, dev, head_dim)
-                attn = kernel_attention(entry.pattern, backend)
+                attn = kernel_attention(entry.pattern, backend, decode=pas == "decode")
                 if pas == "fwd_bwd":
                     return Trial(lambda: torch.autograd.grad(attn(qg, kg, vg), (qg, kg, vg), do))
                 query = q1 if pas == "decode" else q

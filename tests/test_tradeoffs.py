@@ -88,6 +88,21 @@ def test_random_weight_smollm2_has_the_real_architecture(smollm2):
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in smollm2[0].parameters())
 
 
+def test_nsa_decode_step_is_the_last_row_of_nsa_over_the_sequence():
+    from nsa_viz.attention import nsa_kernels_available, run_pattern
+
+    if not nsa_kernels_available():
+        pytest.skip("NSA kernels not installed")
+    pattern = tr.parse_pattern("nsa:block=32,top_n=4,window=64")
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, h, 300, 32, generator=g) for h in (4, 2, 2))
+    full = run_pattern(pattern, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 32 ** -0.5).transpose(1, 2)
+    step = tr.kernel_attention(pattern, decode=True)
+    first, again = step(q[:, :, -1:], k, v), step(q[:, :, -1:], k, v)  # the timed calls repeat the same step
+    torch.testing.assert_close(first, full[:, :, -1:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(again, first)
+
+
 def test_parse_pattern_and_clear_errors():
     assert tr.parse_pattern("window:window=128") == SlidingWindow(128)
     nsa = tr.parse_pattern("nsa:block=32,top_n=4,granularity=block")
