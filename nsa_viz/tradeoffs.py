@@ -739,7 +739,7 @@ def bench_kernels(rec: Recorder, patterns: Iterable, lengths: Iterable[int], *, 
     def rnd(*s, grad=False):
         return torch.randn(*s, generator=gen, device=dev, dtype=torch.float32).to(dtype).requires_grad_(grad)
 
-    for t in _progress(lengths, "kernels", progress):
+    def one_length(t: int) -> None:  # its tensors are freed when it returns
         fields = [dict(**e.fields(), **shape, B=batch, T=t,
                        backend=_backend_name(e.pattern, backend, dev, "sdpa")) for e in entries]
         try:  # [B, H, T, D], as transformers hands them
@@ -751,7 +751,7 @@ def bench_kernels(rec: Recorder, patterns: Iterable, lengths: Iterable[int], *, 
                 for pas in passes:
                     with rec.attempt(**f, **{"pass": pas}):
                         raise exc
-            continue
+            return
 
         def build(entry: Entry, pas: str):
             def make(row):
@@ -771,7 +771,9 @@ def bench_kernels(rec: Recorder, patterns: Iterable, lengths: Iterable[int], *, 
         for pas in passes:
             measure_entries(rec, dev, [({**f, "pass": pas}, build(e, pas)) for f, e in zip(fields, entries)],
                             warmup_ms=warmup_ms, rep_ms=rep_ms)
-        del q, k, v, do, q1, qg, kg, vg
+
+    for t in _progress(lengths, "kernels", progress):
+        one_length(t)
         free_memory()
         rec.save()
     return rec.rows[start:]
