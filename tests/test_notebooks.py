@@ -22,6 +22,12 @@ ALL_NOTEBOOKS = sorted(NOTEBOOKS.glob("*.ipynb"))
 CELL_TIMEOUT_S = 600
 
 
+def test_tutorials_are_there():
+    names = [p.name for p in TUTORIALS]
+    for prefix in ("01_", "02_", "03_", "04_", "05_"):
+        assert any(n.startswith(prefix) for n in names), f"no notebooks/{prefix}*.ipynb among {names}"
+
+
 @pytest.mark.parametrize("path", ALL_NOTEBOOKS, ids=lambda p: p.name)
 def test_committed_without_outputs(path):
     nb = nbformat.read(path, as_version=4)
