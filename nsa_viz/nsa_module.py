@@ -80,6 +80,7 @@ def _logit(p: float) -> float:
 COLLAPSE_WINDOW_LIKE = 0.9      # free picks are just the most recent blocks in >= 90 % of rows
 COLLAPSE_ENTROPY_RATIO = 0.5    # free picks spread less than half as much (in entropy) as random picks
 GATE_SATURATION = 0.01          # a gate within 0.01 of 0 or 1 passes almost no gradient (g(1-g) < 0.01)
+GATE_MARGIN = 0.02              # the saturation penalty starts where a gate leaves [0.02, 0.98]
 
 
 def selection_diversity(block_idx: torch.Tensor, *, block: int, kv_len: int, init_blocks: int = 1,
@@ -250,6 +251,15 @@ class BranchGates(nn.Module):
         return torch.sigmoid(self.logits(hidden_states))
 
 
+def saturation_penalty(gate_logits: torch.Tensor, margin: float = GATE_MARGIN) -> torch.Tensor:
+    """Mean of ``relu(|logit| - logit(1 - margin))²`` over gates: zero while every gate stays within
+    ``[margin, 1 - margin]``, growing once one drifts into the flat ends of the sigmoid, where it
+    would stop passing gradient (and a branch switched off that way never comes back)."""
+    edge = math.log((1.0 - margin) / margin)
+    x = gate_logits if gate_logits.dtype == torch.float64 else gate_logits.float()
+    return F.relu(x.abs() - edge).square().mean()
+
+
 # --------------------------------------------------------------------------- the attention module
 class NSAAttention(nn.Module):
     """NSA with learnable compression and gates, for ``q [B, Tq, HQ, D]``, ``k, v [B, Tk, HKV, D]``
@@ -268,6 +278,11 @@ class NSAAttention(nn.Module):
       the compressed-branch attention (the scores that choose the blocks). Adding it to the training
       loss keeps the scores from collapsing onto one block, which would turn the selection into a
       fixed pattern and starve the other blocks of gradient.
+    - ``selection_weight > 0``: ``aux_loss`` also holds ``selection_weight ·``
+      :func:`selection_distillation` — the block scores pulled toward the dense attention's block mass
+      (a teacher that a retrofit has; it costs a dense ``q·k`` pass).
+    - ``saturation_weight > 0``: ``aux_loss`` also holds ``saturation_weight ·``
+      :func:`saturation_penalty` of the gate logits, which keeps gates out of the sigmoid's flat ends.
     """
 
     def __init__(self, spec: NSA, *, num_heads: int, num_kv_heads: int, head_dim: int,
@@ -298,6 +313,8 @@ class NSAAttention(nn.Module):
         self.gates = BranchGates(hidden_size, num_heads, gate_hidden, gate_init) if learn_gates else None
         self.track = False
         self.entropy_weight = 0.0
+        self.selection_weight = 0.0
+        self.saturation_weight = 0.0
         self.last_stats: Optional[dict] = None
         self.aux_loss: Optional[torch.Tensor] = None
 
@@ -320,14 +337,15 @@ class NSAAttention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hidden: Optional[torch.Tensor] = None, *,
                 scale: Optional[float] = None, return_aux: bool = False):
-        gates = None
+        gates = gate_logits = None
         if self.gates is not None:
             if hidden is None:
                 raise ValueError("NSAAttention with gates needs the attention layer's input hidden state")
             if hidden.shape[:2] != q.shape[:2]:
                 raise ValueError(f"hidden must be [batch, q_len, hidden_size] matching q {tuple(q.shape[:2])}, "
                                  f"got {tuple(hidden.shape)}")
-            gates = self.gates(hidden).to(q.dtype)
+            gate_logits = self.gates.logits(hidden)
+            gates = torch.sigmoid(gate_logits).to(q.dtype)
         compress = None
         kc = None
         if self.compress_k is not None:
@@ -338,12 +356,22 @@ class NSAAttention(nn.Module):
         fn = nsa_function(self.backend)
         res = fn(q, k, v, **self.kernel_kwargs(), gates=gates, compress=compress, scale=scale, return_aux=want_aux)
         out, aux = res if want_aux else (res, None)
-        if self.entropy_weight > 0 and self.training:
-            if kc is None:
-                kc, _ = self.compressed(k, v)
-            self.aux_loss = -self.entropy_weight * compressed_entropy(q, kc, self.spec, scale=scale, kv_len=k.shape[1])
-        else:
-            self.aux_loss = None
+        self.aux_loss = None
+        if self.training and self.saturation_weight > 0 and gate_logits is not None:
+            self.aux_loss = self.saturation_weight * saturation_penalty(gate_logits)
+        if self.training and (self.entropy_weight > 0 or self.selection_weight > 0):
+            if kc is None or k.requires_grad:
+                # these losses train the compression only, never what produced q and k
+                kc, _ = self.compressed(k.detach(), v.detach())
+            losses = []
+            if self.entropy_weight > 0:
+                losses.append(-self.entropy_weight * compressed_entropy(q.detach(), kc, self.spec, scale=scale,
+                                                                         kv_len=k.shape[1]))
+            if self.selection_weight > 0:
+                losses.append(self.selection_weight * selection_distillation(q, k, kc, self.spec, scale=scale))
+            if self.aux_loss is not None:
+                losses.append(self.aux_loss)
+            self.aux_loss = sum(losses[1:], losses[0])
         if self.track:
             s = self.spec
             stats = selection_diversity(aux["block_idx"], block=s.block, kv_len=k.shape[1],
@@ -386,6 +414,70 @@ def compressed_entropy(q: torch.Tensor, k_cmp: torch.Tensor, spec: NSA, *, scale
     ent = -(logp.exp() * logp.masked_fill(~vis[None, :, None, None, :], 0.0)).sum(-1)   # [B,Tq,HKV,G]
     norm = torch.log(n_vis.clamp(min=2).to(work))[None, :, None, None]
     return (ent / norm)[:, keep].mean()
+
+
+def selection_distillation(q: torch.Tensor, k: torch.Tensor, k_cmp: torch.Tensor, spec: NSA, *,
+                           scale: Optional[float] = None, max_bytes: int = 64 << 20) -> torch.Tensor:
+    """How far NSA's block scores are from where dense attention really goes: the mean over rows (and
+    key/value groups) of ``KL(dense block mass || importance)``, both restricted to the *free* candidate
+    blocks (visible and not forced) and renormalised there, over the rows where selection has a choice.
+
+    The target is the dense softmax of ``q`` over ``k`` summed per selection block and over the query
+    heads of a group (no gradient); the prediction is NSA's importance — the compressed-branch softmax
+    mapped to selection blocks (eq. 9 overlap weights) and summed over the group — differentiable in
+    ``k_cmp`` only. Selection itself is discrete, so without this term the compression learns only
+    from its share of the gated output (``g_cmp · o_cmp``), not from the quality of the blocks it
+    picks: the selected branch starves it of signal. A retrofit has the dense attention at hand as a
+    teacher for the scorer; this loss uses it.
+    """
+    from .kernels.nsa_compressed_ref import compressed_to_selection, compressed_visibility
+
+    b, tq, hq, d = q.shape
+    tk, hkv = k.shape[1], k.shape[2]
+    g = hq // hkv
+    nc = k_cmp.shape[1]
+    scale = d ** -0.5 if scale is None else scale
+    blk, nsel = spec.block, -(-tk // spec.block)
+    if nc == 0:
+        return k_cmp.sum() * 0.0
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    weights = compressed_to_selection(nc, nsel, spec.cmp_block, spec.cmp_stride, blk, q.device).to(work)
+    qd, kd, kc = q.detach().to(work), k.detach().to(work), k_cmp.to(work)
+    offset = tk - tq
+    pad = nsel * blk - tk
+    total, rows = kc.new_zeros(()), 0
+    step = max(1, int(max_bytes // max(1, b * hq * tk * 4 * 3)))
+    for r0 in range(0, tq, step):
+        r1 = min(r0 + step, tq)
+        pos = torch.arange(r0, r1, device=q.device) + offset
+        cur = (pos // blk)[:, None]
+        sel = torch.arange(nsel, device=q.device)[None, :]
+        visible = sel <= cur
+        free = visible & (sel >= spec.init_blocks) & (sel <= cur - spec.local_blocks)        # [r, NSEL]
+        n_forced = (visible & ~free).sum(-1)
+        informative = free.sum(-1) > (spec.top_n - n_forced).clamp(min=0)                  # a real choice
+        if not bool(informative.any()):
+            continue
+        qr = qd[:, r0:r1].reshape(b, r1 - r0, hkv, g, d)
+        with torch.no_grad():
+            sc = torch.einsum("brhgd,bthd->brhgt", qr, kd) * scale
+            causal = torch.arange(tk, device=q.device)[None, :] <= pos[:, None]
+            sc = sc.masked_fill(~causal[None, :, None, None, :], float("-inf"))
+            p = torch.softmax(sc, -1).sum(3)                                                  # [b, r, hkv, Tk]
+            mass = F.pad(p, (0, pad)).view(b, r1 - r0, hkv, nsel, blk).sum(-1)
+            target = mass * free[None, :, None, :]
+            target = target / target.sum(-1, keepdim=True).clamp(min=1e-30)
+        vis_c = compressed_visibility(r0, r1, offset, nc, spec.cmp_block, spec.cmp_stride, q.device)
+        cs = torch.einsum("brhgd,bjhd->brhgj", qr, kc) * scale
+        cs = cs.masked_fill(~vis_c[None, :, None, None, :], float("-inf"))
+        pc = torch.softmax(cs, -1).nan_to_num(0.0).sum(3)                                     # [b, r, hkv, NC]
+        imp = (pc @ weights) * free[None, :, None, :]
+        pred = imp / imp.sum(-1, keepdim=True).clamp(min=1e-30)
+        kl = (target * (torch.log(target.clamp(min=1e-30)) - torch.log(pred.clamp(min=1e-30)))).sum(-1)
+        keep = informative[None, :, None].expand_as(kl)
+        total = total + kl[keep].sum()
+        rows += int(keep.sum())
+    return total / max(rows, 1)
 
 
 # --------------------------------------------------------------------------- inside a transformers model
@@ -601,6 +693,20 @@ class NSARetrofit(nn.Module):
         for lay in self.layers.values():
             lay.entropy_weight = float(weight)
 
+    def set_saturation_weight(self, weight: float) -> None:
+        """Weight of the gate saturation penalty (see :func:`saturation_penalty`)."""
+        if weight < 0:
+            raise ValueError(f"saturation weight must be >= 0, got {weight!r}")
+        for lay in self.layers.values():
+            lay.saturation_weight = float(weight)
+
+    def set_selection_weight(self, weight: float) -> None:
+        """Weight of the selection-distillation loss (block scores toward the dense block mass)."""
+        if weight < 0:
+            raise ValueError(f"selection weight must be >= 0, got {weight!r}")
+        for lay in self.layers.values():
+            lay.selection_weight = float(weight)
+
     def aux_loss(self) -> Optional[torch.Tensor]:
         """Sum of the layers' auxiliary losses from the last forward (None when there are none)."""
         losses = [lay.aux_loss for lay in self.layers.values() if lay.aux_loss is not None]
@@ -612,5 +718,6 @@ class NSARetrofit(nn.Module):
 
 
 __all__ = ["BlockCompressor", "BranchGates", "NSAAttention", "NSARetrofit", "compressed_entropy", "nsa_function",
+           "selection_distillation", "saturation_penalty",
            "selection_diversity", "gate_stats",
            "register_trainable_attention", "DEFAULT_GATE_INIT", "TRAIN_ATTN_NAME"]

@@ -33,7 +33,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -274,8 +274,10 @@ class RetrofitConfig:
     ``objective``: ``"transfer"`` (layer-wise attention transfer, cheap) or ``"kl"`` (end-to-end
     distillation to the dense model's logits, plus ``lm_weight`` times the language-model loss).
     ``transfer_queries``: with ``"transfer"``, train on the last N positions of each window only
-    (cost scales with N; every key still counts). ``entropy_weight`` adds the anti-collapse loss of
-    :class:`~nsa_viz.nsa_module.NSAAttention`.
+    (cost scales with N; every key still counts). ``entropy_weight`` adds the anti-collapse loss and
+    ``selection_weight`` the selection-distillation loss of :class:`~nsa_viz.nsa_module.NSAAttention`
+    (block scores toward the dense model's block mass: the compression's main teacher in a retrofit);
+    ``saturation_weight`` keeps the gates out of the sigmoid's flat ends.
     """
 
     steps: int = 50
@@ -290,6 +292,8 @@ class RetrofitConfig:
     lm_weight: float = 0.0
     temperature: float = 1.0
     entropy_weight: float = 0.0
+    selection_weight: float = 0.0
+    saturation_weight: float = 0.0
     grad_clip: float = 1.0
     monitor_every: int = 10
     checkpoint_every: int = 10
@@ -306,7 +310,8 @@ class RetrofitConfig:
         for name in ("lr", "temperature"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"RetrofitConfig.{name} must be > 0, got {getattr(self, name)!r}")
-        for name in ("weight_decay", "kl_weight", "lm_weight", "entropy_weight", "grad_clip"):
+        for name in ("weight_decay", "kl_weight", "lm_weight", "entropy_weight", "selection_weight",
+                     "saturation_weight", "grad_clip"):
             if getattr(self, name) < 0:
                 raise ValueError(f"RetrofitConfig.{name} must be >= 0, got {getattr(self, name)!r}")
         if self.transfer_queries is not None and not 1 <= self.transfer_queries <= self.seq_len:
@@ -351,6 +356,8 @@ def retrofit_train(model, retrofit: NSARetrofit, stream: TokenStream, config: Re
     model.eval()          # no dropout in the frozen base; the NSA modules train
     retrofit.train()
     retrofit.set_entropy_weight(cfg.entropy_weight)
+    retrofit.set_selection_weight(cfg.selection_weight)
+    retrofit.set_saturation_weight(cfg.saturation_weight)
     bar = _progress(cfg.steps, start, f"retrofit ({cfg.objective})", progress)
     try:
         with retrofit.installed(model):
@@ -402,6 +409,8 @@ def retrofit_train(model, retrofit: NSARetrofit, stream: TokenStream, config: Re
         bar.close()
         retrofit.set_tracking(False)
         retrofit.set_entropy_weight(0.0)
+        retrofit.set_selection_weight(0.0)
+        retrofit.set_saturation_weight(0.0)
         retrofit.eval()
         model.train(was_training)
     return _frame(history)
@@ -468,7 +477,13 @@ class _nullcontext:
 # --------------------------------------------------------------------------- from scratch
 @dataclass
 class ScratchConfig:
-    """A tiny Llama-style model and its training run (defaults: a few minutes on a 2-core CPU)."""
+    """A tiny Llama-style model and its training run (defaults: a few minutes on a 2-core CPU).
+
+    ``entropy_weight`` and ``saturation_weight``: the anti-collapse and anti-saturation losses of
+    :class:`~nsa_viz.nsa_module.NSAAttention`. ``gate_init``: the NSA gates' initial values (cmp, slc, win). A model trained from scratch has no dense
+    behaviour to preserve, so the branches start even; the retrofit default (mostly ``slc``) puts the
+    other two gates near saturation, where a from-scratch model pushes them over within tens of steps.
+    """
 
     steps: int = 200
     seq_len: int = 256
@@ -484,6 +499,8 @@ class ScratchConfig:
     num_kv_heads: int = 2
     intermediate_size: int = 384
     entropy_weight: float = 0.0
+    saturation_weight: float = 0.0
+    gate_init: Tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3)
     eval_every: int = 50
     eval_batches: int = 4
     monitor_every: int = 25
@@ -557,9 +574,10 @@ def train_from_scratch(stream: TokenStream, nsa: Optional[NSA] = None, config: S
     retrofit = None
     if nsa is not None:
         torch.manual_seed(cfg.seed + 1)   # the NSA parameters' own init, not shifting the model's
-        retrofit = NSARetrofit(model, nsa, backend=nsa_backend)
+        retrofit = NSARetrofit(model, nsa, backend=nsa_backend, gate_init=cfg.gate_init)
         retrofit.install(model)
         retrofit.set_entropy_weight(cfg.entropy_weight)
+        retrofit.set_saturation_weight(cfg.saturation_weight)
     bundle = _ScratchBundle(model, retrofit).to(device)
     decay = [p for n, p in bundle.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in bundle.named_parameters() if p.dim() < 2]

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from nsa_viz.nsa_module import (DEFAULT_GATE_INIT, BlockCompressor, BranchGates, NSAAttention, NSARetrofit,
-                                compressed_entropy, gate_stats, selection_diversity)
+                                compressed_entropy, gate_stats, saturation_penalty, selection_distillation,
+                                selection_diversity)
 from nsa_viz.patterns import NSA
 from nsa_viz.training import (RetrofitConfig, ScratchConfig, TokenStream, load_checkpoint,
                               retrofit_perplexity, retrofit_train, save_checkpoint, summarize_stats,
@@ -40,10 +41,10 @@ def _randomise(module: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> No
             p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
 
 
-def _attention(dtype=torch.float32, backend="oracle", seed=0, spec=SPEC):
+def _attention(dtype=torch.float32, backend="oracle", seed=0, spec=SPEC, gate_init=DEFAULT_GATE_INIT):
     torch.manual_seed(seed)
     att = NSAAttention(spec, num_heads=4, num_kv_heads=2, head_dim=32, hidden_size=16, gate_hidden=8,
-                       compress_hidden=8, backend=backend).to(dtype)
+                       compress_hidden=8, backend=backend, gate_init=gate_init).to(dtype)
     _randomise(att, seed)
     return att
 
@@ -92,8 +93,9 @@ def test_gates_start_at_their_initial_values():
 
 
 def test_every_learnable_gradient_matches_finite_differences_through_the_oracle():
-    att = _attention(torch.float64, "oracle")
-    att.entropy_weight = 0.3
+    # a cmp gate starting saturated, so that the saturation penalty is live too
+    att = _attention(torch.float64, "oracle", gate_init=(0.005, 0.9, 0.1))
+    att.entropy_weight, att.selection_weight, att.saturation_weight = 0.3, 0.5, 0.2
     att.train()
     q, k, v, h, w = _inputs(dtype=torch.float64)
 
@@ -143,6 +145,36 @@ def test_entropy_loss_is_normalised_and_pushes_scores_apart():
     # identical compressed keys: every query spreads evenly, the entropy is exactly 1
     flat = torch.zeros_like(kc)
     assert float(compressed_entropy(q, flat, SPEC)) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_selection_distillation_teaches_the_compression_where_dense_attention_goes():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 160, 4, 32, generator=g)
+    k = torch.randn(1, 160, 2, 32, generator=g)
+    k[:, 100:104] += 2 * q[:, -1, :2]            # a block that late queries attend to strongly
+    torch.manual_seed(0)
+    comp = BlockCompressor(32, 2, 8, 4)
+    opt = torch.optim.Adam(comp.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(12):
+        loss = selection_distillation(q, k, comp(k), SPEC)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[0] > 0 and losses[-1] < 0.5 * losses[0]
+    # nothing to choose (every visible block fits in top_n): no signal, no error
+    short = selection_distillation(q[:, :40], k[:, :40], comp(k[:, :40]), SPEC)
+    assert short.item() == 0.0
+
+
+def test_saturation_penalty_is_zero_inside_the_margin_and_pushes_back_outside():
+    inside = torch.tensor([-3.0, 0.0, 3.0], requires_grad=True)
+    assert saturation_penalty(inside).item() == 0.0
+    outside = torch.tensor([-6.0, 6.0], requires_grad=True)
+    pen = saturation_penalty(outside)
+    pen.backward()
+    assert pen.item() > 0 and outside.grad[0] < 0 < outside.grad[1]   # descent moves both toward 0
 
 
 def test_module_argument_errors():
