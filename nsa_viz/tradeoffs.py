@@ -1169,6 +1169,9 @@ def add_arguments(parser) -> None:
     g.add_argument("--eval-tokens", type=int, help="tokens of text per length for perplexity/KL")
     g.add_argument("--passkey-prompts", type=int, help="passkey prompts per length")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda[:n]")
+    g.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice); 1 is often faster on a machine shared with "
+                        "other busy processes, where threads of one op wait for each other")
     g.add_argument("--backend", default="auto", choices=["auto", "triton", "reference"], help="kernel backend for patterns")
     g.add_argument("--warmup-ms", type=float, help="warm-up time per measurement")
     g.add_argument("--rep-ms", type=float, help="timed repeats per measurement, in ms (at least 3 repeats)")
@@ -1184,6 +1187,10 @@ def run_bench(args):
     """One ``nsa-viz bench`` run: measure level by level, saving this run's rows (with the derived
     columns) after each, so an interrupted run keeps what it measured. Returns the rows as a DataFrame."""
     device = resolve_device(args.device)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     env = environment(device)
     s = dict(QUICK if args.quick else FULL)
     s.update({k: v for k, v in vars(args).items() if k in s and v is not None})
