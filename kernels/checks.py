@@ -9,9 +9,11 @@ SUPPORTED_HEAD_DIMS = (32, 64, 128, 256)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float]) -> float:
-    """Validate ``q [B, Tq, HQ, D]``, ``k, v [B, Tk, HKV, D]``; return the softmax scale to use."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
+def check_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, names=("q", "k", "v")) -> None:
+    """Validate ``q [B, Tq, HQ, D]`` against keys/values ``[B, Tk, HKV, D]`` (any key length: full or
+    compressed keys); ``names`` are what the error messages call the three tensors."""
+    nq, nk, nv = names
+    for name, t in zip(names, (q, k, v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
@@ -19,30 +21,41 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional
         if t.dtype not in SUPPORTED_DTYPES:
             raise ValueError(f"{name}.dtype must be one of float16, bfloat16, float32, got {t.dtype}")
     if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise ValueError(f"{nq}, {nk} and {nv} must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+        raise ValueError(f"{nq}, {nk} and {nv} must be on one device, got {q.device}, {k.device}, {v.device}")
     if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+        raise ValueError(f"{nk} and {nv} must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     b, tq, hq, d = q.shape
     if k.shape[0] != b:
-        raise ValueError(f"q and k must have the same batch size, got {b} and {k.shape[0]}")
+        raise ValueError(f"{nq} and {nk} must have the same batch size, got {b} and {k.shape[0]}")
     if k.shape[3] != d:
-        raise ValueError(f"q and k must have the same head_dim, got {d} and {k.shape[3]}")
+        raise ValueError(f"{nq} and {nk} must have the same head_dim, got {d} and {k.shape[3]}")
     if d not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"head_dim must be one of {SUPPORTED_HEAD_DIMS}, got {d}")
     hkv = k.shape[2]
     if hkv < 1 or hq % hkv != 0:
         raise ValueError(f"the number of query heads ({hq}) must be a multiple of the number of key/value heads ({hkv})")
+
+
+def check_scale(scale, head_dim: int) -> float:
+    """The softmax scale to use: ``head_dim ** -0.5`` when None, else a positive number."""
+    if scale is None:
+        return head_dim ** -0.5
+    if not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 0):
+        raise ValueError(f"scale must be a positive number, got {scale!r}")
+    return float(scale)
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float]) -> float:
+    """Validate ``q [B, Tq, HQ, D]``, ``k, v [B, Tk, HKV, D]``; return the softmax scale to use."""
+    check_heads(q, k, v)
+    tq = q.shape[1]
     if tq < 1 or k.shape[1] < 1:
         raise ValueError(f"sequence lengths must be >= 1, got q_len={tq}, kv_len={k.shape[1]}")
     if tq > k.shape[1]:
         raise ValueError(f"q_len ({tq}) must not exceed kv_len ({k.shape[1]})")
-    if scale is None:
-        return d ** -0.5
-    if not (isinstance(scale, (int, float)) and scale > 0):
-        raise ValueError(f"scale must be a positive number, got {scale!r}")
-    return float(scale)
+    return check_scale(scale, q.shape[3])
 
 
 def check_layout(layout, q: torch.Tensor, k: torch.Tensor) -> None:

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from .block_sparse_ref import DEFAULT_MAX_BYTES, attend_masked, rows_per_chunk
-from .checks import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
+from .checks import check_heads, check_scale
 
 
 def _power_of_two(name: str, value) -> None:
@@ -50,29 +50,8 @@ def check_compression(cmp_block: int, cmp_stride: int, block: Optional[int] = No
 def check_compressed_inputs(q, k_cmp, v_cmp, cmp_block, cmp_stride, scale, kv_len) -> tuple:
     """Validate the compressed branch's inputs; return ``(scale, kv_len)`` with defaults filled in
     (``scale = D**-0.5``, ``kv_len = Tq``: a prefill whose queries are the whole sequence)."""
-    for name, t in (("q", q), ("k_cmp", k_cmp), ("v_cmp", v_cmp)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must have 4 dimensions [batch, seq, heads, head_dim], got shape {tuple(t.shape)}")
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise ValueError(f"{name}.dtype must be one of float16, bfloat16, float32, got {t.dtype}")
-    if not (q.dtype == k_cmp.dtype == v_cmp.dtype):
-        raise ValueError(f"q, k_cmp and v_cmp must share one dtype, got {q.dtype}, {k_cmp.dtype}, {v_cmp.dtype}")
-    if not (q.device == k_cmp.device == v_cmp.device):
-        raise ValueError(f"q, k_cmp and v_cmp must be on one device, got {q.device}, {k_cmp.device}, {v_cmp.device}")
-    if k_cmp.shape != v_cmp.shape:
-        raise ValueError(f"k_cmp and v_cmp must have the same shape, got {tuple(k_cmp.shape)} and {tuple(v_cmp.shape)}")
-    b, tq, hq, d = q.shape
-    if k_cmp.shape[0] != b:
-        raise ValueError(f"q and k_cmp must have the same batch size, got {b} and {k_cmp.shape[0]}")
-    if k_cmp.shape[3] != d:
-        raise ValueError(f"q and k_cmp must have the same head_dim, got {d} and {k_cmp.shape[3]}")
-    if d not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"head_dim must be one of {SUPPORTED_HEAD_DIMS}, got {d}")
-    hkv = k_cmp.shape[2]
-    if hkv < 1 or hq % hkv:
-        raise ValueError(f"the number of query heads ({hq}) must be a multiple of the number of key/value heads ({hkv})")
+    check_heads(q, k_cmp, v_cmp, names=("q", "k_cmp", "v_cmp"))
+    tq = q.shape[1]
     if tq < 1:
         raise ValueError(f"q_len must be >= 1, got {tq}")
     check_compression(cmp_block, cmp_stride)
@@ -84,11 +63,7 @@ def check_compressed_inputs(q, k_cmp, v_cmp, cmp_block, cmp_stride, scale, kv_le
     if k_cmp.shape[1] != nc:
         raise ValueError(f"k_cmp has {k_cmp.shape[1]} compressed keys but kv_len={kv_len} with cmp_block={cmp_block}, "
                          f"cmp_stride={cmp_stride} gives {nc}; pass kv_len= the full key length (e.g. when decoding)")
-    if scale is None:
-        return d ** -0.5, kv_len
-    if not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 0):
-        raise ValueError(f"scale must be a positive number, got {scale!r}")
-    return float(scale), kv_len
+    return check_scale(scale, q.shape[3]), kv_len
 
 
 def compressed_visibility(r0: int, r1: int, q_offset: int, nc: int, cmp_block: int, cmp_stride: int, device) -> torch.Tensor:
