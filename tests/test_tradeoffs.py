@@ -264,12 +264,21 @@ def test_read_table_errors(tmp_path):
 
 
 def test_cpu_peak_memory_sees_an_allocation():
-    def alloc():
-        x = torch.ones(64 * 2**20 // 4)  # 64 MB, touched
-        return float(x[-1])
-
-    mem = tr.peak_memory(alloc, "cpu")
-    assert mem.kind == "cpu_process_peak_rss" and mem.delta_mb > 48 and mem.peak_mb > mem.delta_mb
+    # In a fresh process: after hundreds of tests this one's freed memory can serve the allocation
+    # without raising the resident set, which hides it from a process-level peak.
+    import subprocess
+    import sys
+    code = (
+        "import torch\n"
+        "from nsa_viz import tradeoffs as tr\n"
+        "def alloc():\n"
+        "    x = torch.ones(64 * 2**20 // 4)\n"
+        "    return float(x[-1])\n"
+        "mem = tr.peak_memory(alloc, 'cpu')\n"
+        "assert mem.kind == 'cpu_process_peak_rss' and mem.delta_mb > 48 and mem.peak_mb > mem.delta_mb, mem\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
 
 
 def test_benchmarks_common_shares_the_package_helpers():
