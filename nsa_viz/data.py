@@ -487,8 +487,9 @@ class TokenizedSet:
             msg += f", {self.requested} asked for"
         if self.short:
             packed = sum(1 for s in self.short if s[2] == "packed")
+            unused = sum(1 for s in self.short if s[2].startswith("not used"))
             msg += f"; {len(self.short)} documents shorter than {self.length} tokens ({packed} packed, " \
-                   f"{len(self.short) - packed} skipped)"
+                   f"{len(self.short) - packed - unused} skipped, {unused} not needed)"
         return msg
 
 
