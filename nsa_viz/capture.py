@@ -610,6 +610,8 @@ def selection_stats(rec: Recording):
       ``init_blocks`` and the ``local_blocks`` ending at the query): scoring added nothing;
     - ``window_only``: fraction of rows past the window (position >= ``window``) whose non-forced picks
       all lie inside the sliding window: selection duplicated the window (under ``union``);
+    - ``picks_in_window``: fraction of all non-forced picks that lie wholly inside the window (budget
+      that adds no key under ``union``);
     - ``pick_entropy``: entropy in bits of how often each key block is picked among non-forced picks;
       ``pick_entropy_norm`` that over log2(number of key blocks) (1 = spread evenly, 0 = one block always);
     - ``distinct_blocks``: key blocks picked (non-forced) at least once;
@@ -636,7 +638,8 @@ def selection_stats(rec: Recording):
                 rs = keep.get("recall_selected")
                 row["recall_selected"] = float(rs[:, grp * g:(grp + 1) * g].mean()) if rs is not None else float("nan")
                 out.append(row)
-    cols = ["layer", "source", "kv_group", "rows_with_choice", "forced_only", "window_only", "pick_entropy",
+    cols = ["layer", "source", "kv_group", "rows_with_choice", "forced_only", "window_only", "picks_in_window",
+            "pick_entropy",
             "pick_entropy_norm", "distinct_blocks", "mean_pick_distance", "mean_block_count", "recall",
             "recall_selected"]
     return pd.DataFrame(out, columns=cols)
@@ -667,6 +670,7 @@ def _pick_stats(sel: torch.Tensor, lr: LayerRecord, params: dict) -> dict:
     dist = (cur - sel).float()
     return {"rows_with_choice": int(choice.sum()), "forced_only": forced_only,
             "window_only": float(win_only.float().mean()) if win_only.numel() else float("nan"),
+            "picks_in_window": float(inside.sum() / free.sum()) if free.any() and window > 0 else float("nan"),
             "pick_entropy": ent, "pick_entropy_norm": ent / math.log2(nkb) if nkb > 1 else 0.0,
             "distinct_blocks": int((counts > 0).sum()),
             "mean_pick_distance": float(dist[free].mean()) if free.any() else float("nan"),

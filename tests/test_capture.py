@@ -242,6 +242,8 @@ def test_selection_stats_on_a_known_selection():
     assert st.forced_only == 0.0  # rows 8..15 pick their previous block, rows 16.. block 1
     # past the window (rows 8..31): rows 8..15 pick block qb-1 whose start is within 8 tokens -> inside
     assert st.window_only == pytest.approx(8 / 24)
+    # free picks: rows 8..15 one each (inside the window), rows 16..31 block 1 (outside) -> 8 of 24 inside
+    assert st.picks_in_window == pytest.approx(8 / 24)
     # free picks: blocks 1 (rows 8..11 -> qb-1 = 1, and rows 16..31), 2 (rows 12..15)
     p = torch.tensor([20 / 24, 4 / 24])
     assert st.pick_entropy == pytest.approx(float(-(p * p.log2()).sum()))
