@@ -409,7 +409,9 @@ def results_files(root) -> Dict[str, List[Path]]:
     """The measured result files under a checkout: ``benchmarks`` (``benchmarks/results/*.json``) and
     ``tradeoffs`` (``data/results/tradeoffs*`` tables written by ``nsa-viz bench``)."""
     root = Path(root)
-    bench = sorted((root / "benchmarks" / "results").glob("*.json"))
+    # Only files of kernel rows (a JSON list); other measurements there (e.g. accuracy, a JSON object) are
+    # drawn elsewhere.
+    bench = [p for p in sorted((root / "benchmarks" / "results").glob("*.json")) if p.read_text()[:64].lstrip().startswith("[")]
     trade = sorted(p for p in (root / "data" / "results").glob("tradeoffs*") if p.suffix in (".json", ".csv", ".parquet"))
     return {"benchmarks": bench, "tradeoffs": trade}
 
