@@ -13,7 +13,8 @@
    that no float32 copy of a branch output is kept for backward).
 
 Every step dispatches to Triton or to its PyTorch reference by ``backend``. With
-``granularity="block"`` all queries of a query block share one selection, so the selected tiles
+``granularity="block"`` all queries of a query block share one selection, scored by the queries of
+the block before it (so that it stays causal), and the selected tiles
 are whole ``l' x l'`` tiles and the selection runs through the block-sparse kernel on a per
 (sequence, key/value head) ``BlockLayout`` (full tensor-core tiles instead of one program per
 token); where that layout cannot express the semantics (query blocks not aligned to the keys'
@@ -153,18 +154,47 @@ def query_block_importance(importance: torch.Tensor, q_start: int, block: int,
         parts.append(importance[:, :, head + whole * block:].sum(2, keepdim=True))
     per_block = torch.cat(parts, 2) if len(parts) > 1 else parts[0]
     if prefix is not None:
-        if prefix.shape[:2] != (b, h) or prefix.shape[-1] > nsel:
-            raise ValueError(f"prefix must have shape [B, HKV, n <= {nsel}] = [{b}, {h}, ...], got {tuple(prefix.shape)}")
-        first = per_block[:, :, :1]
-        first = first + torch.nn.functional.pad(prefix.float(), (0, nsel - prefix.shape[-1]))[:, :, None]
+        first = per_block[:, :, :1] + _block_sums_row("prefix", prefix, b, h, nsel)
         per_block = torch.cat([first, per_block[:, :, 1:]], 2)
     return per_block
+
+
+def _block_sums_row(name: str, sums: torch.Tensor, b: int, h: int, nsel: int) -> torch.Tensor:
+    """A kept query-block sum ``[B, HKV, n <= NSEL]`` (fewer columns: blocks that did not exist yet) as one
+    ``[B, HKV, 1, NSEL]`` float32 row."""
+    if sums.shape[:2] != (b, h) or sums.shape[-1] > nsel:
+        raise ValueError(f"{name} must have shape [B, HKV, n <= {nsel}] = [{b}, {h}, ...], got {tuple(sums.shape)}")
+    return torch.nn.functional.pad(sums.float(), (0, nsel - sums.shape[-1]))[:, :, None]
+
+
+def block_selection_scores(importance: torch.Tensor, q_start: int, block: int,
+                           prefix: Optional[torch.Tensor] = None,
+                           previous: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Selection scores ``[B, HKV, NQB, NSEL]`` of the query blocks holding the queries of ``importance
+    [B, HKV, Tq, NSEL]`` (absolute positions from ``q_start``) under block granularity.
+
+    Query block ``c`` is scored by the importance summed over the queries of block ``c - 1``, so that a
+    selection never depends on a query at or after the block's first position (a block scored by its own
+    queries would let early queries see later ones in a prefill). The first block of the call takes
+    ``previous [B, HKV, n <= NSEL]`` (the finished sum of the block before it, kept by a decode cache) or
+    zeros (only its forced blocks are chosen then); ``prefix`` completes the first block's own sum with its
+    queries that came before ``q_start`` (see ``query_block_importance``)."""
+    return _scores_from_previous_block(query_block_importance(importance, q_start, block, prefix), previous)
+
+
+def _scores_from_previous_block(per_block: torch.Tensor, previous: Optional[torch.Tensor]) -> torch.Tensor:
+    b, h, _, nsel = per_block.shape
+    if previous is None:
+        first = per_block.new_zeros(b, h, 1, nsel)
+    else:
+        first = _block_sums_row("previous", previous, b, h, nsel)
+    return torch.cat([first, per_block[:, :, :-1]], 2)
 
 
 def select_blocks(importance: torch.Tensor, *, top_n: int, block: int, init_blocks: int = 1, local_blocks: int = 2,
                   q_positions: Optional[torch.Tensor] = None, kv_len: Optional[int] = None,
                   granularity: str = "token", prefix: Optional[torch.Tensor] = None,
-                  backend: str = "auto") -> torch.Tensor:
+                  previous: Optional[torch.Tensor] = None, backend: str = "auto") -> torch.Tensor:
     """Selected blocks ``[B, HKV, Tq, top_n]`` int32 from ``importance [B, HKV, Tq, NSEL]`` (float32).
 
     Query ``i`` sits at ``q_positions[i]`` (default ``kv_len - Tq + i``); it sees blocks ``s`` with
@@ -172,8 +202,9 @@ def select_blocks(importance: torch.Tensor, *, top_n: int, block: int, init_bloc
     query's own block are always chosen; the rest by importance, ties to the lower block index; fewer
     visible blocks than ``top_n`` are all chosen. Rows are sorted ascending and padded with -1.
     ``granularity="block"``: one selection per query block of ``block`` positions, from the importance
-    summed over its queries (plus ``prefix``, see ``query_block_importance``); positions must then be
-    consecutive. ``backend``: the ranking runs in Triton (``nsa_topk``) or in PyTorch (the oracle)."""
+    summed over the queries of the block before it (causal: no query's selection depends on a later query;
+    ``prefix``/``previous``, see ``block_selection_scores``); positions must then be consecutive.
+    ``backend``: the ranking runs in Triton (``nsa_topk``) or in PyTorch (the oracle)."""
     check_nsa_params(block=block, top_n=top_n, window=0, cmp_block=block, cmp_stride=block, init_blocks=init_blocks,
                      local_blocks=local_blocks, combine="union", granularity=granularity)
     if not isinstance(importance, torch.Tensor) or importance.dim() != 4 or not importance.is_floating_point():
@@ -192,10 +223,10 @@ def select_blocks(importance: torch.Tensor, *, top_n: int, block: int, init_bloc
     q_start = int(q_positions[0])
     if tq and not torch.equal(q_positions, torch.arange(q_start, q_start + tq, device=importance.device)):
         raise ValueError("granularity='block' needs consecutive q_positions")
-    per_block = query_block_importance(importance, q_start, block, prefix)
+    scores = block_selection_scores(importance, q_start, block, prefix, previous)
     first = q_start // block
-    blocks = torch.arange(first, first + per_block.shape[2], device=importance.device)
-    chosen = pick_top_blocks(per_block, blocks, top_n=top_n, init_blocks=init_blocks, local_blocks=local_blocks,
+    blocks = torch.arange(first, first + scores.shape[2], device=importance.device)
+    chosen = pick_top_blocks(scores, blocks, top_n=top_n, init_blocks=init_blocks, local_blocks=local_blocks,
                              backend=backend)
     return chosen[:, :, q_positions // block - first]
 
@@ -318,12 +349,14 @@ def _window_branch(q, k, v, window: int, scale: float, backend: str):
 def nsa_from_compressed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, *,
                         block: int, top_n: int, window: int, cmp_block: int, cmp_stride: int, init_blocks: int,
                         local_blocks: int, combine: str, granularity: str, gates: Optional[torch.Tensor],
-                        scale: float, backend: str, block_prefix: Optional[torch.Tensor] = None):
+                        scale: float, backend: str, block_prefix: Optional[torch.Tensor] = None,
+                        block_previous: Optional[torch.Tensor] = None):
     """NSA given compressed keys/values (arguments already checked, backend resolved).
 
     Returns ``(out, parts)`` where ``parts`` holds what was computed anyway: ``importance``,
     ``chosen`` (per token, or per query block with ``chosen_per_block``), the LSEs and, for gated,
-    the branch outputs. ``block_prefix``: see ``query_block_importance`` (decode)."""
+    the branch outputs. ``block_prefix``/``block_previous``: see ``block_selection_scores`` (decode);
+    block granularity also leaves ``block_importance``, the per-query-block sums (for the decode cache)."""
     tq, tk = q.shape[1], k.shape[1]
     kw = dict(cmp_block=cmp_block, cmp_stride=cmp_stride, scale=scale, kv_len=tk, backend=backend)
     parts = {}
@@ -347,9 +380,10 @@ def nsa_from_compressed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cmp
             chosen = pick_top_blocks(importance, torch.arange(q_start, tk, device=q.device) // block, **pick)
         else:
             per_block = query_block_importance(importance, q_start, block, block_prefix)
+            scores = _scores_from_previous_block(per_block, block_previous)
             first = q_start // block
-            chosen = pick_top_blocks(per_block, torch.arange(first, first + per_block.shape[2], device=q.device),
-                                     **pick)
+            chosen = pick_top_blocks(scores, torch.arange(first, first + scores.shape[2], device=q.device), **pick)
+            parts["block_importance"] = per_block
             parts["chosen_per_block"] = True
             if not by_layout:
                 chosen = chosen[:, :, torch.arange(q_start, tk, device=q.device) // block - first]
@@ -434,4 +468,5 @@ def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block: i
 
 
 __all__ = ["nsa_attention", "compress_mean", "compress_kv", "select_blocks", "query_block_importance",
+           "block_selection_scores",
            "selection_layout", "gated_combine", "nsa_from_compressed", "GRANULARITIES"]

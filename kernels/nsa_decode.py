@@ -3,8 +3,9 @@
 ``NSACache`` holds what NSA needs beyond the caller's KV cache: the compressed keys/values of the
 complete compression blocks seen so far (extended incrementally: a decode step compresses only the
 blocks that its new tokens complete, so the cost per token does not grow with the context), and for
-``granularity="block"`` the importance already gathered by the earlier queries of the current query
-block, because all queries of a block share one selection scored by all of them.
+``granularity="block"`` the importance gathered by the queries of the current query block so far and
+the finished sum of the block before it, because a block's shared selection is scored by the queries of
+the block before it.
 
 ``nsa_decode(q_new, k_cache, v_cache, cache, **nsa_kwargs)`` gives exactly the last ``Tnew`` rows of
 ``nsa_attention`` over the whole sequence (``k_cache``/``v_cache`` include the new tokens), provided
@@ -53,6 +54,7 @@ class NSACache:
         self.queries_until = 0    # position after the last query that went through nsa_decode
         self.carry_block = -1     # query block whose earlier queries' importance is in carry
         self.carry: Optional[torch.Tensor] = None  # [B, HKV, NSEL at the time] float32
+        self.previous: Optional[torch.Tensor] = None  # finished sum of block carry_block - 1 (None: unknown)
 
     @property
     def k_cmp(self) -> Optional[torch.Tensor]:
@@ -113,24 +115,27 @@ class NSACache:
             v[:, : self.num_blocks] = self._v[:, : self.num_blocks]
         self._k, self._v = k, v
 
-    def block_prefix(self, q_start: int, block: int) -> Optional[torch.Tensor]:
-        """Importance of the queries of ``q_start``'s query block that came before ``q_start``, if this
-        cache saw them (else None: the selection is then scored by the new queries alone)."""
-        if q_start % block == 0 or self.carry is None:
-            return None
-        if self.queries_until != q_start or self.carry_block != q_start // block:
-            return None
-        return self.carry
+    def block_sums(self, q_start: int, block: int):
+        """``(prefix, previous)`` for new queries starting at ``q_start`` (see ``nsa.block_selection_scores``):
+        the importance of the earlier queries of ``q_start``'s block and the finished sum of the block before
+        it, each None where this cache did not see those queries."""
+        if self.carry is None or self.queries_until != q_start:
+            return None, None
+        current = q_start // block
+        if current == self.carry_block:
+            return self.carry, self.previous
+        if current == self.carry_block + 1:  # the new queries open a block: carry is the finished one before it
+            return None, self.carry
+        return None, None
 
-    def remember_block(self, importance: torch.Tensor, prefix: Optional[torch.Tensor], q_start: int, kv_len: int,
-                       block: int) -> None:
-        """Keep the importance of the queries of the last (partial) query block for the next call."""
-        last_block = (kv_len - 1) // block
-        rows = kv_len - max(last_block * block, q_start)  # new queries in the last block
-        carry = importance[:, :, importance.shape[2] - rows:].sum(2)
-        if prefix is not None and q_start // block == last_block:
-            carry[..., : prefix.shape[-1]] += prefix
-        self.carry, self.carry_block, self.queries_until = carry, last_block, kv_len
+    def remember_blocks(self, block_importance: torch.Tensor, previous: Optional[torch.Tensor], kv_len: int,
+                        block: int) -> None:
+        """Keep the per-query-block sums of the last call (``block_importance [B, HKV, NQB, NSEL]``, its
+        first block's sum already including the earlier queries) for the next call: the last block's running
+        sum, and the finished sum of the block before it (``previous`` when the call stayed in one block)."""
+        self.carry = block_importance[:, :, -1]
+        self.previous = block_importance[:, :, -2] if block_importance.shape[2] > 1 else previous
+        self.carry_block, self.queries_until = (kv_len - 1) // block, kv_len
 
 
 def nsa_decode(q_new: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache: NSACache, *, block: int = 64,
@@ -157,14 +162,14 @@ def nsa_decode(q_new: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     cache.update(k_cache, v_cache)
     tnew, tk = q_new.shape[1], k_cache.shape[1]
     q_start = tk - tnew
-    prefix = cache.block_prefix(q_start, block) if granularity == "block" else None
+    prefix, previous = cache.block_sums(q_start, block) if granularity == "block" else (None, None)
     out, parts = nsa_from_compressed(q_new, k_cache, v_cache, cache.k_cmp, cache.v_cmp, block=block, top_n=top_n,
                                      window=window, cmp_block=cmp_block, cmp_stride=cmp_stride,
                                      init_blocks=init_blocks, local_blocks=local_blocks, combine=combine,
                                      granularity=granularity, gates=gates, scale=scale, backend=backend,
-                                     block_prefix=prefix)
+                                     block_prefix=prefix, block_previous=previous)
     if granularity == "block":
-        cache.remember_block(parts["importance"], prefix, q_start, tk, block)
+        cache.remember_blocks(parts["block_importance"], previous, tk, block)
     else:
         cache.queries_until = tk
     if not return_aux:

@@ -15,8 +15,10 @@ What it computes, for a query at absolute position ``p`` (query ``i`` of ``Tq`` 
    ``sum_j p_cmp[j] * |cmp block j ∩ selection block s| / d`` (the paper's eq. 9 written as
    token overlap: for l=32, d=16, l'=64 it weighs compressed blocks 4s-1 .. 4s+3 by 1,2,2,2,1;
    when l = l' = d it is p_cmp itself), summed over the query heads of a GQA group.
-   With ``granularity="block"`` it is also summed over the queries of the query block
-   (absolute positions ``[c*l', (c+1)*l')``) that are present in ``q``.
+   With ``granularity="block"`` query block ``c`` (absolute positions ``[c*l', (c+1)*l')``) is
+   scored by the importance summed over the queries of block ``c - 1`` that are present in ``q``
+   (none for the first block of ``q``: only forced blocks are chosen there), so that no selection
+   depends on a query at or after the block's start: causal, like the token granularity.
 4. Selection: the ``top_n`` visible blocks (``s*l' <= p``, or ``s <= c`` for a query block ``c``)
    of highest importance, where the first ``init_blocks`` blocks and the ``local_blocks`` blocks
    ending at the query's own block always win and ties go to the lower block index; fewer
@@ -309,7 +311,9 @@ def nsa_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
             q_blocks = q_pos // block
             first = int(q_blocks[0])
             nqb = int(q_blocks[-1]) - first + 1
-            per_block = importance.new_zeros(b, hkv, nqb, nsel).index_add_(2, q_blocks - first, importance)
+            # block c is scored by block c - 1's queries: shift the per-block sums by one block
+            per_block = importance.new_zeros(b, hkv, nqb + 1, nsel).index_add_(2, q_blocks - first + 1, importance)
+            per_block = per_block[:, :, :nqb]
             idx = _select(per_block, torch.arange(first, first + nqb, device=dev), top_n=top_n,
                           init_blocks=init_blocks, local_blocks=local_blocks)[:, :, q_blocks - first]
         block_idx = idx.contiguous()

@@ -139,13 +139,14 @@ class NSASequenceState:
     With the NSA decode kernels installed the state holds their ``NSACache`` (compressed keys and
     values kept up to date incrementally); without them each step runs ``nsa_attention`` on the new
     queries against the whole cache. For ``granularity="block"`` the queries of the current query
-    block are kept too, because all of them share (and score) one selection.
+    block and of the block before it are kept too, because a block's shared selection is scored by the
+    queries of the block before it.
     """
 
     def __init__(self):
         self.kv_len = 0
         self.last_key: Optional[torch.Tensor] = None
-        self.block_queries: Optional[torch.Tensor] = None  # queries at positions [block_start, kv_len)
+        self.block_queries: Optional[torch.Tensor] = None  # queries at positions [previous block start, kv_len)
         self.cache = None
 
     def continues(self, k: torch.Tensor, q_len: int) -> bool:
@@ -154,10 +155,11 @@ class NSASequenceState:
                 and self.last_key.shape == k[:, prev - 1].shape and torch.equal(self.last_key, k[:, prev - 1]))
 
     def held_queries(self, q: torch.Tensor, pattern: NSA, kv_len: int) -> torch.Tensor:
-        """The queries whose selection the new ones share: those of the current query block, then ``q``."""
+        """The queries that score the new ones' selection: those of the previous and the current query
+        block, then ``q``."""
         if pattern.granularity != "block" or self.block_queries is None or self.block_queries.shape[1] == 0:
             return q
-        start = ((kv_len - q.shape[1]) // pattern.block) * pattern.block
+        start = _scoring_start(kv_len - q.shape[1], pattern.block)
         held = self.block_queries[:, self.block_queries.shape[1] - (kv_len - q.shape[1] - start):]
         return torch.cat([held.to(q.dtype), q], dim=1)
 
@@ -170,7 +172,7 @@ class NSASequenceState:
         self.last_key = k[:, tk - 1].detach().clone()
         if pattern is not None and pattern.granularity == "block":
             q_all = q if q_all is None else q_all
-            keep = tk - (tk // pattern.block) * pattern.block  # queries of the (partial) block holding tk - 1
+            keep = tk - _scoring_start(tk, pattern.block)  # what the next call's first query block is scored by
             self.block_queries = q_all[:, q_all.shape[1] - min(keep, q_all.shape[1]):].detach().clone()
 
     def reset(self) -> None:
@@ -182,13 +184,19 @@ class NSASequenceState:
             self.cache = cache
 
 
+def _scoring_start(q_start: int, block: int) -> int:
+    """First position whose query matters to the selection of a query at ``q_start`` under block granularity:
+    the start of the block before ``q_start``'s."""
+    return max(0, (q_start // block - 1) * block)
+
+
 def _run_nsa(pattern: NSA, q, k, v, scale, backend, return_info, state: Optional[NSASequenceState], gates):
     kw = dict(nsa_kwargs(pattern), gates=gates, scale=scale, backend=backend)
     tq, tk = q.shape[1], k.shape[1]
     decoder = _nsa_decode() if state is not None and not torch.is_grad_enabled() else None
     if state is not None and (tq == tk or not state.continues(k, tq)):
         # a prefill, or a cache that is not the continuation of what this layer saw: start afresh (for
-        # block granularity the earlier queries of the current block are then unknown; the new ones score)
+        # block granularity the earlier queries are then unknown: the first new block keeps its forced blocks)
         state.reset()
     if decoder is not None:
         # the decode kernels keep the compressed keys (and a block's running importance) in NSACache;
@@ -204,8 +212,8 @@ def _run_nsa(pattern: NSA, q, k, v, scale, backend, return_info, state: Optional
         if state is not None:
             state.advance(q, k, pattern)
     else:
-        # without the decode kernels: NSA of the new queries, and of the earlier queries of their block
-        # (block granularity), against the whole cache; only the new rows are kept
+        # without the decode kernels: NSA of the new queries, and of the earlier queries that score their
+        # blocks (block granularity), against the whole cache; only the new rows are kept
         q_all = state.held_queries(q, pattern, tk)
         g_all = gates
         if gates is not None and q_all.shape[1] != tq:

@@ -240,8 +240,8 @@ def test_nsa_decode_state_follows_the_sequence(tiny_llama, mode):
             nsa_viz_attention(mod, q[:, :, :35], k[:, :, :35], v[:, :, :35], None, scaling=0.2)
             state = getattr(mod, STATE_ATTR)["all"]
             assert state.kv_len == 35
-            if state.cache is None:  # re-run path: queries 32..34 share block 2 with the next ones
-                assert state.block_queries.shape[1] == 3
+            if state.cache is None:  # re-run path: queries 16..34 (blocks 1 and 2) score the next ones' block
+                assert state.block_queries.shape[1] == 19
             else:
                 assert state.cache.kv_len == 35 and state.block_queries is None
             assert state.continues(k[:, :, :36].transpose(1, 2), 1)
@@ -262,17 +262,15 @@ def test_nsa_decode_state_follows_the_sequence(tiny_llama, mode):
 @needs_nsa
 @pytest.mark.parametrize("granularity", ["token", "block"])
 def test_nsa_generate_with_cache(tiny_llama, granularity):
-    """generate under NSA: with the KV cache it gives the greedy tokens of full recomputation (token
-    granularity: exact by construction; block granularity: each step only rescoring its block, which
-    can differ in principle, so only the prompt and the length are checked there)."""
+    """generate under NSA: with the KV cache it gives the greedy tokens of full recomputation, for both
+    granularities (both are causal, so a decode step sees what the full forward sees)."""
     pat = NSA(**NSA_KW, granularity=granularity)
     x = random_ids(1, 70, seed=5)
     with torch.no_grad(), apply_pattern(tiny_llama, pat):
         logits = tiny_llama(x).logits
         cached = tiny_llama.generate(x, max_new_tokens=4, do_sample=False, use_cache=True)
-        if granularity == "token":
-            full = tiny_llama.generate(x, max_new_tokens=4, do_sample=False, use_cache=False)
-            assert torch.equal(cached, full)
+        full = tiny_llama.generate(x, max_new_tokens=4, do_sample=False, use_cache=False)
+        assert torch.equal(cached, full)
     assert torch.isfinite(logits).all()
     assert cached.shape == (1, 74) and torch.equal(cached[:, :70], x)
 
@@ -309,14 +307,13 @@ def test_static_cache_is_refused_clearly(tiny_llama):
     assert out.shape == (1, 22)
 
 
-CAUSAL_CHECK = STATIC[:4] + ([NSA(**NSA_KW)] if nsa_kernels_available() else [])
+CAUSAL_CHECK = STATIC[:4] + ([NSA(**NSA_KW), NSA(**NSA_KW, granularity="block")] if nsa_kernels_available() else [])
 
 
 @pytest.mark.parametrize("pattern", CAUSAL_CHECK, ids=lambda p: type(p).__name__)
 def test_patterns_are_causal_inside_the_model(tiny_llama, pattern):
     """Changing the last tokens changes no earlier position's logits (perplexity under a pattern must not
-    see the future). NSA with granularity='block' is left out on purpose: a query block's shared
-    selection is scored by all its queries, later ones included (see the report on issue 4)."""
+    see the future), for NSA's per-block selection too: a block is scored by the block before it."""
     x = random_ids(1, 96, seed=21)
     y = x.clone()
     y[0, 88:] = random_ids(1, 8, seed=22)

@@ -63,7 +63,9 @@ def loop_nsa(q, k, v, *, block, top_n, window, cmp_block, cmp_stride, init_block
                 p_pos = tk - tq + i
                 cur = p_pos // lp
                 if granularity == "block":
-                    score = sum(imp[bi, h, r] for r in range(tq) if (tk - tq + r) // lp == cur)
+                    # causal: scored by the previous query block's queries present in q (none: forced only)
+                    score = sum((imp[bi, h, r] for r in range(tq) if (tk - tq + r) // lp == cur - 1),
+                                torch.zeros_like(imp[bi, h, 0]))
                 else:
                     score = imp[bi, h, i]
                 forced = [s_ for s_ in range(cur + 1) if s_ < init_blocks or s_ > cur - local_blocks]
@@ -193,7 +195,8 @@ def test_select_blocks_ties_forced_and_few_visible():
         if granularity == "token":
             want = _select(imp, pos // 8, top_n=4, init_blocks=1, local_blocks=1)
         else:
-            per_block = torch.zeros(2, 3, 9, 9).index_add_(2, pos // 8, imp)
+            # block c is scored by block c - 1's queries (block 0 by none)
+            per_block = torch.zeros(2, 3, 10, 9).index_add_(2, pos // 8 + 1, imp)[:, :, :9]
             want = _select(per_block, torch.arange(9), top_n=4, init_blocks=1, local_blocks=1)[:, :, pos // 8]
         assert torch.equal(got, want), granularity
     # position 20 (block 2) sees blocks 0..2 only: all taken, padded with -1; block 0 forced despite 0 importance
