@@ -73,13 +73,15 @@ SCHEMA = {
     "peak_mem_mb": "peak memory during one call: CUDA max_memory_allocated, or the CPU process's peak RSS (mem_kind)",
     "mem_delta_mb": "peak minus what was in use just before the call: what the call itself added",
     "mem_kind": "cuda_max_allocated | cpu_process_peak_rss",
-    "max_batch": "largest batch whose prefill (model, KV cache kept) fits in GPU memory",
+    "max_batch": "largest batch whose prefill (model, KV cache kept) fits in GPU memory (the note gives the "
+                 "bracket and the probes; peak_mem_mb is that batch's peak)",
     "density": "fraction of the causal (query, key) area the pattern attends to (NSA: upper bound)",
     "ppl": "perplexity", "ppl_delta": "perplexity minus dense perplexity on the same tokens",
     "kl": "mean KL(dense || pattern) of next-token distributions, nats",
     "top1_agree": "fraction of positions where the pattern's top-1 token equals dense's",
     "passkey_acc": "fraction of passkey prompts answered exactly", "n_eval": "tokens or prompts evaluated",
-    "status": "ok | oom | unsupported | failed", "note": "why a row failed, or what to know about it",
+    "status": "ok | oom | unsupported | failed | skipped (not measured: the run's time budget was spent)",
+    "note": "why a row failed, or what to know about it",
     # derived by add_derived: a legend label, and columns against the dense baseline of the same run and shape
     "label": "short label for legends: 'dense (<impl>)', or op(parameters that differ from the defaults)",
     "speedup_vs_dense": "dense ms / ms, or tokens_per_s / dense tokens_per_s: > 1 means faster than dense",
@@ -89,7 +91,7 @@ SCHEMA = {
     "pareto": "accuracy rows: True if no other pattern of the group is at most as dense and at least as accurate",
 }
 COLUMNS = list(SCHEMA)
-STATUSES = ("ok", "oom", "unsupported", "failed")
+STATUSES = ("ok", "oom", "unsupported", "failed", "skipped")
 KERNEL_PASSES = ("fwd", "fwd_bwd", "decode")
 SPEED_PASSES = ("fwd", "fwd_bwd", "decode", "prefill", "generate")
 FORMATS = ("json", "csv", "parquet")
@@ -586,6 +588,11 @@ class Recorder:
                 traceback.print_exception(exc, file=sys.stderr)
         free_memory()
 
+    def skip(self, reason: str = "", **fields) -> dict:
+        """A row for a configuration not measured because the run's time budget was spent."""
+        return self.add(**fields, status="skipped",
+                        note=reason or "not measured: the run's time budget (--time-budget-s) was spent")
+
     @contextlib.contextmanager
     def attempt(self, **fields):
         """``with rec.attempt(level=..., **{"pass": "fwd"}) as row: row["ms"] = ...``: the row is added at
@@ -626,30 +633,76 @@ def measure_entries(rec: Recorder, device, items: Sequence[tuple], **timing) -> 
     return [rows[i] for i in trials if rows[i]["status"] == "ok"]
 
 
-def largest_batch(fits: Callable[[int], None], cap: int = 1024) -> int:
-    """Largest ``b <= cap`` for which ``fits(b)`` runs without running out of memory: doubling, then
-    bisection between the last batch that fitted and the first that did not; 0 if even 1 does not fit.
-    Errors other than out-of-memory propagate."""
+class BatchSearch(NamedTuple):
+    """What ``largest_batch`` found: ``max_batch`` fitted (0: not even 1); ``first_oom`` is the smallest
+    batch that ran out of memory (None: none did, up to ``cap``), so the true limit lies in
+    ``[max_batch, first_oom)``; ``probes`` are ``(batch, "ok" | "oom", seconds)`` in the order tried;
+    ``stopped`` says why the search ended: ``"bracket"`` (limit found to within the tolerance), ``"cap"``,
+    ``"time"`` (the time cap: ``max_batch`` is a lower bound) or ``"oom_at_1"``; ``peak_mb`` is the
+    value ``fits`` returned for ``max_batch`` (e.g. its peak memory), if any."""
+    max_batch: int
+    first_oom: Optional[int]
+    probes: list
+    stopped: str
+    peak_mb: Optional[float] = None
+
+    def note(self) -> str:
+        tried = ", ".join(f"{b}{'' if r == 'ok' else ' oom'}" for b, r, _ in self.probes)
+        where = {"bracket": f"limit in [{self.max_batch}, {self.first_oom})",
+                 "cap": f"reached the cap {self.max_batch}, the limit is higher",
+                 "time": f"time cap hit: {self.max_batch} is a lower bound"
+                         + (f" (limit below {self.first_oom})" if self.first_oom else ""),
+                 "oom_at_1": "even batch 1 runs out of memory"}[self.stopped]
+        return f"{where}; probes {tried} in {sum(s for _, _, s in self.probes):.1f} s"
+
+
+def largest_batch(fits: Callable[[int], object], cap: int = 1024, *, rel_tol: float = 0.0,
+                  time_cap_s: Optional[float] = None, clock: Callable[[], float] = time.perf_counter) -> BatchSearch:
+    """Largest ``b <= cap`` for which ``fits(b)`` runs without running out of memory (see ``BatchSearch``).
+
+    Doubling from 1, then bisection between the last batch that fitted and the first that did not,
+    until they are within ``rel_tol`` of the former (0: exact), each probe one call of ``fits``. No probe
+    starts once ``time_cap_s`` has passed since the first began; the answer is then a lower bound.
+    ``fits`` may return a number (e.g. the probe's peak memory), kept for the answer. Errors other
+    than out-of-memory propagate. Memory is freed after every failed probe.
+    """
+    if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
+        raise ValueError(f"cap must be an integer >= 1, got {cap!r}")
+    if rel_tol < 0:
+        raise ValueError(f"rel_tol must be >= 0, got {rel_tol!r}")
+    t0, probes, value = clock(), [], {}
+
     def ok(b: int) -> bool:
+        start, res = clock(), None
         try:
-            fits(b)
-            return True
+            res = fits(b)
+            fitted = True
         except Exception as exc:  # noqa: BLE001
             if classify_failure(exc)[0] != "oom":
                 raise
+            fitted = False
+        if not fitted:  # outside the except block: its traceback no longer holds the probe's tensors
             free_memory()
-            return False
+        probes.append((b, "ok" if fitted else "oom", clock() - start))
+        if fitted:
+            value[b] = _num(res)
+        return fitted
+
+    def result(good, bad, stopped):
+        return BatchSearch(good, bad, probes, stopped, value.get(good))
 
     if not ok(1):
-        return 0
+        return result(0, 1, "oom_at_1")
     good, bad = 1, None
-    while good < cap and bad is None:
-        b = min(cap, good * 2)
-        good, bad = (b, None) if ok(b) else (good, b)
-    while bad is not None and bad - good > 1:
-        mid = (good + bad) // 2
-        good, bad = (mid, bad) if ok(mid) else (good, mid)
-    return good
+    while True:
+        if bad is None and good >= cap:
+            return result(good, None, "cap")
+        if bad is not None and bad - good <= max(1, math.floor(good * rel_tol)):
+            return result(good, bad, "bracket")
+        if time_cap_s is not None and clock() - t0 >= time_cap_s:
+            return result(good, bad, "time")
+        b = min(cap, good * 2) if bad is None else (good + bad) // 2
+        good, bad = (b, bad) if ok(b) else (good, b)
 
 
 def _progress(items, desc: str, enabled: bool):
@@ -693,6 +746,14 @@ def kernel_attention(pattern: Optional[Pattern], backend: str = "auto", decode: 
     return fn
 
 
+NSA_KERNEL_DECODE_NOTE = ("cached NSA decode: nsa_decode on an NSACache holding the compressed keys of the cache "
+                          "(filled once, untimed), as a generation step runs it")
+
+
+def _out_of_time(deadline: Optional[float]) -> bool:
+    return deadline is not None and time.perf_counter() >= deadline
+
+
 def _nsa_decode_step(pattern: NSA, backend: str):
     """One NSA decode step: the compressed keys of the cache's first ``T - 1`` tokens are made on the first
     call (what the generation kept up to date so far); every call then runs ``nsa_decode`` for the query
@@ -716,12 +777,14 @@ def _nsa_decode_step(pattern: NSA, backend: str):
 def bench_kernels(rec: Recorder, patterns: Iterable, lengths: Iterable[int], *, batch: int = 1, q_heads: int = 9,
                   kv_heads: int = 3, head_dim: int = 64, dtype=None, device=None, passes: Sequence[str] = KERNEL_PASSES,
                   backend: str = "auto", warmup_ms: float = 100.0, rep_ms: float = 400.0, seed: int = 0,
-                  progress: bool = True) -> List[dict]:
+                  progress: bool = True, deadline: Optional[float] = None) -> List[dict]:
     """Time (median ms) and peak memory of each pattern's attention beside dense SDPA, per length and pass.
 
     ``fwd`` is an inference forward (no autograd graph), ``fwd_bwd`` a forward that records the graph
-    plus the backward to q, k and v, ``decode`` one query against a cache of ``T`` keys. Dense and the
-    patterns are measured together at every length, on the same inputs. Returns the rows added to ``rec``.
+    plus the backward to q, k and v, ``decode`` one query against a cache of ``T`` keys (NSA: the cached
+    decode path, ``nsa_decode`` on an ``NSACache`` holding the compressed keys). Dense and the patterns
+    are measured together at every length, on the same inputs. Lengths not started by ``deadline``
+    (a ``time.perf_counter()`` value) are recorded as ``skipped``. Returns the rows added to ``rec``.
     """
     dev = resolve_device(device)
     dtype = parse_dtype(dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32))
@@ -757,6 +820,8 @@ def bench_kernels(rec: Recorder, patterns: Iterable, lengths: Iterable[int], *, 
             def make(row):
                 q_len = 1 if pas == "decode" else t
                 row["density"] = pattern_density(entry.pattern, q_len, t, dev, head_dim)
+                if pas == "decode" and isinstance(entry.pattern, NSA):
+                    row["note"] = NSA_KERNEL_DECODE_NOTE
                 attn = kernel_attention(entry.pattern, backend, decode=pas == "decode")
                 if pas == "fwd_bwd":
                     return Trial(lambda: torch.autograd.grad(attn(qg, kg, vg), (qg, kg, vg), do))
@@ -773,6 +838,11 @@ def bench_kernels(rec: Recorder, patterns: Iterable, lengths: Iterable[int], *, 
                             warmup_ms=warmup_ms, rep_ms=rep_ms)
 
     for t in _progress(lengths, "kernels", progress):
+        if _out_of_time(deadline):
+            for e in entries:
+                for pas in passes:
+                    rec.skip(**e.fields(), **shape, B=batch, T=t, **{"pass": pas})
+            continue
         one_length(t)
         free_memory()
         rec.save()
@@ -839,19 +909,38 @@ def _applied(model, pattern: Optional[Pattern], backend: str):
     return apply_pattern(model, pattern, backend=backend)
 
 
+def _decode_path_note() -> str:
+    """Which path NSA decode steps take inside a model (``attention._run_nsa``): the cached one when the
+    decode kernels are installed."""
+    from .attention import _nsa_decode
+    return ("NSA steps: cached decode (nsa_decode on each layer's NSACache)" if _nsa_decode() is not None else
+            "NSA steps: uncached (nsa_attention of the new query over the whole cache)")
+
+
+def model_label(model: Optional[str], model_name: Optional[str] = None, random_weights: bool = False) -> str:
+    """The ``model`` column: ``model_name`` if given, the default model's name for ``smollm2``, else ``model``."""
+    name = model_name or (DEFAULT_MODEL if _is_default_model(model) else str(model))
+    return name + (" (random weights)" if random_weights else "")
+
+
 def bench_model(rec: Recorder, patterns: Iterable, *, model: Optional[str] = None, lengths: Iterable[int] = (256, 512),
                 device=None, dtype=None, batch: int = 1, gen_tokens: int = 8, max_batch_lengths: Iterable[int] = (),
-                max_batch_cap: int = 256, speed: bool = True, accuracy: bool = True, random_weights: bool = False,
-                dataset: Optional[str] = None, eval_tokens: int = 1024, passkey_prompts: int = 4,
-                warmup_ms: float = 100.0, rep_ms: float = 400.0, backend: str = "auto", seed: int = 0,
-                progress: bool = True, loaded=None) -> List[dict]:
+                max_batch_cap: int = 1024, max_batch_time_s: Optional[float] = 60.0, max_batch_tol: float = 0.125,
+                speed: bool = True, accuracy: bool = True, accuracy_lengths: Optional[Iterable[int]] = None,
+                random_weights: bool = False, model_name: Optional[str] = None, dataset: Optional[str] = None,
+                eval_tokens: int = 1024, passkey_prompts: int = 4, warmup_ms: float = 100.0, rep_ms: float = 400.0,
+                backend: str = "auto", seed: int = 0, progress: bool = True, loaded=None,
+                deadline: Optional[float] = None) -> List[dict]:
     """Whole-model rows with each pattern in every layer, the model's own attention as the baseline:
-    prefill and generation throughput and peak memory per prompt length, the largest prefill batch
-    on CUDA, and accuracy against dense (``bench_accuracy``). ``loaded`` may pass an already loaded
-    ``(model, tokenizer)``. A model that cannot be loaded gives failed rows, not an exception."""
+    prefill and generation throughput and peak memory per prompt length (generation under NSA takes
+    the cached decode path of ``nsa_viz.attention``), accuracy against dense (``bench_accuracy``, at
+    ``accuracy_lengths``, default ``lengths``), then the largest prefill batch per length of
+    ``max_batch_lengths`` (``bench_max_batch``; last, because a device error there could spoil what
+    follows). ``loaded`` may pass an already loaded ``(model, tokenizer)``. A model that cannot be
+    loaded gives failed rows, not an exception; work not started by ``deadline`` gives skipped rows."""
     dev = resolve_device(device)
     start = len(rec.rows)
-    label = (DEFAULT_MODEL if _is_default_model(model) else str(model)) + (" (random weights)" if random_weights else "")
+    label = model_label(model, model_name, random_weights)
     try:
         mdl, tok = loaded if loaded is not None else load_bench_model(model, dev, dtype, random_weights)
     except Exception as exc:  # noqa: BLE001 - the kernel rows of this run stay useful
@@ -873,7 +962,14 @@ def bench_model(rec: Recorder, patterns: Iterable, *, model: Optional[str] = Non
         return {**e.fields(), **shape, "backend": _backend_name(e.pattern, backend, dev, own), "pass": pass_, **extra}
 
     if speed:
+        decode_note = _decode_path_note()
         for t in _progress(lengths, "model", progress):
+            if _out_of_time(deadline):
+                for e in entries:
+                    rec.skip(**fields(e, B=batch, T=t, pass_="prefill"))
+                    if gen_tokens > 0:
+                        rec.skip(**fields(e, B=batch, T=t, new_tokens=gen_tokens, pass_="generate"))
+                continue
             # random token ids: a static pattern costs the same on any text, and NSA's selection
             # changes which blocks are read, not how many
             ids = torch.randint(0, cfg.vocab_size, (batch, t), generator=gen).to(dev)
@@ -893,30 +989,69 @@ def bench_model(rec: Recorder, patterns: Iterable, *, model: Optional[str] = Non
             if gen_tokens > 0:
                 note = (f"ms per decode step after a {t}-token prompt (median of 3 runs of {gen_tokens} steps; "
                         "density at the middle step)")
-                done += measure_entries(rec, dev, [(fields(e, B=batch, T=t, new_tokens=gen_tokens, note=note,
-                                                           pass_="generate"), build(e, "generate")) for e in entries],
+                done += measure_entries(rec, dev, [(fields(e, B=batch, T=t, new_tokens=gen_tokens, pass_="generate",
+                                                           note=note + ("; " + decode_note if isinstance(e.pattern, NSA)
+                                                                        else "")),
+                                                    build(e, "generate")) for e in entries],
                                         warmup_ms=0.0, rep_ms=0.0, min_repeats=3, max_repeats=3)
             for row in done:
                 row["tokens_per_s"] = batch * (t if row["pass"] == "prefill" else 1) / (row["ms"] / 1e3)
             del ids
             free_memory()
             rec.save()
-        if dev.type == "cuda":
-            for t in sorted({int(x) for x in max_batch_lengths}):
-                for e in entries:
-                    with rec.attempt(**fields(e, T=t, note=f"prefill with KV cache, capped at {max_batch_cap}",
-                                              pass_="max_batch")) as row:
-                        with _applied(mdl, e.pattern, backend):
-                            def fits(b):
-                                _prefill(mdl, torch.randint(0, cfg.vocab_size, (b, t), device=dev))
-                                torch.cuda.synchronize(dev)
-                            row["max_batch"] = largest_batch(fits, max_batch_cap)
-            rec.save()
     if accuracy:
-        bench_accuracy(rec, entries, mdl, tok, fields=fields, lengths=lengths, dataset=dataset,
-                       eval_tokens=eval_tokens, passkey_prompts=passkey_prompts, random_weights=random_weights,
-                       device=dev, seed=seed, progress=progress)
+        bench_accuracy(rec, entries, mdl, tok, fields=fields,
+                       lengths=lengths if accuracy_lengths is None else sorted({int(t) for t in accuracy_lengths}),
+                       dataset=dataset, eval_tokens=eval_tokens, passkey_prompts=passkey_prompts,
+                       random_weights=random_weights, device=dev, seed=seed, progress=progress, deadline=deadline)
+    if speed and max_batch_lengths:
+        bench_max_batch(rec, entries, mdl, fields=fields, lengths=max_batch_lengths, device=dev, cap=max_batch_cap,
+                        time_cap_s=max_batch_time_s, rel_tol=max_batch_tol, backend=backend, deadline=deadline)
     return rec.rows[start:]
+
+
+def bench_max_batch(rec: Recorder, entries: List[Entry], model, *, fields: Callable, lengths: Iterable[int],
+                    device=None, cap: int = 1024, time_cap_s: Optional[float] = 60.0, rel_tol: float = 0.125,
+                    backend: str = "auto", deadline: Optional[float] = None) -> None:
+    """``max_batch`` rows: per length and entry, the largest batch whose prefill (KV cache kept, logits of
+    the last position) fits (``largest_batch``: doubling, then bisection to within ``rel_tol``; each
+    probe one prefill of random ids, memory emptied before it; each search capped at ``time_cap_s`` and
+    by what is left before ``deadline``). On a CPU nothing runs out of memory: the search stops at
+    ``cap`` (for checking the code path at small sizes). ``peak_mem_mb`` is the largest fitting
+    probe's peak; probes and bracket are in the note."""
+    dev = resolve_device(device)
+    vocab = model.config.vocab_size
+    todo = [(t, e) for t in sorted({int(x) for x in lengths}) for e in entries]
+    for i, (t, e) in enumerate(todo):
+        left = None if deadline is None else deadline - time.perf_counter()
+        if left is not None and left <= 0:
+            rec.skip(**fields(e, T=t, pass_="max_batch"))
+            continue
+        share = None if left is None else left / (len(todo) - i)  # the rest of the budget, shared fairly
+        limit = share if time_cap_s is None else (time_cap_s if share is None else min(time_cap_s, share))
+
+        def fits(b: int) -> Optional[float]:
+            free_memory()  # empty the caching allocator: the last probe's blocks would fragment this one's
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
+            ids = torch.randint(0, vocab, (b, t), device=dev)
+            with _applied(model, e.pattern, backend):  # re-applied per probe: no decode state outlives it
+                out = _prefill(model, ids)
+                synchronize(dev)
+            del out, ids
+            return torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None
+
+        with rec.attempt(**fields(e, T=t, pass_="max_batch")) as row:
+            found = largest_batch(fits, cap, rel_tol=rel_tol, time_cap_s=limit)
+            row.update(max_batch=found.max_batch, peak_mem_mb=found.peak_mb,
+                       mem_kind="cuda_max_allocated" if found.peak_mb is not None else None,
+                       note=f"prefill with KV cache, cap {cap}, tolerance {rel_tol:g}"
+                            + (f", time cap {limit:.0f} s" if limit is not None else "") + ": " + found.note()
+                            + ("; CPU: no device memory limit, bounded by the cap" if dev.type == "cpu" else ""))
+            if found.max_batch == 0:
+                row["status"] = "oom"
+        free_memory()
+        rec.save()
 
 
 def eval_text(dataset: Optional[str]) -> tuple:
@@ -959,11 +1094,13 @@ def _per_pattern(make, patterns: dict, dense_label: str):
 
 def bench_accuracy(rec: Recorder, entries: List[Entry], model, tokenizer, *, fields: Callable, lengths: Sequence[int],
                    dataset: Optional[str] = None, eval_tokens: int = 1024, passkey_prompts: int = 4,
-                   random_weights: bool = False, device=None, seed: int = 0, progress: bool = True) -> None:
+                   random_weights: bool = False, device=None, seed: int = 0, progress: bool = True,
+                   deadline: Optional[float] = None) -> None:
     """Accuracy rows against the model's own attention, at each length: ``accuracy`` (perplexity,
     perplexity delta, KL(dense || pattern), top-1 agreement over about ``eval_tokens`` tokens of text,
     in windows of the length spread over the text) and ``passkey`` (``passkey_prompts`` prompts with
-    the key at evenly spaced depths). Dense is measured in the same call, on the same tokens."""
+    the key at evenly spaced depths). Dense is measured in the same call, on the same tokens. Lengths
+    not started by ``deadline`` give skipped rows."""
     from . import accuracy as acc
     dense_label = entries[0].label
     patterns = {e.label: e.pattern for e in entries}
@@ -978,6 +1115,11 @@ def bench_accuracy(rec: Recorder, entries: List[Entry], model, tokenizer, *, fie
                     raise exc
         return
     for t in lengths:
+        if _out_of_time(deadline):
+            for e in entries:
+                for pas in ("accuracy", "passkey"):
+                    rec.skip(**fields(e, B=1, T=t, pass_=pas))
+            continue
         windows = max(1, eval_tokens // t)
         span = 12 * t  # characters: enough for t tokens of prose (~4-5 characters a token)
         offsets = [i * max(0, len(text) - span) // windows for i in range(windows)]
@@ -1122,12 +1264,13 @@ QUICK = dict(  # a CPU, a few minutes on SmolLM2: SmolLM2's attention shape, len
     patterns=["window:window=128", "global_local:window=128,sink=32", "dilated:stride=4,block=64,window=128",
               "nsa:block=32,top_n=4,window=64,cmp_block=32,cmp_stride=16"],
     lengths=[256, 512, 1024], q_heads=9, kv_heads=3, head_dim=64, dtype="float32", warmup_ms=20.0, rep_ms=100.0,
-    model_lengths=[256, 512], gen_tokens=4, max_batch_lengths=[], eval_tokens=512, passkey_prompts=3)
+    model_lengths=[256, 512], gen_tokens=4, max_batch_lengths=[], eval_tokens=512, passkey_prompts=3,
+    accuracy_lengths=None, max_batch_cap=1024, max_batch_time_s=60.0)
 FULL = dict(  # a GPU: the lengths where sparse attention matters, the shape of a large GQA model
     patterns=["window:window=512", "global_local:window=512,sink=64", "nsa"],
     lengths=[8192, 16384, 32768, 65536], q_heads=64, kv_heads=4, head_dim=128, dtype="bfloat16", warmup_ms=100.0,
     rep_ms=400.0, model_lengths=[1024, 2048, 4096, 8192], gen_tokens=16, max_batch_lengths=[8192],
-    eval_tokens=16384, passkey_prompts=8)
+    eval_tokens=16384, passkey_prompts=8, accuracy_lengths=None, max_batch_cap=1024, max_batch_time_s=60.0)
 LEVELS = ("kernel", "model", "accuracy")
 
 
@@ -1160,12 +1303,20 @@ def add_arguments(parser) -> None:
     g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                    help="kernel-level dtype (default: bfloat16 on CUDA, float32 on a CPU)")
     g.add_argument("--model", default="smollm2", help="model for the model/accuracy levels: 'smollm2', a local folder or a hub id")
+    g.add_argument("--model-name", default=None,
+                   help="name for the model column (default: SmolLM2-135M-Instruct for 'smollm2', else --model), "
+                        "e.g. when --model is a path to the default model's GGUF")
     g.add_argument("--random-weights", action="store_true",
                    help="build the model from its config with random weights (speed rows only; no GGUF reader needed)")
     g.add_argument("--dataset", default=None, help="text file for perplexity/KL (default: pydoc_data.topics)")
     g.add_argument("--model-lengths", nargs="+", type=int, help="model-level prompt lengths (speed and accuracy)")
     g.add_argument("--gen-tokens", type=int, help="new tokens per sequence when timing generation")
-    g.add_argument("--max-batch-lengths", nargs="+", type=int, help="model-level lengths at which to find the largest prefill batch (CUDA)")
+    g.add_argument("--max-batch-lengths", nargs="*", type=int, default=None,
+                   help="model-level lengths at which to find the largest prefill batch (a GPU; on a CPU the search "
+                        "only checks the code path, up to --max-batch-cap); give none to skip")
+    g.add_argument("--max-batch-cap", type=int, help="largest batch tried (default 1024)")
+    g.add_argument("--max-batch-time-s", type=float, help="time cap of one largest-batch search, seconds (default 60)")
+    g.add_argument("--accuracy-lengths", nargs="+", type=int, help="lengths for accuracy (default: --model-lengths)")
     g.add_argument("--eval-tokens", type=int, help="tokens of text per length for perplexity/KL")
     g.add_argument("--passkey-prompts", type=int, help="passkey prompts per length")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda[:n]")
@@ -1176,6 +1327,9 @@ def add_arguments(parser) -> None:
     g.add_argument("--warmup-ms", type=float, help="warm-up time per measurement")
     g.add_argument("--rep-ms", type=float, help="timed repeats per measurement, in ms (at least 3 repeats)")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--time-budget-s", type=float, default=None,
+                   help="stop starting new measurements after this many seconds (counted from the start of the run, "
+                        "model loading included); what was not measured is recorded as skipped")
     o = parser.add_argument_group("where results go")
     o.add_argument("--out", default=None, help="results table file (.json/.csv/.parquet) or folder "
                                                  "(default data/results/tradeoffs_<device>.json); rows are appended")
@@ -1213,18 +1367,24 @@ def run_bench(args):
         except (TypeError, ValueError) as exc:
             rec.add(level="kernel", op=str(spec), impl="nsa_viz", pattern=str(spec), status="unsupported", note=str(exc)[:300])
     progress, t0 = not args.no_progress, time.perf_counter()
+    budget = getattr(args, "time_budget_s", None)
+    if budget is not None and budget <= 0:
+        raise ValueError(f"--time-budget-s must be > 0, got {budget}")
+    deadline = None if budget is None else t0 + budget
     if "kernel" in args.levels:
         bench_kernels(rec, patterns, s["lengths"], batch=args.batch, q_heads=s["q_heads"], kv_heads=s["kv_heads"],
                       head_dim=s["head_dim"], dtype=args.dtype or (s["dtype"] if device.type == "cuda" else "float32"),
                       device=device, passes=args.passes, backend=args.backend, warmup_ms=s["warmup_ms"],
-                      rep_ms=s["rep_ms"], seed=args.seed, progress=progress)
+                      rep_ms=s["rep_ms"], seed=args.seed, progress=progress, deadline=deadline)
     if "model" in args.levels or "accuracy" in args.levels:
         bench_model(rec, patterns, model=args.model, lengths=s["model_lengths"], device=device, batch=args.batch,
                     gen_tokens=s["gen_tokens"], max_batch_lengths=s["max_batch_lengths"],
+                    max_batch_cap=s["max_batch_cap"], max_batch_time_s=s["max_batch_time_s"],
                     speed="model" in args.levels, accuracy="accuracy" in args.levels,
-                    random_weights=args.random_weights, dataset=args.dataset, eval_tokens=s["eval_tokens"],
+                    accuracy_lengths=s["accuracy_lengths"], random_weights=args.random_weights,
+                    model_name=getattr(args, "model_name", None), dataset=args.dataset, eval_tokens=s["eval_tokens"],
                     passkey_prompts=s["passkey_prompts"], warmup_ms=s["warmup_ms"], rep_ms=s["rep_ms"],
-                    backend=args.backend, seed=args.seed, progress=progress)
+                    backend=args.backend, seed=args.seed, progress=progress, deadline=deadline)
     rec.save()
     df = add_derived(rec.rows)
     print(f"[bench] run {rec.run_id}: {len(df)} rows ({int((df['status'] != 'ok').sum())} not ok) in "
@@ -1272,6 +1432,12 @@ def summary_text(table) -> str:
             f" ({r['speedup_vs_dense']:.2f}x)" if _num(r["speedup_vs_dense"]) is not None else ""), axis=1)
         pivot = g.assign(cell=cells).pivot_table(index="label", columns="T", values="cell", aggfunc="first", sort=False)
         lines += [f"\n{level} {pas}: {value} (speedup vs dense)", pivot.fillna("-").to_string()]
+    mb = df[(df["pass"] == "max_batch") & (df["status"] == "ok")]
+    if len(mb):
+        cells = mb.apply(lambda r: f"{int(r['max_batch'])}" + (
+            f" ({r['max_batch_vs_dense']:.2f}x)" if _num(r["max_batch_vs_dense"]) is not None else ""), axis=1)
+        pivot = mb.assign(cell=cells).pivot_table(index="label", columns="T", values="cell", aggfunc="first", sort=False)
+        lines += ["\nlargest prefill batch (vs dense)", pivot.fillna("-").to_string()]
     acc = df[df["pass"].isin(["accuracy", "passkey"]) & (df["status"] == "ok")]
     if len(acc):
         cols = [c for c in ("density", "ppl", "ppl_delta", "kl", "top1_agree", "passkey_acc") if acc[c].notna().any()]

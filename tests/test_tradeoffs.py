@@ -162,13 +162,130 @@ def test_largest_batch_doubles_then_bisects_and_propagates_other_errors():
         tried.append(b)
         if b > 37:
             raise RuntimeError("CUDA out of memory")
+        return 10.0 * b  # e.g. the probe's peak memory
 
-    assert tr.largest_batch(fits, cap=1024) == 37
-    assert tried[:7] == [1, 2, 4, 8, 16, 32, 64]
-    assert tr.largest_batch(lambda b: None, cap=100) == 100
-    assert tr.largest_batch(lambda b: (_ for _ in ()).throw(RuntimeError("out of memory")), cap=8) == 0
+    found = tr.largest_batch(fits, cap=1024)
+    assert (found.max_batch, found.first_oom, found.stopped, found.peak_mb) == (37, 38, "bracket", 370.0)
+    assert tried[:7] == [1, 2, 4, 8, 16, 32, 64] and [b for b, _, _ in found.probes] == tried
+    assert [r for b, r, _ in found.probes if b > 37] == ["oom"] * sum(b > 37 for b in tried)
+    assert "limit in [37, 38)" in found.note() and "64 oom" in found.note()
+    # a tolerance stops the bisection early: the answer is within it, below the true limit
+    tried.clear()
+    loose = tr.largest_batch(fits, cap=1024, rel_tol=0.25)
+    assert 37 * 0.75 <= loose.max_batch <= 37 < loose.first_oom <= loose.max_batch * 1.25 + 1 and len(tried) < 10
+    assert tr.largest_batch(lambda b: None, cap=100)[:2] == (100, None)
+    assert tr.largest_batch(lambda b: None, cap=100).stopped == "cap"
+    none = tr.largest_batch(lambda b: (_ for _ in ()).throw(RuntimeError("out of memory")), cap=8)
+    assert (none.max_batch, none.stopped) == (0, "oom_at_1")
     with pytest.raises(KeyError):
         tr.largest_batch(lambda b: (_ for _ in ()).throw(KeyError("bug")), cap=8)
+    with pytest.raises(ValueError, match="cap must be"):
+        tr.largest_batch(fits, cap=0)
+
+
+def test_largest_batch_time_cap_gives_a_lower_bound():
+    now = {"t": 0.0}
+
+    def fits(b):  # each probe takes b seconds on a fake clock
+        now["t"] += b
+        if b > 100:
+            raise RuntimeError("CUDA out of memory")
+
+    found = tr.largest_batch(fits, cap=1024, time_cap_s=20, clock=lambda: now["t"])
+    assert found.stopped == "time" and found.max_batch == 16 and found.first_oom is None  # 1+2+4+8+16 = 31 s > 20
+    assert "lower bound" in found.note()
+
+
+# --------------------------------------------------------------------------- model level: cached NSA decode, max batch
+def _nsa_kernels_or_skip():
+    from nsa_viz.attention import nsa_kernels_available
+
+    if not nsa_kernels_available():
+        pytest.skip("NSA kernels not installed")
+
+
+def test_model_generation_under_nsa_takes_the_cached_decode_path(monkeypatch):
+    """The generate rows time decode steps through nsa_decode on each layer's NSACache (one query per step,
+    the compressed keys kept across steps), not a recomputation over the whole cache."""
+    _nsa_kernels_or_skip()
+    import nsa_viz.kernels.nsa_decode as dec
+
+    calls, real = [], dec.nsa_decode
+
+    def spy(q, k, v, cache, **kw):
+        calls.append((q.shape[1], k.shape[1], id(cache), cache.kv_len))
+        return real(q, k, v, cache, **kw)
+
+    monkeypatch.setattr(dec, "nsa_decode", spy)
+    model = tiny_model("llama")
+    layers = model.config.num_hidden_layers
+    rec = tr.Recorder(verbose=False)
+    pattern = "nsa:block=16,top_n=4,window=32,cmp_block=16,cmp_stride=8"
+    rows = tr.bench_model(rec, [pattern], loaded=(model, None), lengths=[96], gen_tokens=3, accuracy=False,
+                          model_name="tiny", **FAST)
+    gen = {r["op"]: r for r in rows if r["pass"] == "generate"}
+    assert gen["nsa"]["status"] == "ok" and "cached decode (nsa_decode on each layer's NSACache)" in gen["nsa"]["note"]
+    assert "NSA steps" not in gen["dense"]["note"] and {r["model"] for r in rows} == {"tiny"}
+    steps = [c for c in calls if c[0] == 1]
+    prefills = [c for c in calls if c[0] == c[1]]
+    assert prefills and steps and len(calls) == len(steps) + len(prefills)
+    # within one generation, each layer's cache follows the sequence one token at a time
+    run = calls[-(layers * 4):]  # the last generation: a prefill then 3 steps, every layer
+    by_cache = {}
+    for tq, tk, cid, seen in run:
+        by_cache.setdefault(cid, []).append((tq, tk, seen))
+    assert len(by_cache) == layers
+    for seq in by_cache.values():
+        assert [(tq, tk) for tq, tk, _ in seq] == [(96, 96), (1, 97), (1, 98), (1, 99)]
+        assert [seen for _, _, seen in seq[1:]] == [96, 97, 98]  # the cache is extended, never rebuilt
+
+
+def test_max_batch_rows_on_cpu_record_probes_and_oom(monkeypatch):
+    model = tiny_model("llama")
+    rec = tr.Recorder(verbose=False)
+    entries = tr._entries(rec, ["window:window=32"], "model", tr.Entry(None, "dense", "hf", "dense (sdpa)", {}))
+    fields = lambda e, pass_=None, **x: {**e.fields(), "level": "model", "pass": pass_, **x}  # noqa: E731
+    tr.bench_max_batch(rec, entries, model, fields=fields, lengths=[64], device="cpu", cap=4, time_cap_s=30)
+    rows = {r["op"]: r for r in rec.rows}
+    assert [rows[o]["max_batch"] for o in ("dense", "sliding_window")] == [4, 4]
+    assert all(r["status"] == "ok" and "probes 1, 2, 4" in r["note"] and "bounded by the cap" in r["note"]
+               for r in rows.values())
+    real = tr._prefill
+
+    def small_memory(model, ids):  # a device that holds at most 5 sequences
+        if ids.shape[0] > 5:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 1 GiB")
+        return real(model, ids)
+
+    monkeypatch.setattr(tr, "_prefill", small_memory)
+    rec2 = tr.Recorder(verbose=False)
+    tr.bench_max_batch(rec2, entries[:1], model, fields=fields, lengths=[64], device="cpu", cap=64, time_cap_s=30)
+    (row,) = rec2.rows
+    assert row["max_batch"] == 5 and "limit in [5, 6)" in row["note"] and "8 oom" in row["note"]
+    monkeypatch.setattr(tr, "_prefill", lambda model, ids: (_ for _ in ()).throw(RuntimeError("out of memory")))
+    rec3 = tr.Recorder(verbose=False)
+    tr.bench_max_batch(rec3, entries[:1], model, fields=fields, lengths=[64], device="cpu", cap=64)
+    assert (rec3.rows[0]["status"], rec3.rows[0]["max_batch"]) == ("oom", 0)
+
+
+def test_time_budget_records_what_was_not_measured_as_skipped():
+    import time as _time
+
+    rec = tr.Recorder(verbose=False)
+    model = tiny_model("llama")
+    past = _time.perf_counter() - 1
+    tr.bench_kernels(rec, ["window:window=32"], [64], q_heads=4, kv_heads=2, head_dim=32, passes=("fwd",),
+                     deadline=past, **FAST)
+    tr.bench_model(rec, ["window:window=32"], loaded=(model, None), lengths=[64], gen_tokens=2, accuracy=True,
+                   random_weights=True, max_batch_lengths=[64], deadline=past, **FAST)
+    status = {(r["level"], r["pass"]): r["status"] for r in rec.rows}
+    assert status == {("kernel", "fwd"): "skipped", ("model", "prefill"): "skipped", ("model", "generate"): "skipped",
+                      ("model", "max_batch"): "skipped",
+                      # random weights: accuracy is unsupported whatever the time
+                      ("model", "accuracy"): "unsupported", ("model", "passkey"): "unsupported"}
+    assert all("time budget" in r["note"] for r in rec.rows if r["status"] == "skipped")
+    df = tr.add_derived(rec.rows)
+    assert df["speedup_vs_dense"].isna().all() and "skipped" in tr.summary_text(df)
 
 
 # --------------------------------------------------------------------------- ratios, crossovers, Pareto
@@ -354,13 +471,16 @@ def test_cli_quick_end_to_end_on_a_tiny_random_model(tmp_path, capsys):
     argv = ["bench", "--quick", "--model", str(folder), "--patterns", "window:window=32", "bogus:x=1",
             "--lengths", "64", "128", "--model-lengths", "64", "192", "--q-heads", "4", "--kv-heads", "2",
             "--head-dim", "32", "--warmup-ms", "1", "--rep-ms", "3", "--gen-tokens", "2", "--eval-tokens", "192",
-            "--passkey-prompts", "2", "--out", str(out), "--figures", str(tmp_path / "figs"), "--no-progress"]
+            "--passkey-prompts", "2", "--out", str(out), "--figures", str(tmp_path / "figs"), "--no-progress",
+            "--max-batch-lengths", "64", "--max-batch-cap", "2", "--model-name", "tiny-llama", "--time-budget-s", "900"]
     assert main(argv) == 0
     df = tr.read_table(out)
     assert df["run_id"].nunique() == 1 and set(df["mode"]) == {"quick"}
     ok = df[df["status"] == "ok"]
     assert set(ok["level"]) >= {"kernel", "model"}
-    assert set(ok[ok["level"] == "model"]["pass"]) == {"prefill", "generate", "accuracy", "passkey"}
+    assert set(ok[ok["level"] == "model"]["pass"]) == {"prefill", "generate", "accuracy", "passkey", "max_batch"}
+    assert set(df[df["level"] == "model"]["model"]) == {"tiny-llama"}
+    assert set(ok[ok["pass"] == "max_batch"]["max_batch"]) == {2}
     speed = ok[ok["pass"].isin(tr.SPEED_PASSES)]
     assert (speed[speed["level"] == "model"]["tokens_per_s"] > 0).all() and speed["speedup_vs_dense"].notna().all()
     bad = df[df["op"] == "bogus:x=1"]
