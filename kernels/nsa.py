@@ -3,12 +3,13 @@
 ``nsa_attention`` runs, in order:
 
 1. compression: ``compress_mean`` (training-free) or the caller's learnable ``compress``;
-2. ``compressed_attention`` for ``gated`` (its output is a branch), ``compressed_lse`` for ``union``
-   (the compressed branch only scores blocks there: no values read);
-3. ``selection_importance``: eq. 9 importance of each selection block, summed over the GQA group;
-4. top-n with the forced initial and local blocks, deterministic ties (``nsa_topk.pick_top_blocks``;
+2. ``compressed_attention`` for ``gated`` (its output is a branch) then ``selection_importance``; for
+   ``union`` ``compressed_importance`` (the compressed branch only scores blocks there: one kernel finds
+   the LSE and the importance, no values read): eq. 9 importance of each selection block, summed over
+   the GQA group;
+3. top-n with the forced initial and local blocks, deterministic ties (``nsa_topk.pick_top_blocks``;
    ``select_blocks`` is the same step as a public function);
-5. attention over the selected blocks and the window: one softmax (``union``) or three gated
+4. attention over the selected blocks and the window: one softmax (``union``) or three gated
    branches (``gated``: ``g_cmp*o_cmp + g_slc*o_slc + g_win*o_win``, fused in ``gated_combine`` so
    that no float32 copy of a branch output is kept for backward).
 
@@ -33,7 +34,7 @@ import triton.language as tl
 from . import block_sparse_attention, resolve_backend
 from .checks import check_qkv
 from .layout import EMPTY, BlockLayout, TokenRule, layout_from_rule
-from .nsa_compressed import compressed_attention, compressed_lse, selection_importance
+from .nsa_compressed import compressed_attention, compressed_importance, selection_importance
 from .nsa_ref import (GRANULARITIES, check_compressed, check_gates, check_nsa_params, num_compressed_blocks,
                       split_compress)
 from .nsa_decode_kernels import selected_window_decode
@@ -360,12 +361,11 @@ def nsa_from_compressed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cmp
     tq, tk = q.shape[1], k.shape[1]
     kw = dict(cmp_block=cmp_block, cmp_stride=cmp_stride, scale=scale, kv_len=tk, backend=backend)
     parts = {}
-    if combine == "union":
-        with torch.no_grad():  # the compressed branch only scores blocks here: its LSE is all we need
-            lse_cmp = compressed_lse(q.detach(), k_cmp.detach(), **kw)
+    if combine == "union":  # the compressed branch only scores blocks here: its LSE is found and used in place
+        importance = compressed_importance(q.detach(), k_cmp.detach(), block=block, **kw)
     else:
         o_cmp, lse_cmp = compressed_attention(q, k_cmp, v_cmp, **kw)
-    importance = selection_importance(q.detach(), k_cmp.detach(), lse_cmp, block=block, **kw)
+        importance = selection_importance(q.detach(), k_cmp.detach(), lse_cmp, block=block, **kw)
     parts["importance"] = importance
 
     q_start = tk - tq

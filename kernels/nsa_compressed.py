@@ -9,7 +9,10 @@ BLOCK_M queries sees a prefix of the keys and only its last key tiles need a mas
 - backward: dQ per query tile; dK/dV per (key tile, query head) into fp32 per-query-head buffers that
   are then summed over the GQA group (no atomics, and 16x more programs than one per kv head: the
   first key tiles are seen by every query and would otherwise serialise the whole pass);
-- selection importance: one program per (query tile, sequence × kv head) recomputes the probabilities
+- selection importance, many queries: one program per (a few queries × the GQA group's heads as rows,
+  sequence × kv head): the query tile is loaded once, every key tile serves all rows, the head sum is a
+  reshape; with ``compressed_importance`` the same program first finds the LSE (union mode);
+- selection importance, decode: one program per (query tile, sequence × kv head) recomputes the probabilities
   with the saved LSE, sums them over the group's heads, and maps each key tile to selection blocks with
   two small matrix products: the blocks the tile starts in ("own") and the spill of its last keys into
   the next tile's blocks, carried in registers so each output column is written exactly once.
@@ -25,7 +28,8 @@ import triton.language as tl
 from . import resolve_backend
 from .block_sparse import LOG2E, _bwd_delta_kernel, _mm, _precision, _strides
 from .nsa_compressed_ref import (check_compressed_inputs, check_importance_inputs, compressed_attention_reference,
-                                 compressed_lse_reference, selection_importance_reference)
+                                 compressed_importance_reference, compressed_lse_reference,
+                                 selection_importance_reference)
 
 
 @triton.jit
@@ -290,6 +294,80 @@ def _importance_kernel(
 
 
 @triton.jit
+def _packed_importance_kernel(
+    Q, K, LSE, IMP,
+    sqb, sqt, sqh, sqd, skb, skt, skh, skd, slb, slt, slh, sib, sih, sit, sis,
+    q_len, num_cmp, num_sel, num_kv_heads, q_offset, qk_scale_log2,
+    GROUP: tl.constexpr, GROUP_P: tl.constexpr, TOKENS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    NUM_SEL: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SEL_BLOCK: tl.constexpr,
+    PRECISION: tl.constexpr, FIND_LSE: tl.constexpr,
+):
+    """Importance with the GQA group packed into the rows: one program per (TOKENS consecutive queries,
+    sequence × kv head); row r is query r // GROUP_P of the tile, head r % GROUP_P of the group (GROUP_P:
+    GROUP rounded up to a power of two, extra rows masked). The query tile is loaded once and every key tile
+    is shared by all rows, instead of reloading each head's queries for every key tile (``_importance_kernel``).
+    FIND_LSE: a first pass over the key tiles finds each row's LSE (the union mode needs nothing else from the
+    compressed branch); otherwise LSE is read. The head sum is a reshape; the eq. 9 mapping is as in
+    ``_importance_kernel`` (own blocks plus the spill carried to the next tile), each column written once."""
+    tb = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // num_kv_heads
+    hk = bh % num_kv_heads
+    ROWS: tl.constexpr = TOKENS * GROUP_P
+    offs_r = tl.arange(0, ROWS)
+    tok = tb * TOKENS + offs_r // GROUP_P
+    g = offs_r % GROUP_P
+    rmask = (tok < q_len) & (g < GROUP)
+    h = hk * GROUP + g
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_s = tl.arange(0, NUM_SEL)
+    q = tl.load(Q + b.to(tl.int64) * sqb + h[:, None] * sqh + tok[:, None].to(tl.int64) * sqt + offs_d[None, :] * sqd,
+                mask=rmask[:, None], other=0.0)
+    n_vis = tl.where(rmask, tl.minimum(_visible_count(tok + q_offset, CMP_BLOCK, CMP_STRIDE), num_cmp), 0)
+    last_tok = tl.minimum(tb * TOKENS + TOKENS, q_len) - 1 + q_offset
+    n_tiles = tl.cdiv(tl.minimum(_visible_count(last_tok, CMP_BLOCK, CMP_STRIDE), num_cmp), BLOCK_N)
+    k_base = K + b.to(tl.int64) * skb + hk * skh
+    if FIND_LSE:
+        m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([ROWS], dtype=tl.float32)
+        for j in range(0, n_tiles):
+            offs_k = j * BLOCK_N + offs_n
+            k = tl.load(k_base + offs_k[None, :].to(tl.int64) * skt + offs_d[:, None] * skd,
+                        mask=offs_k[None, :] < num_cmp, other=0.0)
+            s = tl.where(offs_k[None, :] < n_vis[:, None], _mm(q, k, PRECISION) * qk_scale_log2, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_i = l_i * tl.math.exp2(m_i - m_safe) + tl.sum(tl.math.exp2(s - m_safe[:, None]), 1)
+            m_i = m_new
+        lse2 = tl.where(l_i > 0, m_i + tl.math.log2(tl.where(l_i > 0, l_i, 1.0)), float("inf"))  # log2 units; +inf: nothing visible
+    else:
+        lse = tl.load(LSE + b.to(tl.int64) * slb + h * slh + tok.to(tl.int64) * slt, mask=rmask, other=float("inf"))
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    offs_t = tb * TOKENS + tl.arange(0, TOKENS)
+    tmask = offs_t < q_len
+    imp_rows = IMP + b.to(tl.int64) * sib + hk * sih + offs_t[:, None].to(tl.int64) * sit
+    carry = tl.zeros([TOKENS, NUM_SEL], dtype=tl.float32)
+    for j in range(0, n_tiles):
+        offs_k = j * BLOCK_N + offs_n
+        k = tl.load(k_base + offs_k[None, :].to(tl.int64) * skt + offs_d[:, None] * skd,
+                    mask=offs_k[None, :] < num_cmp, other=0.0)
+        s = _mm(q, k, PRECISION) * qk_scale_log2
+        p = tl.where(offs_k[None, :] < n_vis[:, None], tl.math.exp2(s - lse2[:, None]), 0.0)
+        w_own = _overlap_weights(offs_k, j * NUM_SEL, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK, NUM_SEL)
+        w_next = _overlap_weights(offs_k, (j + 1) * NUM_SEL, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK, NUM_SEL)
+        # fp32 products: the probabilities keep their precision (ties in top-n depend on it)
+        own = tl.sum(tl.reshape(tl.dot(p, w_own, input_precision="ieee"), [TOKENS, GROUP_P, NUM_SEL]), 1) + carry
+        carry = tl.sum(tl.reshape(tl.dot(p, w_next, input_precision="ieee"), [TOKENS, GROUP_P, NUM_SEL]), 1)
+        cols = j * NUM_SEL + offs_s
+        tl.store(imp_rows + cols[None, :] * sis, own, mask=tmask[:, None] & (cols[None, :] < num_sel))
+    for j in range(n_tiles, tl.cdiv(num_sel, NUM_SEL)):  # the spill of the last tile, then unseen blocks: 0
+        cols = j * NUM_SEL + offs_s
+        tl.store(imp_rows + cols[None, :] * sis, carry, mask=tmask[:, None] & (cols[None, :] < num_sel))
+        carry = tl.zeros([TOKENS, NUM_SEL], dtype=tl.float32)
+
+
+@triton.jit
 def _cmp_lse_split_kernel(
     Q, K, M_PART, L_PART,
     sqb, sqt, sqh, sqd, skb, skt, skh, skd,
@@ -463,6 +541,57 @@ def compressed_lse_triton(q, k_cmp, *, cmp_block: int, cmp_stride: int, scale: O
     return lse.transpose(1, 2)
 
 
+# More queries than this take the packed importance kernel (query tiles of several tokens × the group's
+# heads); fewer (decode) the per-head kernel, whose output columns can be split over programs.
+PACKED_MIN_QUERIES = 16
+# Rows (tokens × padded group heads) per program of the packed importance kernel.
+PACKED_ROWS = 128
+
+
+def _importance_tiling(cmp_block: int, cmp_stride: int, block: int):
+    """``(block_n, num_sel)``: a key tile of block_n compressed keys starts in num_sel selection blocks
+    (num_sel >= 16 for tl.dot, block_n >= 64 for efficiency); None where a key would spill past the next
+    tile's blocks (not tiled: the reference runs)."""
+    block_n = max(64, 16 * block // cmp_stride)
+    num_sel = block_n * cmp_stride // block
+    return None if cmp_block - cmp_stride > num_sel * block else (block_n, num_sel)
+
+
+def _packed_importance(q, k_cmp, lse, imp, cmp_block, cmp_stride, block, scale, kv_len, block_n, num_sel):
+    """Launch ``_packed_importance_kernel`` into ``imp``; ``lse`` None: the kernel finds it."""
+    b, tq, hq, d = q.shape
+    hkv = k_cmp.shape[2]
+    group = hq // hkv
+    group_p = triton.next_power_of_2(group)
+    tokens = max(1, 16 // group_p, PACKED_ROWS // group_p)
+    lse_args = _strides(lse) if lse is not None else (0, 0, 0)
+    warps, stages = LAUNCH_OVERRIDES.get("packed_importance", (8 if tokens * group_p >= 128 else 4, 2))
+    _packed_importance_kernel[(triton.cdiv(tq, tokens), b * hkv)](
+        q, k_cmp, lse if lse is not None else q, imp, *_strides(q), *_strides(k_cmp), *lse_args, *_strides(imp),
+        tq, k_cmp.shape[1], imp.shape[-1], hkv, kv_len - tq, scale * LOG2E, GROUP=group, GROUP_P=group_p,
+        TOKENS=tokens, HEAD_DIM=d, BLOCK_N=block_n, NUM_SEL=num_sel, CMP_BLOCK=cmp_block, CMP_STRIDE=cmp_stride,
+        SEL_BLOCK=block, PRECISION=_precision(q.dtype, q.device), FIND_LSE=lse is None,
+        **(dict(num_warps=warps, num_stages=stages) if q.device.type == "cuda" else {}))
+    return imp
+
+
+@torch.compiler.disable
+@torch.no_grad()
+def compressed_importance_triton(q, k_cmp, *, cmp_block: int, cmp_stride: int, block: int,
+                                 scale: Optional[float] = None, kv_len: int):
+    """Triton version of ``compressed_importance_reference``: one kernel finds the compressed LSE and the
+    importance, queries and heads of a GQA group packed into the rows (no LSE written)."""
+    scale, kv_len = check_compressed_inputs(q, k_cmp, k_cmp, cmp_block, cmp_stride, scale, kv_len)
+    tiling = _importance_tiling(cmp_block, cmp_stride, block)
+    if q.shape[1] <= PACKED_MIN_QUERIES or tiling is None or k_cmp.shape[1] == 0:
+        lse = compressed_lse_triton(q, k_cmp, cmp_block=cmp_block, cmp_stride=cmp_stride, scale=scale, kv_len=kv_len)
+        return selection_importance_triton(q, k_cmp, lse, cmp_block=cmp_block, cmp_stride=cmp_stride, block=block,
+                                           scale=scale, kv_len=kv_len)
+    b, tq = q.shape[:2]
+    imp = torch.empty(b, k_cmp.shape[2], tq, -(-kv_len // block), dtype=torch.float32, device=q.device)
+    return _packed_importance(q, k_cmp, None, imp, cmp_block, cmp_stride, block, scale, kv_len, *tiling)
+
+
 # Decode has few query rows: split the importance's output columns over programs until about this many
 # programs run (the arithmetic per column is the same whatever the split, so results are identical).
 IMPORTANCE_MIN_PROGRAMS = 512
@@ -484,12 +613,13 @@ def selection_importance_triton(q, k_cmp, lse, *, cmp_block: int, cmp_stride: in
     bm, _ = _tiles("importance", q.device)
     if tq <= 16 and "importance" not in TILE_OVERRIDES:
         bm = 16  # decode: one query row, the smallest tl.dot tile
-    # a key tile spans NUM_SEL selection blocks; NUM_SEL >= 16 for tl.dot, BLOCK_N >= 64 for efficiency
-    block_n = max(64, 16 * block // cmp_stride)
-    num_sel = block_n * cmp_stride // block
-    if cmp_block - cmp_stride > num_sel * block:  # a key would spill past the next tile's blocks: not tiled here
+    tiling = _importance_tiling(cmp_block, cmp_stride, block)
+    if tiling is None:
         return selection_importance_reference(q, k_cmp, lse, cmp_block=cmp_block, cmp_stride=cmp_stride, block=block,
                                               scale=scale, kv_len=kv_len)
+    block_n, num_sel = tiling
+    if tq > PACKED_MIN_QUERIES:
+        return _packed_importance(q, k_cmp, lse, imp, cmp_block, cmp_stride, block, scale, kv_len, block_n, num_sel)
     col_tiles = triton.cdiv(nsel, num_sel)
     programs = triton.cdiv(tq, bm) * b * hkv
     if splits is None:  # only on the GPU: the interpreter gains nothing from more programs
@@ -552,5 +682,18 @@ def selection_importance(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor
                                           scale=scale, kv_len=kv_len)
 
 
-__all__ = ["compressed_attention", "compressed_lse", "selection_importance", "compressed_attention_triton",
-           "compressed_lse_triton", "selection_importance_triton"]
+def compressed_importance(q: torch.Tensor, k_cmp: torch.Tensor, *, cmp_block: int, cmp_stride: int, block: int,
+                          scale: Optional[float] = None, kv_len: int, backend: str = "auto") -> torch.Tensor:
+    """``selection_importance`` with the LSE of ``compressed_lse`` found on the way (what ``union`` needs from
+    the compressed branch): in Triton one kernel, the LSE never written. No gradient."""
+    backend = resolve_backend(backend, q.device)
+    if backend == "triton":
+        return compressed_importance_triton(q, k_cmp, cmp_block=cmp_block, cmp_stride=cmp_stride, block=block,
+                                            scale=scale, kv_len=kv_len)
+    return compressed_importance_reference(q, k_cmp, cmp_block=cmp_block, cmp_stride=cmp_stride, block=block,
+                                           scale=scale, kv_len=kv_len)
+
+
+__all__ = ["compressed_attention", "compressed_lse", "selection_importance", "compressed_importance",
+           "compressed_attention_triton", "compressed_lse_triton", "selection_importance_triton",
+           "compressed_importance_triton"]

@@ -164,5 +164,16 @@ def selection_importance_reference(q: torch.Tensor, k_cmp: torch.Tensor, lse: to
     return out
 
 
-__all__ = ["compressed_attention_reference", "compressed_lse_reference", "selection_importance_reference", "num_compressed",
+def compressed_importance_reference(q: torch.Tensor, k_cmp: torch.Tensor, *, cmp_block: int, cmp_stride: int,
+                                    block: int, scale: Optional[float] = None, kv_len: int) -> torch.Tensor:
+    """``selection_importance_reference`` with the LSE of ``compressed_lse_reference``: the importance that the
+    ``union`` mode ranks, from the compressed keys alone."""
+    lse = compressed_lse_reference(q, k_cmp, cmp_block=cmp_block, cmp_stride=cmp_stride, scale=scale, kv_len=kv_len)
+    return selection_importance_reference(q, k_cmp, lse, cmp_block=cmp_block, cmp_stride=cmp_stride, block=block,
+                                          scale=scale, kv_len=kv_len)
+
+
+__all__ = ["compressed_attention_reference", "compressed_lse_reference", "selection_importance_reference",
+           "compressed_importance_reference", "num_compressed",
            "compressed_to_selection", "check_compression"]
+

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from nsa_viz.kernels.nsa_compressed import compressed_attention, compressed_lse, selection_importance
+from nsa_viz.kernels.nsa_compressed import (compressed_attention, compressed_importance, compressed_lse,
+                                            selection_importance)
 from nsa_viz.kernels.nsa_compressed_ref import (compressed_attention_reference, num_compressed,
                                                 selection_importance_reference)
 
@@ -101,6 +102,26 @@ def test_lse_only_and_key_splits(dtype, tq, kv_len):
     assert torch.equal(imps[0], imps[1]) and torch.equal(imps[0], imps[2])
     want = selection_importance(q, kc, lse, block=64, backend="reference", **ck)
     assert rel_err(imps[0], want) < 1e-5
+
+
+@pytest.mark.parametrize("hq, hkv, d, dtype, tq, kv_len", [
+    (9, 3, 64, torch.bfloat16, 150, 150),   # group of 3: padded to 4 rows per query, one masked
+    (16, 1, 32, torch.float16, 40, 300),    # a whole group of 16 heads in the rows, queries at the end
+    (2, 2, 32, torch.float32, 77, 77),      # group of 1: 128 queries per program, early rows see nothing
+])
+def test_packed_importance_finds_its_own_lse(hq, hkv, d, dtype, tq, kv_len):
+    """compressed_importance (LSE found inside the packed kernel) and the packed kernel with a given LSE
+    match the reference (compressed_lse + selection_importance), rows with nothing visible included."""
+    q, kc, _ = random_cmp(2, tq, kv_len, hq, hkv, d, 32, 16, dtype, seed=hq * tq)
+    q, kc = q.detach(), kc.detach()
+    ck = dict(cmp_block=32, cmp_stride=16, block=64, kv_len=kv_len)
+    want = compressed_importance(q, kc, backend="reference", **ck)
+    got = compressed_importance(q, kc, backend="triton", **ck)
+    lse = compressed_lse(q, kc, cmp_block=32, cmp_stride=16, kv_len=kv_len, backend="reference")
+    given = selection_importance(q, kc, lse, backend="triton", **ck)
+    assert got.shape == want.shape == (2, hkv, tq, -(-kv_len // 64))
+    assert not torch.isnan(got).any() and (got[:, :, : max(0, 31 - (kv_len - tq))] == 0).all()
+    assert rel_err(got, want) < TOLERANCE[dtype] and rel_err(given, want) < TOLERANCE[dtype]
 
 
 def test_no_complete_block_gives_zero_and_neg_inf():
