@@ -8,7 +8,11 @@
    branch alone, dense SDPA (cuDNN, flash), FlexAttention window 512, and fla-core's
    ``parallel_nsa`` (compression + selection only: ``g_swa=None, window_size=0``; its compression is
    l = d = l' = 64, fixed by the library) when the carried wheel is importable.
-3. Decoding one token against a cache of T: our primitive chain (CUDA graph) vs dense SDPA.
+3. Decoding one token against a cache of T: ``nsa_decode`` with its ``NSACache`` (eager and CUDA graph)
+   vs dense SDPA.
+
+``--configs 64/4/128 32/8/128 9/3/64`` adds GQA shapes (dense cuDNN and ours; fla-core's kernel needs
+>= 16 query heads per key/value head and is skipped there, saying so).
 
 Rows go to benchmarks/results/nsa_<gpu>.json (schema in GPU.md); a table is printed last.
 
@@ -31,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from common import ROOT, bench_ms, environment, peak_mb, rel_err, write_rows
-from nsa_viz.kernels.nsa_compressed import compressed_attention, selection_importance
+from nsa_viz.kernels.nsa_compressed import compressed_attention, compressed_importance, selection_importance
 from nsa_viz.kernels.nsa_compressed_ref import num_compressed
 from nsa_viz.kernels.nsa_selected import selected_attention
 
@@ -74,7 +78,7 @@ def check_correctness(device, smoke: bool) -> list:
     results = []
     t = 200 if smoke else 1500
     cases = [(4, 2, 32, torch.float32)] if smoke else [(64, 4, 128, torch.bfloat16), (9, 3, 64, torch.float16),
-                                                        (32, 8, 128, torch.float32)]
+                                                        (32, 8, 128, torch.bfloat16)]
     tol = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 3e-2}
     for hq, hkv, d, dtype in cases:
         torch.manual_seed(hq)
@@ -128,7 +132,7 @@ def check_correctness(device, smoke: bool) -> list:
 
 
 # ----------------------------------------------------------------------------- launch-setting sweep
-def sweep(device, t=16384, budget_s=70.0, dims=(1, 64, 4, 128, torch.bfloat16)):
+def sweep(device, t=16384, budget_s=70.0, dims=(1, 64, 4, 128, torch.bfloat16), only_packed=False):
     """Pick (warps, stages) per kernel at one length, timing the call each kernel dominates; the winners
     stay pinned in LAUNCH_OVERRIDES for the rest of the run. Returns {kernel: (config, ms, {config: ms})}."""
     from nsa_viz.kernels import nsa_compressed as nc_mod
@@ -162,6 +166,28 @@ def sweep(device, t=16384, budget_s=70.0, dims=(1, 64, 4, 128, torch.bfloat16)):
     def imp():
         return selection_importance(q, k_cmp, lse, **ck, block=64, kv_len=t)
 
+    def packed_imp():
+        return compressed_importance(q, k_cmp, **ck, block=64, kv_len=t)
+
+    # the packed importance kernel: rows per program (tokens x padded group) and warps, timed on the union call
+    times = {}
+    for rows, warps in ((128, 8), (64, 4), (128, 4), (256, 8), (64, 8)):
+        nc_mod.PACKED_ROWS = rows
+        nc_mod.LAUNCH_OVERRIDES["packed_importance"] = (warps, 2)
+        try:
+            times[(rows, warps)] = bench_ms(packed_imp, warmup_ms=25, rep_ms=100)
+        except Exception as exc:  # noqa: BLE001
+            log(f"sweep packed_importance {(rows, warps)}: {type(exc).__name__}: {str(exc)[:120]}")
+    chosen = {}
+    if times:
+        best = min(times, key=times.get)
+        nc_mod.PACKED_ROWS = best[0]
+        nc_mod.LAUNCH_OVERRIDES["packed_importance"] = (best[1], 2)
+        chosen["nsa_compressed:packed_importance(rows,warps)"] = (best, times[best], times)
+        log("sweep packed_importance (rows, warps): " + ", ".join(f"{c}={m:.3f}" for c, m in times.items()) + f" -> {best}")
+    if only_packed:
+        return chosen
+
     plan = [
         (ns_mod, "fwd", sel_fwd, [(4, 2), (2, 2), (8, 2), (4, 3)]),
         (ns_mod, "dkdv", sel_bwd, [(4, 2), (8, 2), (4, 3)]),
@@ -171,7 +197,6 @@ def sweep(device, t=16384, budget_s=70.0, dims=(1, 64, 4, 128, torch.bfloat16)):
         (nc_mod, "dkdv", cmp_bwd, [(4, 2), (8, 2)]),
         (nc_mod, "dq", cmp_bwd, [(4, 2), (8, 2)]),
     ]
-    chosen = {}
     for mod, kernel, fn, cfgs in plan:
         times = {}
         for cfg in cfgs:
@@ -211,6 +236,11 @@ def main():
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="toy sizes on the CPU interpreter: tests the script only")
     ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--sweep-packed-only", action="store_true", help="sweep only the packed importance kernel")
+    ap.add_argument("--configs", nargs="+", default=["64/4/128"],
+                    help="heads q/kv/head_dim; the first gets every baseline, the others dense + ours")
+    ap.add_argument("--no-branches", action="store_true", help="skip the per-branch rows")
+    ap.add_argument("--budget-s", type=float, default=BUDGET_S, help="stop starting new lengths after this")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     device = torch.device("cpu" if args.smoke else "cuda")
@@ -223,20 +253,25 @@ def main():
     if args.no_sweep:
         tuned = {}
     elif args.smoke:
-        tuned = sweep(device, t=128, budget_s=600, dims=(1, 4, 2, 32, torch.float32))
+        tuned = sweep(device, t=128, budget_s=600, dims=(1, 4, 2, 32, torch.float32), only_packed=args.sweep_packed_only)
     else:
-        tuned = sweep(device)
+        tuned = sweep(device, only_packed=args.sweep_packed_only)
 
     if args.smoke:
-        B, HQ, HKV, D, dtype = 1, 4, 2, 32, torch.float32
+        B, dtype = 1, torch.float32
+        configs = [(4, 2, 32)] + [tuple(int(x) for x in c.split("/")) for c in args.configs[1:]]
+        configs = [(min(hq, 6), min(hkv, 3), 32) for hq, hkv, _ in configs]
         lengths, block, top_n, window, l, s = [256], 16, 4, 32, 32, 16
     else:
-        B, HQ, HKV, D, dtype = 1, 64, 4, 128, torch.bfloat16
+        B, dtype = 1, torch.bfloat16
+        configs = [tuple(int(x) for x in c.split("/")) for c in args.configs]
         lengths, block, top_n, window, l, s = args.lengths, 64, 16, 512, 32, 16
     params = dict(top_n=top_n, block=block, window=window, cmp_block=l, cmp_stride=s, init_blocks=1, local_blocks=2)
     default = Path(tempfile.gettempdir()) / "nsa_smoke.json" if args.smoke else ROOT / "benchmarks" / "results" / "nsa_h100.json"
     out_path = args.out or default
     rows = []
+
+    HQ, HKV, D = configs[0]
 
     def row(op, impl, t, pass_, ms, mem=None, note="", **extra):
         r = {"device": env["device"], "torch": env["torch"], "triton": env["triton"], "date": env["date"], "op": op,
@@ -260,9 +295,11 @@ def main():
         except Exception as exc:  # noqa: BLE001
             log(f"fla-core not importable ({exc}); its rows are skipped")
 
-    for t in lengths:
-        if time.time() - T0 > BUDGET_S:
-            log(f"time budget reached: skipping T={t}")
+    plan = [(cfg, t) for cfg in configs for t in lengths]
+    for (HQ, HKV, D), t in plan:
+        first_config = (HQ, HKV, D) == configs[0]
+        if time.time() - T0 > args.budget_s:
+            log(f"time budget reached: skipping {HQ}/{HKV} d={D} T={t}")
             continue
         torch.manual_seed(t)
         mk = lambda *sh: torch.randn(*sh, device=device, dtype=dtype).requires_grad_()
@@ -273,7 +310,8 @@ def main():
         if not args.smoke:
             from torch.nn.attention import SDPBackend, sdpa_kernel
             qt, kt, vt = (x.transpose(1, 2) for x in qkv)
-            for name, backend in (("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa_flash", SDPBackend.FLASH_ATTENTION)):
+            dense_backends = (("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa_flash", SDPBackend.FLASH_ATTENTION))
+            for name, backend in dense_backends[: 2 if first_config else 1]:
                 def dense():
                     with sdpa_kernel([backend]):
                         return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)
@@ -290,9 +328,11 @@ def main():
                 f, fb, mem = fwd_and_fwd_bwd(lambda: comp(qt, kt, vt, block_mask=bm, enable_gqa=True), qkv, do.transpose(1, 2))
                 row("sliding_window", "flex", t, "fwd", f)
                 row("sliding_window", "flex", t, "fwd_bwd", fb, mem)
-            attempt("flex", run_flex)
-
-            if fla is not None:
+            if first_config:
+                attempt("flex", run_flex)
+            if fla is not None and HQ // HKV < 16:
+                log(f"fla-core parallel_nsa needs >= 16 query heads per kv head: not run for {HQ}/{HKV}")
+            elif fla is not None:
                 def run_fla():
                     g = torch.full((B, t, HQ), 0.5, device=device, dtype=dtype)
                     fn = lambda: fla(q, k, v, g_cmp=g, g_slc=g, g_swa=None, block_counts=top_n, block_size=block, window_size=0)
@@ -329,7 +369,20 @@ def main():
             with torch.no_grad():
                 _, lse = compressed_attention(q, k_cmp, v_cmp, **ck)
             row("nsa_branch", "nsa_viz:selection_importance", t, "fwd",
-                bench_ms(lambda: selection_importance(q, k_cmp, lse, **ck, block=block, kv_len=t)))
+                bench_ms(lambda: selection_importance(q, k_cmp, lse, **ck, block=block, kv_len=t)),
+                note="packed kernel, LSE given (gated mode)")
+            row("nsa_branch", "nsa_viz:compressed_importance", t, "fwd",
+                bench_ms(lambda: compressed_importance(q, k_cmp, **ck, block=block, kv_len=t)),
+                note="packed kernel finding the LSE itself (union mode)")
+            from nsa_viz.kernels import nsa_compressed as nc_mod
+            keep = nc_mod.PACKED_MIN_QUERIES
+            nc_mod.PACKED_MIN_QUERIES = 1 << 40
+            try:
+                row("nsa_branch", "nsa_viz:selection_importance_per_head", t, "fwd",
+                    bench_ms(lambda: selection_importance(q, k_cmp, lse, **ck, block=block, kv_len=t)),
+                    note="the previous per-head kernel (before packing)")
+            finally:
+                nc_mod.PACKED_MIN_QUERIES = keep
             idx = random_selection(B, HKV, t, t, top_n, block, device)
             for w in (window, 0):
                 name = "nsa_viz:selected_attention" + ("+window" if w else "")
@@ -341,33 +394,29 @@ def main():
                 imp = selection_importance(q, k_cmp, lse, **ck, block=block, kv_len=t)
                 row("nsa_branch", "nsa_viz:select_blocks", t, "fwd", bench_ms(lambda: select_blocks(
                     imp, top_n=top_n, block=block, init_blocks=1, local_blocks=2, kv_len=t, granularity="token")))
-        attempt("branches", run_branches)
+        if first_config and not args.no_branches:
+            attempt("branches", run_branches)
         del q, k, v, do, qkv
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
         # ---------------- decoding one token against a cache of t
         def run_decode():
+            """One new token against a cache of t through nsa_decode (NSACache: compressed keys kept, as in
+            generation); the step repeated against the same cache state, eager and in a CUDA graph."""
+            from nsa_viz.kernels.nsa_decode import NSACache, nsa_decode
             kc = torch.randn(B, t, HKV, D, device=device, dtype=dtype)
             vc = torch.randn(B, t, HKV, D, device=device, dtype=dtype)
             q1 = torch.randn(B, 1, HQ, D, device=device, dtype=dtype)
-            k_cmp, v_cmp = mean_pool(kc, l, s), mean_pool(vc, l, s)  # the incremental cache holds these
-            ck = dict(cmp_block=l, cmp_stride=s, kv_len=t)
-            if HAVE_NSA:
-                from nsa_viz.kernels.nsa import select_blocks
-                pick = lambda imp: select_blocks(imp, top_n=top_n, block=block, init_blocks=1, local_blocks=2,
-                                                 kv_len=t, granularity="token")
-            else:
-                nsel = -(-t // block)
-                forced = torch.tensor([0, nsel - 2, nsel - 1], device=device)
-                def pick(imp):
-                    imp = imp.clone()
-                    imp[..., forced] = float("inf")
-                    return imp.topk(top_n, -1).indices.to(torch.int32)
-            def step():
-                _, lse = compressed_attention(q1, k_cmp, v_cmp, **ck)
-                idx = pick(selection_importance(q1, k_cmp, lse, **ck, block=block))
-                return selected_attention(q1, kc, vc, idx, block=block, window=window)[0]
+            cache = NSACache(l, s)
+            cache.update(kc, vc)  # what the prefill and the earlier steps left: all complete blocks compressed
+            cache.queries_until = t - 1
+            kw = dict(params, combine="union", granularity="token")
+            step = lambda: nsa_decode(q1, kc, vc, cache, **kw)
+            with torch.no_grad():
+                want = nsa_attention(q1, kc, vc, **kw) if HAVE_NSA else None
+                got = step()
+                err = rel_err(got, want) if want is not None else float("nan")
             if device.type == "cuda":
                 from torch.nn.attention import SDPBackend, sdpa_kernel
                 qt, kt, vt = q1.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2)
@@ -378,7 +427,7 @@ def main():
                             return F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True)
                     attempt(f"decode {name}", lambda name=name, dense=dense: row("decode", name, t, "decode", bench_ms(dense)))
             with torch.no_grad():
-                row("decode", "nsa_viz", t, "decode", bench_ms(step), note="primitive chain, eager (about 6 launches)")
+                row("decode", "nsa_viz", t, "decode", bench_ms(step), note=f"nsa_decode with NSACache, eager; rel err vs nsa_attention {err:.1e}")
                 if device.type == "cuda":
                     def graphed():
                         s_ = torch.cuda.Stream()
@@ -391,23 +440,24 @@ def main():
                         with torch.cuda.graph(graph):
                             step()
                         row("decode", "nsa_viz_cudagraph", t, "decode", bench_ms(graph.replay),
-                            note="primitive chain captured in one CUDA graph")
+                            note="nsa_decode step captured in one CUDA graph")
                     attempt("decode graph", graphed)
         attempt("decode", run_decode)
 
     write_rows(rows, out_path)
     # ---------------- summary table
-    by = {(r["op"], r["impl"], r["T"], r["pass"], r["params"].get("combine"), r["params"].get("granularity")): r["ms"] for r in rows}
+    key = lambda r, impl=None, op=None, pass_=None: (op or r["op"], impl or r["impl"], r["HQ"], r["HKV"], r["D"], r["T"],
+                                                     pass_ or r["pass"], r["params"].get("combine"), r["params"].get("granularity"))
+    by = {key(r): r["ms"] for r in rows}
     for name, (cfg, ms, times) in tuned.items():
         print(f"launch {name}: {cfg} ({ms:.3f} ms at 16k; tried {times})")
-    print("\nT      impl                                pass      ms      vs dense cuDNN")
-    for r in sorted(rows, key=lambda r: (r["T"], r["op"] != "dense")):
-        dense = by.get(("dense", "sdpa_cudnn", r["T"], r["pass"], None, None))
-        if r["pass"] == "decode":
-            dense = by.get(("decode", "sdpa_cudnn", r["T"], "decode", None, None))
+    print("\nheads   T      impl                                pass      ms      vs dense cuDNN")
+    for r in sorted(rows, key=lambda r: (-r["HQ"], r["T"], r["op"] != "dense")):
+        base = dict(r, params={})
+        dense = by.get(key(base, "sdpa_cudnn", "decode" if r["pass"] == "decode" else "dense"))
         name = r["impl"] + (f" {r['params'].get('combine')}/{r['params'].get('granularity')}" if "combine" in r["params"] else "")
         ratio = f"{dense / r['ms']:.2f}x" if dense and r["ms"] else ""
-        print(f"{r['T']:<6d} {name:35s} {r['pass']:8s} {r['ms']:8.3f} {ratio}")
+        print(f"{r['HQ']}/{r['HKV']}/{r['D']:<3d} {r['T']:<6d} {name:35s} {r['pass']:8s} {r['ms']:8.3f} {ratio}")
 
 
 if __name__ == "__main__":
