@@ -927,7 +927,8 @@ def bench_model(rec: Recorder, patterns: Iterable, *, model: Optional[str] = Non
                 device=None, dtype=None, batch: int = 1, gen_tokens: int = 8, max_batch_lengths: Iterable[int] = (),
                 max_batch_cap: int = 1024, max_batch_time_s: Optional[float] = 60.0, max_batch_tol: float = 0.125,
                 speed: bool = True, accuracy: bool = True, accuracy_lengths: Optional[Iterable[int]] = None,
-                random_weights: bool = False, model_name: Optional[str] = None, dataset: Optional[str] = None,
+                random_weights: bool = False, model_name: Optional[str] = None, fallback_random_weights: bool = False,
+                dataset: Optional[str] = None,
                 eval_tokens: int = 1024, passkey_prompts: int = 4, warmup_ms: float = 100.0, rep_ms: float = 400.0,
                 backend: str = "auto", seed: int = 0, progress: bool = True, loaded=None,
                 deadline: Optional[float] = None) -> List[dict]:
@@ -937,7 +938,9 @@ def bench_model(rec: Recorder, patterns: Iterable, *, model: Optional[str] = Non
     ``accuracy_lengths``, default ``lengths``), then the largest prefill batch per length of
     ``max_batch_lengths`` (``bench_max_batch``; last, because a device error there could spoil what
     follows). ``loaded`` may pass an already loaded ``(model, tokenizer)``. A model that cannot be
-    loaded gives failed rows, not an exception; work not started by ``deadline`` gives skipped rows."""
+    loaded gives failed rows, not an exception; with ``fallback_random_weights`` the default model's
+    architecture with random weights is then measured instead (speed rows). Work not started by
+    ``deadline`` gives skipped rows."""
     dev = resolve_device(device)
     start = len(rec.rows)
     label = model_label(model, model_name, random_weights)
@@ -948,7 +951,11 @@ def bench_model(rec: Recorder, patterns: Iterable, *, model: Optional[str] = Non
             with rec.attempt(level="model", op="dense", impl="hf", pattern="model", model=label, is_baseline=True,
                              **{"pass": pas}):
                 raise RuntimeError(f"loading the model: {exc}") from exc
-        return rec.rows[start:]
+        if not fallback_random_weights or random_weights or not label.startswith(DEFAULT_MODEL):
+            return rec.rows[start:]
+        print("[bench] measuring SmolLM2's architecture with random weights instead (speed rows only)", file=sys.stderr)
+        random_weights, label = True, model_label(None, None, True)
+        mdl, tok = load_bench_model(None, dev, dtype, random_weights=True)
     cfg = mdl.config
     shape = dict(level="model", model=label, dtype=_dtype_name(next(mdl.parameters()).dtype), HQ=cfg.num_attention_heads,
                  HKV=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
@@ -1308,6 +1315,9 @@ def add_arguments(parser) -> None:
                         "e.g. when --model is a path to the default model's GGUF")
     g.add_argument("--random-weights", action="store_true",
                    help="build the model from its config with random weights (speed rows only; no GGUF reader needed)")
+    g.add_argument("--fallback-random-weights", action="store_true",
+                   help="if the default model's weights cannot be loaded (e.g. no GGUF reader), record that and measure "
+                        "its architecture with random weights instead (speed rows)")
     g.add_argument("--dataset", default=None, help="text file for perplexity/KL (default: pydoc_data.topics)")
     g.add_argument("--model-lengths", nargs="+", type=int, help="model-level prompt lengths (speed and accuracy)")
     g.add_argument("--gen-tokens", type=int, help="new tokens per sequence when timing generation")
@@ -1382,7 +1392,9 @@ def run_bench(args):
                     max_batch_cap=s["max_batch_cap"], max_batch_time_s=s["max_batch_time_s"],
                     speed="model" in args.levels, accuracy="accuracy" in args.levels,
                     accuracy_lengths=s["accuracy_lengths"], random_weights=args.random_weights,
-                    model_name=getattr(args, "model_name", None), dataset=args.dataset, eval_tokens=s["eval_tokens"],
+                    model_name=getattr(args, "model_name", None),
+                    fallback_random_weights=getattr(args, "fallback_random_weights", False),
+                    dataset=args.dataset, eval_tokens=s["eval_tokens"],
                     passkey_prompts=s["passkey_prompts"], warmup_ms=s["warmup_ms"], rep_ms=s["rep_ms"],
                     backend=args.backend, seed=args.seed, progress=progress, deadline=deadline)
     rec.save()

@@ -268,6 +268,22 @@ def test_max_batch_rows_on_cpu_record_probes_and_oom(monkeypatch):
     assert (rec3.rows[0]["status"], rec3.rows[0]["max_batch"]) == ("oom", 0)
 
 
+def test_a_model_that_cannot_load_falls_back_to_random_weights_when_asked(monkeypatch):
+    def load(model, device, dtype=None, random_weights=False):
+        if not random_weights:
+            raise ImportError("Loading a GGUF checkpoint in PyTorch requires the gguf package")
+        return tiny_model("llama"), None
+
+    monkeypatch.setattr(tr, "load_bench_model", load)
+    common = dict(model="/tmp/smollm2.gguf", model_name=tr.DEFAULT_MODEL, lengths=[32], gen_tokens=0, accuracy=False, **FAST)
+    rows = tr.bench_model(tr.Recorder(verbose=False), [], **common)
+    assert [(r["pass"], r["status"]) for r in rows] == [("prefill", "failed")] and "gguf" in rows[0]["note"]
+    rows = tr.bench_model(tr.Recorder(verbose=False), [], fallback_random_weights=True, **common)
+    assert rows[0]["status"] == "failed" and rows[0]["model"] == tr.DEFAULT_MODEL
+    assert rows[1]["status"] == "ok" and rows[1]["pass"] == "prefill"
+    assert rows[1]["model"] == tr.DEFAULT_MODEL + " (random weights)"
+
+
 def test_time_budget_records_what_was_not_measured_as_skipped():
     import time as _time
 
