@@ -18,7 +18,6 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 
-from .kernels import block_sparse_attention
 from .kernels.attention_stats import attention_mass_stats
 from .patterns import NSA, Dense, Pattern
 
@@ -306,7 +305,7 @@ class Recorder:
     def record(self, module, q, k, v, scale, spec, infos) -> None:
         """Called by the attention function with ``q [B, Tq, HQ, D]``, ``k, v [B, Tk, HKV, D]`` and what the
         kernels returned (``infos``: list of (kv-group slice, pattern, info dict) or None for the model's own)."""
-        from .attention import SPEC_ATTR, run_pattern, layout_for
+        from .attention import SPEC_ATTR, run_pattern
         from .models import attention_modules  # noqa: F401  (import cycle guard)
 
         if not self.checked:
@@ -318,9 +317,14 @@ class Recorder:
         g = hq // hkv
         rows = self._rows(tq)
         blk = self.block
-        dense = attention_mass_stats(q, k, block=blk, scale=scale, causal=True, rows=rows)
-        dense_layout = layout_for(Dense(), tq, tk, q.device, head_dim=d)
-        _, dense_lse = block_sparse_attention(q, k, v, dense_layout, scale, backend=_backend(module), return_lse=True)
+        # one blockwise pass gives every dense figure: maps, rows, the LSE, and what the NSA comparisons need
+        # (each query's mass by selection block and on the first, partial block of its window)
+        nsa_compare = [cp for cp in self.compare if isinstance(cp, NSA)]
+        spans = {_span_name(cp): _window_head_span(tq, tk, cp.block, cp.window, q.device)
+                 for cp in nsa_compare if cp.window > 0}
+        dense = attention_mass_stats(q, k, block=blk, scale=scale, causal=True, rows=rows,
+                                     row_blocks=sorted({cp.block for cp in nsa_compare}), spans=spans)
+        dense_lse = dense["lse"]
 
         recall = torch.ones(b, hq, tq, dtype=torch.float32, device=q.device)
         pat_block = pat_dist = pat_rows = None
@@ -356,13 +360,18 @@ class Recorder:
                 recall[:, hs] = _recall(lse, dense_lse[:, hs])
         compare, compare_nsa = {}, {}
         for cp in self.compare:
-            _, info = run_pattern(cp, q, k, v, scale, backend=_backend(module), return_info=True)
             if isinstance(cp, NSA):
-                lse, keep = _nsa_selection(q, k, scale, cp, info, dense_lse)
+                # NSA's selection only (compression, importance, top-n): its recall follows from the dense
+                # probabilities already reduced above, so NSA's own attention need not run
+                keep = _nsa_compare_selection(q, k, scale, cp, _backend(module))
+                rec_sel, rec_all = selection_recall(dense["row_block_mass"][cp.block], keep["block_idx"], cp.block,
+                                                    cp.window, tk, dense.get("span_mass", {}).get(_span_name(cp)))
+                keep["recall_selected"] = rec_sel
                 compare_nsa[cp.label] = {name: t.detach().cpu() for name, t in keep.items()}
+                compare[cp.label] = rec_all.cpu()
             else:
-                lse = info["lse"]
-            compare[cp.label] = _recall(lse, dense_lse).cpu()
+                _, info = run_pattern(cp, q, k, v, scale, backend=_backend(module), return_info=True)
+                compare[cp.label] = _recall(info["lse"], dense_lse).cpu()
 
         cpu = lambda t: None if t is None else t.detach().float().cpu()
         self.rec.layers[int(module.layer_idx)] = LayerRecord(
@@ -464,6 +473,67 @@ def _nsa_selection(q, k, scale, pat: NSA, info, dense_lse):
     if info.get("gates") is not None:
         keep["gates"] = info["gates"].float()
     return lse, keep
+
+
+def _span_name(pat: NSA) -> str:
+    return f"nsa_window_head:{pat.block}:{pat.window}"
+
+
+def _window_head_span(q_len: int, kv_len: int, block: int, window: int, device) -> tuple:
+    """Per query (at position p): the keys of its window inside the window's first selection block,
+    ``[max(0, p - window + 1), min(end of that block, p + 1))``, as (start [Tq], stop [Tq])."""
+    pos = torch.arange(kv_len - q_len, kv_len, device=device)
+    lo = (pos - window + 1).clamp(min=0)
+    return lo, torch.minimum((lo // block + 1) * block, pos + 1)
+
+
+def _nsa_compare_selection(q, k, scale, pat: NSA, backend: str) -> Dict[str, torch.Tensor]:
+    """What ``nsa_attention`` would select on this q, k (mean-pooled compression, union scoring), without
+    running its attention: ``block_idx``, ``block_count``, ``importance`` as the NSA kernels return them."""
+    from .kernels import resolve_backend
+    from .kernels.nsa import compress_mean, select_blocks
+    from .kernels.nsa_compressed import compressed_importance
+
+    backend = resolve_backend(backend, q.device)
+    tk = k.shape[1]
+    k_cmp = compress_mean(k, pat.cmp_block, pat.cmp_stride)
+    importance = compressed_importance(q, k_cmp, cmp_block=pat.cmp_block, cmp_stride=pat.cmp_stride, block=pat.block,
+                                       scale=scale, kv_len=tk, backend=backend)
+    block_idx = select_blocks(importance, top_n=pat.top_n, block=pat.block, init_blocks=pat.init_blocks,
+                              local_blocks=pat.local_blocks, kv_len=tk, granularity=pat.granularity, backend=backend)
+    return {"block_idx": block_idx.to(torch.int32), "block_count": (block_idx >= 0).sum(-1, dtype=torch.int32),
+            "importance": importance.float()}
+
+
+def selection_recall(row_block_mass: torch.Tensor, block_idx: torch.Tensor, block: int, window: int, kv_len: int,
+                     window_head: Optional[torch.Tensor] = None):
+    """Dense mass kept by an NSA selection, per query: ``(on the selected blocks, on selected ∪ window)``,
+    each ``[B, HQ, Tq]``.
+
+    ``row_block_mass [B, HQ, Tq, NSEL]``: each query's dense mass by selection block (causal: a block
+    counts only up to the query); ``block_idx [B, HKV, Tq, n]`` (-1 unused); ``window_head [B, HQ, Tq]``:
+    each query's mass on the part of its window inside the window's first block (see
+    ``_window_head_span``). The window adds the blocks after that first one that were not selected, and
+    the first block's part when that block was not selected; nothing is counted twice."""
+    b, hq, tq, nsel = row_block_mass.shape
+    g = hq // block_idx.shape[1]
+    idx = block_idx.long().repeat_interleave(g, dim=1)
+    valid = idx >= 0
+    chosen = torch.zeros(b, hq, tq, nsel + 1, dtype=torch.bool, device=idx.device)
+    chosen.scatter_(-1, torch.where(valid, idx, torch.full_like(idx, nsel)), True)
+    chosen = chosen[..., :nsel]
+    selected = (row_block_mass * chosen).sum(-1)
+    if window <= 0:
+        return selected.clamp_(0.0, 1.0), selected.clone()
+    pos = torch.arange(kv_len - tq, kv_len, device=idx.device)
+    first = ((pos - window + 1).clamp(min=0) // block)[:, None]  # the window's first block
+    last = (pos // block)[:, None]
+    s = torch.arange(nsel, device=idx.device)[None, :]
+    later = (s > first) & (s <= last)  # [Tq, NSEL] blocks wholly inside the window up to the query
+    union = selected + (row_block_mass * (later & ~chosen)).sum(-1)
+    head_free = ~torch.gather(chosen, -1, first.expand(b, hq, tq, 1)).squeeze(-1)
+    union = union + head_free * window_head
+    return selected.clamp_(0.0, 1.0), union.clamp_(0.0, 1.0)
 
 
 def _nsa_stats(q, k, scale, pat: NSA, info, block, rows, dense_lse):

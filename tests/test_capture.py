@@ -195,6 +195,94 @@ def test_nsa_capture_selections_recall_and_maps_against_brute_force(tiny_llama):
 
 
 @needs_nsa
+@pytest.mark.parametrize("nsa", [NSA(block=16, top_n=3, window=20, cmp_block=16, cmp_stride=8, init_blocks=1,
+                                     local_blocks=1, granularity="block"),
+                                 NSA(block=32, top_n=2, window=8, cmp_block=16, cmp_stride=8, init_blocks=1,
+                                     local_blocks=1)], ids=["block-granularity-window20", "window-inside-block"])
+def test_compare_nsa_variants_equal_applying_them(tiny_llama, nsa):
+    """The compare path computes NSA's selection without its attention and its recall from the dense
+    probabilities: the same selection and recall as running that NSA, and the brute-force mass on the
+    selected blocks, for a window that is not a multiple of the block and one shorter than a block."""
+    t = 90
+    x = random_ids(1, t, seed=5)
+    probs = _dense_probs(tiny_llama, x, 0)[0]
+    with torch.no_grad(), capture(tiny_llama, layers=[0], compare=[nsa]) as cmp:
+        tiny_llama(x)
+    with torch.no_grad(), apply_pattern(tiny_llama, nsa), capture(tiny_llama, layers=[0]) as own:
+        tiny_llama(x)
+    got = cmp.layers[0].compare_nsa[nsa.label]
+    assert torch.equal(got["block_idx"], own.layers[0].nsa["block_idx"])
+    torch.testing.assert_close(got["importance"], own.layers[0].nsa["importance"])
+    torch.testing.assert_close(cmp.layers[0].compare_recall[nsa.label], own.layers[0].recall, atol=1e-5, rtol=1e-5)
+    idx = got["block_idx"][0]
+    vis = _selection_mask(idx, nsa.block, nsa.window, t).repeat_interleave(2, 0)
+    sel_only = _selection_mask(idx, nsa.block, 0, t).repeat_interleave(2, 0)
+    torch.testing.assert_close(cmp.layers[0].compare_recall[nsa.label][0].double(), (probs * vis).sum(-1),
+                               atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got["recall_selected"][0].double(), (probs * sel_only).sum(-1), atol=1e-5, rtol=1e-4)
+
+
+def _brute_stats(q, k, scale, causal=True, layout=None):
+    """float64 probabilities [B, HQ, Tq, Tk] and LSE of q on k (GQA by repetition), brute force."""
+    b, tq, hq, _ = q.shape
+    tk, g = k.shape[1], hq // k.shape[2]
+    s = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double().repeat_interleave(g, 2)) * scale
+    if layout is not None:
+        m = layout.token_mask()
+        m = m.repeat_interleave(g, 1) if m.shape[1] > 1 else m
+    else:
+        qp, kp = torch.arange(tq)[:, None] + tk - tq, torch.arange(tk)[None, :]
+        m = kp <= qp if causal else torch.ones(tq, tk, dtype=torch.bool)
+    s = s.masked_fill(~m, float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    return torch.exp(s - lse[..., None]).nan_to_num(0.0), lse
+
+
+@pytest.mark.parametrize("case", ["causal", "decode-offset", "bidirectional", "layout", "odd-lengths"])
+def test_attention_mass_stats_against_brute_force(case):
+    """Every reduction of the one blockwise pass (block mass, mass by distance, LSE, rows, mass by key block
+    per query, mass on per-query key ranges), with chunks of one query block and of the whole input."""
+    import math
+
+    from nsa_viz.kernels.attention_stats import attention_mass_stats
+    from nsa_viz.kernels.layout import TokenRule, layout_from_rule
+
+    b, tq, tk, hq, hkv, blk = {"causal": (2, 128, 128, 4, 2, 32), "decode-offset": (1, 70, 200, 4, 1, 16),
+                               "bidirectional": (1, 100, 100, 2, 2, 16), "layout": (1, 96, 130, 4, 2, 32),
+                               "odd-lengths": (1, 75, 75, 3, 3, 16)}[case]
+    g = torch.Generator().manual_seed(7)
+    q, k = torch.randn(b, tq, hq, 16, generator=g) * 2, torch.randn(b, tk, hkv, 16, generator=g) * 2
+    causal = case != "bidirectional"
+    layout = layout_from_rule(TokenRule(causal=True, window=20, sink=3), tq, tk, blk, blk) if case == "layout" else None
+    P, lse = _brute_stats(q, k, 0.25, causal, layout)
+    start = torch.randint(0, tk, (tq,), generator=g)
+    stop = start + torch.randint(0, 40, (tq,), generator=g)
+    off = tk - tq
+    dist = torch.arange(tq)[:, None] + off - torch.arange(tk)[None, :] + (0 if causal else tk - 1)
+    n = tk if causal else 2 * tk - 1
+    ok = (dist >= 0) & (dist < n)
+    by_dist = torch.zeros(b, hq, n, dtype=torch.float64).index_add_(2, dist[ok], P[:, :, ok])
+    nqb, nkb = math.ceil(tq / blk), math.ceil(tk / blk)
+    by_block = torch.nn.functional.pad(P, (0, nkb * blk - tk, 0, nqb * blk - tq)).view(b, hq, nqb, blk, nkb, blk)
+    kpos = torch.arange(tk)[None, :]
+    in_span = (P * ((kpos >= start[:, None]) & (kpos < stop[:, None]))).sum(-1)
+    for chunk in (1, 2**30):
+        st = attention_mass_stats(q, k, block=blk, scale=0.25, causal=causal, layout=layout, rows=[0, 5, tq - 1],
+                                  row_blocks=[blk, 16, 64], spans={"s": (start, stop)}, chunk_bytes=chunk,
+                                  max_bytes=max(chunk, 1))
+        close = dict(atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(st["block_mass"].double(), by_block.sum((3, 5)), **close)
+        torch.testing.assert_close(st["distance_mass"].double(), by_dist, **close)
+        torch.testing.assert_close(st["lse"].double(), lse, atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(st["rows"].double(), P[:, :, [0, 5, tq - 1]], **close)
+        for bs in (blk, 16, 64):
+            nb = math.ceil(tk / bs)
+            per_block = torch.nn.functional.pad(P, (0, nb * bs - tk)).view(b, hq, tq, nb, bs).sum(-1)
+            torch.testing.assert_close(st["row_block_mass"][bs].double(), per_block, **close)
+        torch.testing.assert_close(st["span_mass"]["s"].double(), in_span, **close)
+
+
+@needs_nsa
 def test_compare_with_nsa_equals_applying_it(tiny_llama):
     """capture(compare=[NSA]) on a dense model gives, at layer 0 (same inputs), the selection and recall
     that applying that NSA gives; the budget estimate counts the compare selections."""
