@@ -662,7 +662,8 @@ def largest_batch(fits: Callable[[int], object], cap: int = 1024, *, rel_tol: fl
 
     Doubling from 1, then bisection between the last batch that fitted and the first that did not,
     until they are within ``rel_tol`` of the former (0: exact), each probe one call of ``fits``. No probe
-    starts once ``time_cap_s`` has passed since the first began; the answer is then a lower bound.
+    starts once ``time_cap_s`` has passed since the first began, nor one that would end past it at the
+    pace of the last probe that fitted (seconds per batch element); the answer is then a lower bound.
     ``fits`` may return a number (e.g. the probe's peak memory), kept for the answer. Errors other
     than out-of-memory propagate. Memory is freed after every failed probe.
     """
@@ -699,9 +700,11 @@ def largest_batch(fits: Callable[[int], object], cap: int = 1024, *, rel_tol: fl
             return result(good, None, "cap")
         if bad is not None and bad - good <= max(1, math.floor(good * rel_tol)):
             return result(good, bad, "bracket")
-        if time_cap_s is not None and clock() - t0 >= time_cap_s:
-            return result(good, bad, "time")
         b = min(cap, good * 2) if bad is None else (good + bad) // 2
+        if time_cap_s is not None:
+            pace = next(s / n for n, r, s in reversed(probes) if r == "ok")  # seconds per batch element
+            if clock() - t0 + pace * b >= time_cap_s:
+                return result(good, bad, "time")
         good, bad = (b, bad) if ok(b) else (good, b)
 
 

@@ -192,7 +192,8 @@ def test_largest_batch_time_cap_gives_a_lower_bound():
             raise RuntimeError("CUDA out of memory")
 
     found = tr.largest_batch(fits, cap=1024, time_cap_s=20, clock=lambda: now["t"])
-    assert found.stopped == "time" and found.max_batch == 16 and found.first_oom is None  # 1+2+4+8+16 = 31 s > 20
+    # 1+2+4 = 7 s spent; the probe of 8 would end at 15 s, the one of 16 at 31 s > 20: not started
+    assert found.stopped == "time" and found.max_batch == 8 and found.first_oom is None and now["t"] == 15
     assert "lower bound" in found.note()
 
 
