@@ -365,6 +365,16 @@ def test_retrofit_perplexity_table():
     assert pooled["kl_vs_dense"] > 0
     same = retrofit_perplexity(model, None, stream.windows(1, 64), progress=False)
     assert same.iloc[-1]["ppl_ratio"] == pytest.approx(1.0)
+    # a shared dense cache: filled by the first call, reused (not recomputed) by the next
+    cache = [None, None]
+    first = retrofit_perplexity(model, retro, stream.windows(2, 64), progress=False, dense_hidden=cache)
+    assert all(h is not None and h.shape == (1, 64, model.config.hidden_size) for h in cache)
+    assert first["dense_ppl"].tolist() == pytest.approx(df["dense_ppl"].tolist())
+    planted = [torch.zeros_like(h) for h in cache]   # a wrong "dense" must show up, proving the cache is read
+    again = retrofit_perplexity(model, retro, stream.windows(2, 64), progress=False, dense_hidden=planted)
+    assert again.iloc[-1]["dense_ppl"] == pytest.approx(128.0, rel=1e-3)   # zero hidden -> uniform over 128 ids
+    with pytest.raises(ValueError, match="dense_hidden"):
+        retrofit_perplexity(model, retro, stream.windows(2, 64), progress=False, dense_hidden=[None])
 
 
 def test_token_stream():
