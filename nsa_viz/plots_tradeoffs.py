@@ -165,6 +165,32 @@ def accuracy_vs_density(table, metric: str = "kl", T: Optional[int] = None, run_
     return fig
 
 
+def max_batch_bars(table, T: Optional[int] = None, run_id: Optional[str] = None):
+    """The largest prefill batch that fits, one bar per pattern at length ``T`` (default: the longest
+    measured), labelled with its ratio to dense; a search stopped by its time cap is marked ``≥``."""
+    import plotly.graph_objects as go
+    df, run_id = _select(table, "model", "max_batch", run_id, "max_batch")
+    ok = df[(df["status"] == "ok") & df["max_batch"].notna()]
+    if ok.empty:
+        raise ValueError(f"no successful max_batch rows in run {run_id}")
+    T = int(ok["T"].max()) if T is None else T
+    ok = ok[ok["T"] == T]
+    if ok.empty:
+        raise ValueError(f"no max_batch rows at T={T} in run {run_id}")
+    names = [_series_name(r) for r in ok.to_dict("records")]
+    lower = ["lower bound" in str(n) for n in ok["note"]] if "note" in ok.columns else [False] * len(ok)
+    ratios = ok["max_batch_vs_dense"] if "max_batch_vs_dense" in ok.columns else [None] * len(ok)
+    text = [("≥" if lb else "") + f"{int(b)}" + (f" ({r:.2f}× dense)" if r is not None and r == r else "")
+            for b, r, lb in zip(ok["max_batch"], ratios, lower)]
+    fig = go.Figure(go.Bar(x=names, y=ok["max_batch"], text=text, textposition="outside",
+                           marker_color=["#444444" if n.startswith("dense (") else "#1f77b4" for n in names],
+                           hovertext=[str(n) for n in ok.get("note", [""] * len(ok))], hoverinfo="text"))
+    fig.update_yaxes(title="largest batch whose prefill fits (KV cache kept)")
+    fig.update_layout(template="plotly_white", height=460,
+                      title=_title(f"Largest prefill batch at T={T}", ok, run_id))
+    return fig
+
+
 def tradeoff_figures(table, run_id: Optional[str] = None) -> dict:
     """Every figure the table has data for, by name (missing data is skipped, not an error)."""
     out = {}
@@ -179,6 +205,7 @@ def tradeoff_figures(table, run_id: Optional[str] = None) -> dict:
         "accuracy_kl": lambda: accuracy_vs_density(table, "kl", run_id=run_id),
         "accuracy_top1": lambda: accuracy_vs_density(table, "top1_agree", run_id=run_id),
         "accuracy_passkey": lambda: accuracy_vs_density(table, "passkey_acc", run_id=run_id),
+        "max_batch": lambda: max_batch_bars(table, run_id=run_id),
     }
     for name, make in makers.items():
         try:

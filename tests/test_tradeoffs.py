@@ -461,6 +461,17 @@ def test_figures_build_from_a_saved_table(tmp_path):
         plots.accuracy_vs_density(saved, "bleu")
 
 
+def test_max_batch_figure_from_rows():
+    from nsa_viz import plots_tradeoffs as plots
+
+    mb = dict(level="model", pass_="max_batch", model="m", device="GPU X")
+    rows = [_row("R", "dense", 8192, None, base=True, max_batch=300, note="limit in [300, 330)", **mb),
+            _row("R", "nsa", 8192, None, max_batch=150, note="time cap hit: 150 is a lower bound", **mb)]
+    fig = plots.max_batch_bars(tr.add_derived(rows))
+    assert list(fig.data[0].y) == [300, 150] and fig.data[0].text[1] == "≥150 (0.50× dense)"
+    assert "max_batch" in plots.tradeoff_figures(rows) and "T=8192" in fig.layout.title.text
+
+
 # --------------------------------------------------------------------------- the CLI end to end
 def _tiny_model_dir(tmp_path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
