@@ -171,7 +171,7 @@ def sweep(device, t=16384, budget_s=70.0, dims=(1, 64, 4, 128, torch.bfloat16), 
 
     # the packed importance kernel: rows per program (tokens x padded group) and warps, timed on the union call
     times = {}
-    for rows, warps in ((128, 8), (64, 4), (128, 4), (256, 8), (64, 8)):
+    for rows, warps in ((128, 4), (128, 8), (64, 4), (256, 8), (32, 4)):
         nc_mod.PACKED_ROWS = rows
         nc_mod.LAUNCH_OVERRIDES["packed_importance"] = (warps, 2)
         try:
@@ -185,6 +185,16 @@ def sweep(device, t=16384, budget_s=70.0, dims=(1, 64, 4, 128, torch.bfloat16), 
         nc_mod.LAUNCH_OVERRIDES["packed_importance"] = (best[1], 2)
         chosen["nsa_compressed:packed_importance(rows,warps)"] = (best, times[best], times)
         log("sweep packed_importance (rows, warps): " + ", ".join(f"{c}={m:.3f}" for c, m in times.items()) + f" -> {best}")
+        # the chain it replaces (union): compressed LSE pass + per-head importance kernel; keep whichever is faster
+        from nsa_viz.kernels.nsa_compressed import compressed_lse
+        keep = nc_mod.PACKED_MIN_QUERIES
+        nc_mod.PACKED_MIN_QUERIES = 1 << 40
+        old_ms = bench_ms(lambda: selection_importance(q, k_cmp, compressed_lse(q, k_cmp, **ck, kv_len=t), **ck, block=64,
+                                                       kv_len=t), warmup_ms=25, rep_ms=100)
+        nc_mod.PACKED_MIN_QUERIES = keep if times[best] <= old_ms else 1 << 40
+        log(f"union scoring at {t}: packed {times[best]:.3f} ms, LSE + per-head importance {old_ms:.3f} ms -> "
+            + ("packed" if times[best] <= old_ms else "per-head"))
+        chosen["union scoring: per-head chain ms"] = ("per-head" if times[best] > old_ms else "packed", old_ms, {})
     if only_packed:
         return chosen
 
