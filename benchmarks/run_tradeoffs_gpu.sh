@@ -26,7 +26,8 @@
 #     one prefill per probe, memory emptied before each, at most 60 s per search, OOMs in the note).
 #   --time-budget-s 400: anything not started 400 s after the run began is recorded as `skipped`.
 # The table is a copy of data/results/tradeoffs_h100.json with this run appended: it comes back as
-# $OUT/tradeoffs_h100.json (copy it to data/results/), with the log in $OUT/bench.log. Rows are saved
+# $OUT/tradeoffs_h100.json (copy it to data/results/), with the log in $OUT/bench.log (on an H200:
+# tradeoffs_h200.json, a table of its own). Rows are saved
 # after every length, so a run cut short keeps what it measured.
 #
 # CPU dry run of every code path at tiny sizes (same patterns and levels; the real GGUF of the local
@@ -46,7 +47,9 @@ if [ "${DRY_RUN:-0}" = 1 ]; then
         --time-budget-s 1200)
 else
   out=${OUT:-/tmp/out}
-  table=tradeoffs_h100.json
+  gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+  slug=$(echo "$gpu" | tr 'A-Z' 'a-z' | sed 's/nvidia//' | awk '{print $1}')
+  table=tradeoffs_${slug:-cuda}.json  # what default_results_path names it: tradeoffs_h100.json on an H100
   args=(--lengths 8192 16384 32768 65536 --passes ${KERNEL_PASSES:-decode} --model-lengths 1024 2048 4096 8192
         --gen-tokens 16 --accuracy-lengths 1024 4096 8192 --eval-tokens 8192 --passkey-prompts 4
         --max-batch-lengths 8192 --max-batch-cap 1024 --max-batch-time-s 60 --time-budget-s 400)

@@ -915,8 +915,12 @@ def _applied(model, pattern: Optional[Pattern], backend: str):
 def _decode_path_note() -> str:
     """Which path NSA decode steps take inside a model (``attention._run_nsa``): the cached one when the
     decode kernels are installed."""
-    from .attention import _nsa_decode
-    return ("NSA steps: cached decode (nsa_decode on each layer's NSACache)" if _nsa_decode() is not None else
+    try:
+        from .attention import _nsa_decode
+        cached = _nsa_decode() is not None
+    except ImportError:  # attention.py reorganised: say so rather than fail the run
+        return "NSA steps: decode path unknown"
+    return ("NSA steps: cached decode (nsa_decode on each layer's NSACache)" if cached else
             "NSA steps: uncached (nsa_attention of the new query over the whole cache)")
 
 
