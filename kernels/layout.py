@@ -201,19 +201,34 @@ class BlockLayout:
         return (cls == FULL) | ((cls == PARTIAL) & partial_ok)
 
     def _visible_pairs(self) -> torch.Tensor:
-        """Exact number of visible (query, key) pairs per [LB, LH], counted tile by tile."""
+        """Exact number of visible (query, key) pairs per [LB, LH], counted tile by tile: full tiles by their
+        area, partial tiles by evaluating the token rule on those tiles only (O(partial tiles × block²),
+        not O(q_len × kv_len) as a token mask of whole rows would be)."""
         bq, bk = self.block_q, self.block_kv
-        rows_in = torch.clamp(self.q_len - torch.arange(self.num_q_blocks, device=self.device) * bq, max=bq)
-        cols_in = torch.clamp(self.kv_len - torch.arange(self.num_kv_blocks, device=self.device) * bk, max=bk)
+        dev = self.device
+        rows_in = torch.clamp(self.q_len - torch.arange(self.num_q_blocks, device=dev) * bq, max=bq)
+        cols_in = torch.clamp(self.kv_len - torch.arange(self.num_kv_blocks, device=dev) * bk, max=bk)
         full_area = (rows_in[:, None] * cols_in[None, :]).to(torch.float64)
         total = ((self.tile_class == FULL).to(torch.float64) * full_area).sum((-1, -2))
-        part = (self.tile_class == PARTIAL).any(0).any(0).nonzero()
-        for qb in part[:, 0].unique().tolist():
-            q0 = qb * bq
-            m = self.token_mask(q0, min(q0 + bq, self.q_len))
-            kb_sel = (self.tile_class[:, :, qb] == PARTIAL)  # [LB, LH, NKB]
-            col_sel = kb_sel.repeat_interleave(bk, dim=-1)[..., : self.kv_len]
-            total = total + (m & col_sel[:, :, None, :]).sum((-1, -2)).to(torch.float64)
+        part = (self.tile_class == PARTIAL).any(0).any(0).nonzero()  # [P, 2] (query block, key block)
+        step = max(1, (8 * 2**20) // (bq * bk * max(1, self.tile_class.shape[0] * self.tile_class.shape[1])))
+        ii = torch.arange(bq, device=dev)
+        jj = torch.arange(bk, device=dev)
+        for p0 in range(0, part.shape[0], step):
+            qb, kb = part[p0:p0 + step, 0], part[p0:p0 + step, 1]
+            rows = qb[:, None] * bq + ii[None, :]  # [P, bq] query indices
+            cols = kb[:, None] * bk + jj[None, :]  # [P, bk] key indices
+            inside = (rows < self.q_len)[:, :, None] & (cols < self.kv_len)[:, None, :]
+            ok = self.rule.visible((rows + self.q_offset)[:, :, None], cols[:, None, :], self.is_global) & inside
+            is_partial = self.tile_class[:, :, qb, kb] == PARTIAL  # [LB, LH, P]
+            if self.tile_masks is not None:
+                tid = self.tile_index[:, :, qb, kb].long()  # [LB, LH, P]
+                bits = self.tile_masks[tid.clamp(min=0)]  # [LB, LH, P, bq, bk]
+                ok = ok & (bits | (tid < 0)[..., None, None])
+                counts = ok.sum((-1, -2))
+            else:
+                counts = ok.sum((-1, -2))[None, None]
+            total = total + (is_partial * counts).sum(-1).to(torch.float64)
         return total
 
     def reference_area(self) -> float:

@@ -824,7 +824,8 @@ def audit(model, tokenizer=None, data="code", *, length: int = 2048, n_docs: int
 
     ``candidates``: static patterns whose recall is measured at the ``rows`` sampled query rows of each
     document (default :func:`default_candidates`). ``compare``: patterns measured by capture on every
-    query (NSA; costs about three dense attentions per layer on the CPU). ``cache_dir=None`` disables
+    query (NSA: its selection is computed, about a tenth of a dense attention per layer; its recall comes
+    from the dense probabilities capture reduces anyway). ``cache_dir=None`` disables
     the cache, ``"default"`` is :func:`default_cache_dir` (``$NSA_VIZ_CACHE`` or ``~/.cache/nsa_viz/audit``);
     ``refresh`` recomputes. Ctrl-C stops after the current document and returns what is done
     (``result.meta["interrupted"]``). Memory per document is bounded by ``max_bytes`` (capture's budget).
@@ -880,7 +881,7 @@ def audit(model, tokenizer=None, data="code", *, length: int = 2048, n_docs: int
     docs: List[DocStats] = []
     hits = 0
     interrupted = False
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     bar = _progress(samples.samples, progress, f"audit {samples.name} @ {length}")
     try:
         for s in bar:
@@ -897,7 +898,7 @@ def audit(model, tokenizer=None, data="code", *, length: int = 2048, n_docs: int
                 t1 = time.perf_counter()
                 with torch.no_grad(), capture(model, rows=pos.tolist(), block=block, compare=compare,
                                               budget_bytes=budget) as rec:
-                    model(s.ids[None].to(_device(model)), use_cache=False)
+                    _forward_without_logits(model, s.ids[None].to(_device(model)))
                 st = reduce_recording(rec, digest, s.source, pos, names, masks, compare)
                 del rec
                 st.seconds = time.perf_counter() - t1
@@ -915,12 +916,36 @@ def audit(model, tokenizer=None, data="code", *, length: int = 2048, n_docs: int
         if hasattr(bar, "close"):
             bar.close()
     meta.update(n_docs=len(docs), interrupted=interrupted, cache_hits=hits, wall_seconds=time.perf_counter() - t0,
+                cpu_seconds=time.process_time() - c0, threads=torch.get_num_threads(),
+                load_average=_load_average(),
                 compute_seconds=sum(d.seconds for d in docs if d.seconds), sources=[d.source for d in docs])
     if run_dir:
         with open(os.path.join(run_dir, "index.json"), "w") as f:
             json.dump(_plain({"settings": settings, "model": meta["model"], "dataset": samples.name, "seed": seed,
                               "documents": [{"digest": d.digest, "source": d.source} for d in docs]}), f, indent=1)
     return AuditResult(docs, meta, cands, compare, windows)
+
+
+def _load_average():
+    """The machine's 1/5/15-minute load averages (None where the OS does not tell): on a shared machine
+    the wall time of an audit means little without them."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
+
+
+def _forward_without_logits(model, ids):
+    """The forward pass capture records. The audit needs the attention of every layer, not the
+    next-token logits: ``logits_to_keep=1`` skips the vocabulary projection of all but the last
+    position (for SmolLM2 at 2k tokens a fifth of the forward's FLOPs). Models that do not take
+    the argument run whole."""
+    try:
+        return model(ids, use_cache=False, logits_to_keep=1)
+    except TypeError as exc:
+        if "logits_to_keep" not in str(exc):
+            raise
+        return model(ids, use_cache=False)
 
 
 def _device(model):
@@ -1084,6 +1109,9 @@ def add_arguments(p) -> None:
     p.add_argument("--cache-dir", default=default_cache_dir(), help="per-document cache ('' disables it)")
     p.add_argument("--refresh", action="store_true", help="recompute documents already in the cache")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice); 1 is often faster on a machine shared with "
+                        "other busy processes")
 
 
 def run(args) -> int:
@@ -1091,6 +1119,10 @@ def run(args) -> int:
     from .models import load_model
 
     compare = [parse_pattern(t) for t in args.compare]
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     model, tok = load_model(args.model)
     res = audit(model, tok, args.data, length=args.length, n_docs=args.n_docs, seed=args.seed, block=args.block,
                 rows=args.rows, compare=compare, mode=args.mode, cache_dir=args.cache_dir or None,
@@ -1105,7 +1137,8 @@ def run(args) -> int:
     print(res.summary()[["pattern", "density", "recall_mean", "recall_p10"]].to_string(index=False, float_format="%.3f"))
     print("head classes:", res.heads().head_class.value_counts().to_dict())
     print("recommendation:", rec.describe())
-    print(f"{res.n_docs} documents in {res.meta['wall_seconds']:.1f} s ({res.meta['cache_hits']} from cache)"
+    print(f"{res.n_docs} documents in {res.meta['wall_seconds']:.1f} s, {res.meta['cpu_seconds']:.1f} CPU s on "
+          f"{res.meta['threads']} threads, load average {res.meta['load_average']} ({res.meta['cache_hits']} from cache)"
           + (" — interrupted" if res.meta["interrupted"] else ""))
     print("wrote", ", ".join(paths.values()))
     return 130 if res.meta["interrupted"] else 0

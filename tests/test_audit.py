@@ -302,3 +302,20 @@ def test_nsa_compare_takes_part():
     assert per_head.shape == (2, 4) and float(per_head.min()) > 0
     rec = res.recommend(target_recall=float(row.recall_mean), per_layer=False)
     assert rec.density <= row.density + 1e-9
+
+
+def test_density_counts_partial_tiles_exactly():
+    """Pattern density (what the audit's costs are) counts partial tiles token by token: equal to the
+    sum of the token mask, for windows, sinks, dilation, custom tile bitmaps and per-head layouts."""
+    from nsa_viz.kernels.layout import BlockLayout, TokenRule, layout_from_mask_mod
+
+    layouts = [p.compile(tq, tk, block_q=bq, block_kv=bk)
+               for p in (SlidingWindow(100), GlobalLocal(window=70, sink=5), Dilated(stride=4, block=16, window=50),
+                         Dense(), SlidingWindow(33, causal=False))
+               for tq, tk, bq, bk in ((300, 300, 64, 64), (77, 300, 16, 32), (1, 257, 16, 16))]
+    layouts.append(layout_from_mask_mod(lambda q, k: ((q - k) % 7 == 0) & (k <= q), 200, 230, 32, 16))
+    g = torch.Generator().manual_seed(0)
+    tiles = torch.randint(0, 3, (2, 3, 5, 5), generator=g).to(torch.int8)
+    layouts.append(BlockLayout(70, 80, 16, 16, tiles, TokenRule(causal=True, window=20)))
+    for layout in layouts:
+        assert torch.equal(layout._visible_pairs(), layout.token_mask().sum((-1, -2)).double()), layout
