@@ -558,9 +558,54 @@ class AuditResult:
         """See :func:`recommend`."""
         return recommend(self, **kwargs)
 
-    def to_dict(self, recommendation: Optional["Recommendation"] = None) -> dict:
-        """Plain data for JSON: meta, summary, heads, model-level distances, oracle, recommendation."""
-        out = {"meta": self.meta, "summary": self.summary().to_dict("records"),
+    def headline(self, window: int = 512, distances: Sequence[int] = (256, 512)) -> dict:
+        """The figures a reader asks first, at model level (mean over documents, layers and heads):
+
+        ``mass_within {d: {mean, p10, p90}}`` (percentiles across documents); ``sink_mass`` (dense mass on
+        the first ``sink_tokens`` keys at the late sampled rows), ``first_block_mass``, ``far_mass``;
+        ``patterns``: density and recall (mean, p10) of ``SlidingWindow(window)``, ``GlobalLocal(window)``
+        and every ``compare`` pattern; ``equal_density``: for each ``compare`` pattern, the window and
+        GlobalLocal families' recall interpolated at its density (the same cost)."""
+        dist = self.distance_table(grid=tuple(distances))
+        within = {int(r.distance): {"mean": float(r["mean"]), "p10": float(r.p10), "p90": float(r.p90)}
+                  for _, r in dist.iterrows() if int(r.distance) in set(distances)}
+        named = [p for p in self.candidates if getattr(p, "window", None) == window
+                 and isinstance(p, (SlidingWindow, GlobalLocal))] + list(self.compare)
+        pats = {}
+        for p in named:
+            r = self.recall(p)
+            pats[short_label(p)] = {"density": self.density(p), "recall_mean": r["mean"], "recall_p10": r["p10"]}
+        same = {}
+        for p in self.compare:
+            d = self.density(p)
+            eq = self.equal_density(d)
+            eq = eq[eq.interpolated.astype(bool)]
+            same[short_label(p)] = {"density": d, **{r.family: {"window": float(r.window), "recall_mean": float(r.recall_mean),
+                                                                "recall_p10": float(r.recall_p10)}
+                                                     for _, r in eq.iterrows()}}
+        return _plain({"mass_within": within, "sink_mass": float(self.row_metric("sink").mean()),
+                       "sink_tokens": self.meta.get("sink_tokens"),
+                       "first_block_mass": float(self.first_block_mass().mean()),
+                       "far_mass": float(self.row_metric("far").mean()), "far_distance": self.meta.get("far_distance"),
+                       "patterns": pats, "equal_density": same})
+
+    def to_dict(self, recommendation: Optional["Recommendation"] = None, compact: bool = False) -> dict:
+        """Plain data for JSON: meta, headline, summary, heads, model-level distances, oracle, recommendation.
+        ``compact``: without the per-head table and the per-document lists (a few kB)."""
+        if compact:
+            drop = ("sources", "samples_report", "cache_dir")
+            out = {"meta": {k: v for k, v in self.meta.items() if k not in drop},
+                   "samples_report": str(self.meta.get("samples_report", "")), "headline": self.headline(),
+                   "summary": self.summary().drop(columns=["label"]).to_dict("records"),
+                   "distance": self.distance_table().to_dict("records"),
+                   "oracle": self.oracle_table().to_dict("records"),
+                   "head_classes": self.heads().head_class.value_counts().to_dict(),
+                   "head_classes_by_layer": {int(i): g.value_counts().to_dict()
+                                             for i, g in self.heads().groupby("layer").head_class}}
+            if recommendation is not None:
+                out["recommendation"] = recommendation.to_dict()
+            return _plain(out)
+        out = {"meta": self.meta, "headline": self.headline(), "summary": self.summary().to_dict("records"),
                "heads": self.heads().to_dict("records"),
                "distance": self.distance_table().to_dict("records"),
                "oracle": self.oracle_table().to_dict("records"),
@@ -824,7 +869,7 @@ def audit(model, tokenizer=None, data="code", *, length: int = 2048, n_docs: int
 
     ``candidates``: static patterns whose recall is measured at the ``rows`` sampled query rows of each
     document (default :func:`default_candidates`). ``compare``: patterns measured by capture on every
-    query (NSA: its selection is computed, about a tenth of a dense attention per layer; its recall comes
+    query (NSA: only its selection is computed, compression, importance and top-n; its recall comes
     from the dense probabilities capture reduces anyway). ``cache_dir=None`` disables
     the cache, ``"default"`` is :func:`default_cache_dir` (``$NSA_VIZ_CACHE`` or ``~/.cache/nsa_viz/audit``);
     ``refresh`` recomputes. Ctrl-C stops after the current document and returns what is done
@@ -1063,12 +1108,16 @@ def write_html(result: AuditResult, path: str, recommendation: Optional[Recommen
 
 
 def write_report(result: AuditResult, out_dir: str, recommendation: Optional[Recommendation] = None) -> Dict[str, str]:
-    """``audit.json`` (+ Parquet tables when pyarrow is installed) and ``audit.html`` in ``out_dir``."""
+    """``audit.json``, ``audit_summary.json`` (compact: headline figures, patterns, recommendation), Parquet
+    tables when pyarrow is installed and ``audit.html`` in ``out_dir``."""
     os.makedirs(out_dir, exist_ok=True)
     paths = {}
     paths["json"] = os.path.join(out_dir, "audit.json")
     with open(paths["json"], "w") as f:
         json.dump(result.to_dict(recommendation), f, indent=1)
+    paths["summary_json"] = os.path.join(out_dir, "audit_summary.json")
+    with open(paths["summary_json"], "w") as f:
+        json.dump(result.to_dict(recommendation, compact=True), f, indent=1)
     try:
         import pyarrow  # noqa: F401
     except ImportError:

@@ -277,6 +277,9 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert report["recommendation"]["recall_mean"] >= 0.8
     assert {r["pattern"] for r in report["summary"]} >= {"Dense", "SW(16)", "GL(16+4)"}
     assert len(report["heads"]) == 2 * 4
+    small = json.loads((out / "audit_summary.json").read_text())
+    assert "heads" not in small and "sink_mass" in small["headline"] and small["recommendation"]["recall_mean"] >= 0.8
+    assert small["meta"]["cpu_seconds"] > 0 and small["meta"]["threads"] >= 1
     html = (out / "audit.html").read_text()
     assert "fig-recall_vs_density" in html and "plotly" in html.lower()
     pytest.importorskip("pyarrow")
@@ -302,6 +305,17 @@ def test_nsa_compare_takes_part():
     assert per_head.shape == (2, 4) and float(per_head.min()) > 0
     rec = res.recommend(target_recall=float(row.recall_mean), per_layer=False)
     assert rec.density <= row.density + 1e-9
+    # the headline figures: mass within distances, named patterns, windows at NSA's density
+    h = res.headline(window=16, distances=(8, 16))
+    assert h["mass_within"]["16"]["mean"] == pytest.approx(float(res.mass_within(16).mean()), abs=1e-6)
+    assert h["patterns"]["NSA(3x16+16)"]["recall_mean"] == pytest.approx(float(row.recall_mean))
+    assert h["patterns"]["SW(16)"]["density"] == pytest.approx(res.density(SlidingWindow(16)))
+    same = h["equal_density"]["NSA(3x16+16)"]
+    assert same["density"] == pytest.approx(float(row.density))
+    lo, hi = (res.recall(SlidingWindow(w))["mean"] for w in (16, 48))
+    assert lo - 1e-9 <= same["SlidingWindow"]["recall_mean"] <= hi + 1e-9
+    assert 16 <= same["SlidingWindow"]["window"] <= 48
+    assert 0 <= h["sink_mass"] <= 1 and 0 <= h["far_mass"] <= 1
 
 
 def test_density_counts_partial_tiles_exactly():
