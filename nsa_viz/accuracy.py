@@ -74,22 +74,25 @@ def _final_hidden(model, ids: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def compare_hidden(model, ids: torch.Tensor, hidden: torch.Tensor, dense_hidden: torch.Tensor,
                    chunk: int = 512) -> dict:
-    """NLL of ``ids[1:]``, KL(dense || pattern) and top-1 agreement from two final hidden states
-    ``[1, T, H]``, projecting ``chunk`` positions at a time through the output embedding."""
+    """NLL of ``ids[1:]``, KL(dense || pattern), top-1 agreement and the largest absolute logit difference
+    from two final hidden states ``[1, T, H]``, projecting ``chunk`` positions at a time through the output
+    embedding (logits in the model's dtype, compared in float32)."""
     head = model.get_output_embeddings()
     t = ids.shape[1] - 1
-    nll = nll_dense = kl = agree = 0.0
+    nll = nll_dense = kl = agree = max_diff = 0.0
     for s in range(0, t, chunk):
         e = min(s + chunk, t)
-        lp = torch.log_softmax(head(hidden[:, s:e]).float(), -1)
-        lp0 = torch.log_softmax(head(dense_hidden[:, s:e]).float(), -1)
+        logits, logits0 = head(hidden[:, s:e]).float(), head(dense_hidden[:, s:e]).float()
+        max_diff = max(max_diff, (logits - logits0).abs().max().item())
+        lp, lp0 = torch.log_softmax(logits, -1), torch.log_softmax(logits0, -1)
+        del logits, logits0
         tgt = ids[:, s + 1:e + 1].to(lp.device)
         nll += -lp.gather(-1, tgt[..., None]).sum().item()
         nll_dense += -lp0.gather(-1, tgt[..., None]).sum().item()
         kl += (lp0.exp() * (lp0 - lp)).sum().item()
         agree += (lp.argmax(-1) == lp0.argmax(-1)).sum().item()
     return {"tokens": t, "nll": nll / t, "ppl": math.exp(nll / t), "dense_ppl": math.exp(nll_dense / t),
-            "kl_vs_dense": kl / t, "top1_agree": agree / t}
+            "kl_vs_dense": kl / t, "top1_agree": agree / t, "max_abs_logit_diff": max_diff}
 
 
 def _token_ids(tokenizer, text) -> torch.Tensor:

@@ -8,7 +8,7 @@ import torch
 
 from nsa_viz.accuracy import answer_correct, passkey_table, perplexity_table, retrieval_prompts
 from nsa_viz.data import from_texts
-from nsa_viz.patterns import Dense, SlidingWindow
+from nsa_viz.patterns import NSA, Dense, SlidingWindow
 
 TEXT = "def add(a, b):\n    return a + b\n\n" * 8 + "The quick brown fox jumps over the lazy dog. " * 6
 
@@ -113,3 +113,71 @@ def test_smollm2_passkey_dense_finds_it_window_does_not(smollm2):
                        trials=1, progress=False)
     got = dict(zip(df.pattern, df.correct))
     assert got == {"model": True, "window64": False}
+
+
+def test_compare_hidden_max_abs_logit_diff(tiny_llama):
+    """max |Δlogit| over all positions and the vocabulary, by brute force from full logits."""
+    from nsa_viz.accuracy import compare_hidden
+    from nsa_viz.models import apply_pattern
+    from tests.conftest import random_ids
+
+    ids = random_ids(1, 90, seed=4)
+    with torch.no_grad():
+        dense = tiny_llama.model(ids).last_hidden_state
+        with apply_pattern(tiny_llama, SlidingWindow(8)):
+            win = tiny_llama.model(ids).last_hidden_state
+        head = tiny_llama.get_output_embeddings()
+        want = (head(win) - head(dense))[:, :-1].abs().max().item()
+    m = compare_hidden(tiny_llama, ids, win, dense, chunk=32)
+    assert want > 1e-3 and math.isclose(m["max_abs_logit_diff"], want, rel_tol=1e-6)
+    assert compare_hidden(tiny_llama, ids, dense, dense)["max_abs_logit_diff"] == 0
+
+
+def _bench_model_script():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_model.py"
+    spec = importlib.util.spec_from_file_location("bench_model", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("pattern", [SlidingWindow(24),
+                                     NSA(block=16, top_n=3, window=32, cmp_block=16, cmp_stride=8),
+                                     NSA(block=16, top_n=3, window=32, cmp_block=16, cmp_stride=8, granularity="block")],
+                         ids=["window", "nsa-token", "nsa-block"])
+def test_masked_sdpa_execution_equals_nsa_viz_path(tiny_llama, pattern):
+    """bench_model's fast CPU evaluation (SDPA under the pattern's token mask) gives the nsa_viz path's outputs."""
+    from nsa_viz.models import apply_pattern
+    from tests.conftest import random_ids
+
+    bm = _bench_model_script()
+    ids = random_ids(1, 150, seed=5)
+    with torch.no_grad(), apply_pattern(tiny_llama, pattern):
+        ref = tiny_llama.model(ids).last_hidden_state
+        with bm.masked_sdpa_execution():
+            fast = tiny_llama.model(ids).last_hidden_state
+        again = tiny_llama.model(ids).last_hidden_state  # the real path is back after the context
+    dense = tiny_llama.model(ids).last_hidden_state
+    assert (ref - dense).abs().max() > 1e-3  # the pattern matters at this length
+    torch.testing.assert_close(fast, ref, atol=2e-5, rtol=1e-4)
+    assert torch.equal(again, ref)
+
+
+def test_prototype_picks_outside_window_cover_more(tiny_llama):
+    """The prototype's union covers every key normal NSA covers in the window, and at least as many keys."""
+    bm = _bench_model_script()
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 200, 4, 32, generator=g), torch.randn(1, 200, 2, 32, generator=g)
+    kw = dict(block=16, top_n=4, window=48, cmp_block=16, cmp_stride=8)
+    normal = bm.pattern_token_mask(NSA(**kw), q, k, 32 ** -0.5)
+    proto = bm.pattern_token_mask(bm.NSAPicksOutsideWindow(**kw), q, k, 32 ** -0.5)
+    assert (proto.sum(-1) >= normal.sum(-1)).all() and (proto.sum(-1) > normal.sum(-1)).any()
+    diff = torch.arange(200)[:, None] - torch.arange(200)[None, :]
+    window = (diff >= 0) & (diff < 48)
+    assert (proto[..., window] & normal[..., window]).all()
+    assert not (proto & ~(diff >= 0)).any()  # causal
