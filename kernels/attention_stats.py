@@ -21,7 +21,7 @@ import torch
 from .layout import BlockLayout
 
 # scores of one chunk of query rows; small enough to stay in the last-level cache of a CPU
-DEFAULT_CHUNK_BYTES = 4 * 2**20
+DEFAULT_CHUNK_BYTES = 8 * 2**20
 LOG2E = 1.0 / math.log(2.0)
 LN2 = math.log(2.0)
 
