@@ -255,8 +255,8 @@ def run_accuracy(args, result, save) -> None:
     if args.passkey:
         pk_rows = result.setdefault("passkey", [])
         pk_done = {(r["pattern"], r["length"]) for r in pk_rows}
-        for label in (args.passkey_patterns or labels):
-            for n in (args.passkey_lengths or args.lengths):
+        for n in (args.passkey_lengths or args.lengths):  # a run cut short keeps whole lengths
+            for label in (args.passkey_patterns or labels):
                 if (label, n) in pk_done:
                     continue
                 with execution():
@@ -279,13 +279,16 @@ def run_capture(args, model, tok, result, save) -> None:
     n = max(args.lengths)
     nsas = [PATTERNS[k] for k in args.patterns if type(PATTERNS[k]) is NSA]  # the prototype is not the kernels' NSA
     out = result.setdefault("capture", {})
-    for text in args.texts:
+    for text in (args.capture_texts or args.texts):
         ids = corpus_windows(text, tok, n, 1)[0][0][None, :n].to(args.device)
         with torch.no_grad(), capture(model, layers=args.capture_layers, compare=nsas, budget_bytes=2**31) as rec:
             model.get_decoder()(input_ids=ids, use_cache=False)
         st, rc = selection_stats(rec), recall_table(rec)
         out[text] = {"length": n, "selection": st.to_dict("records"), "recall": rc.to_dict("records")}
         save()
+        short = {p.label: k for k, p in PATTERNS.items() if p is not None}
+        st = st.assign(source=st.source.map(lambda x: short.get(x, x)))
+        rc = rc.rename(columns={f"recall[{lab}]": f"recall[{k}]" for lab, k in short.items()})
         cols = ["picks_in_window", "window_only", "forced_only", "recall", "recall_selected", "mean_pick_distance",
                 "pick_entropy_norm"]
         per_layer = st.groupby(["source", "layer"])[[c for c in cols if c in st.columns]].mean()
@@ -377,6 +380,7 @@ def main(argv=None) -> int:
     ap.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9])
     ap.add_argument("--trials", type=int, default=2)
     ap.add_argument("--capture", action="store_true", help="NSA selection stats and recall at the longest length")
+    ap.add_argument("--capture-texts", nargs="+", default=None, choices=list(TEXT_SOURCES), help="default: --texts")
     ap.add_argument("--capture-layers", type=int, nargs="+", default=[0, 3, 7, 11, 15, 19, 23, 27, 29])
     ap.add_argument("--gpu-prefill", action="store_true", help="prefill time and logits agreement vs SDPA")
     ap.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "bfloat16", "float16"])
@@ -406,6 +410,7 @@ def main(argv=None) -> int:
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "command": "python benchmarks/bench_model.py " + " ".join(
             sys.argv[1:] if argv is None else argv)})
+    result["meta"].setdefault("commands", []).append(result["meta"]["command"])  # every run that wrote the file
     t0 = time.time()
 
     def save():  # after every stage, so that a long run interrupted later keeps what it measured
