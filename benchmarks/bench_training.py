@@ -114,7 +114,11 @@ def run_retrofit(args) -> dict:
 
     out = Path(args.out)
     doc = json.loads(out.read_text()) if out.is_file() and not args.fresh else {}
+    earlier = doc.get("meta", {})
     doc["meta"] = _meta(args, "retrofit")
+    # a rerun adds rows (e.g. --with-gated-init) to the same file: keep every command that wrote to it
+    doc["meta"]["commands"] = earlier.get("commands", [earlier["command"]] if "command" in earlier else []) + \
+        [doc["meta"]["command"]]
     doc.setdefault("perplexity", [])
     spec = SMALL_NSA if args.small else PAPER_NSA
     model, tokenizer = load_model(args.model, device=args.device)
@@ -175,10 +179,13 @@ def run_retrofit(args) -> dict:
               f"evaluating the checkpoint")
     state = load_checkpoint(ckdir / "checkpoint.pt", module=retro)
     history = state["history"]
+    calls = doc.get("training", {}).get("calls", [])
+    steps_before = doc.get("training", {}).get("steps_done", 0)
+    calls.append({"steps_run": int(state["step"]) - steps_before, "wall_seconds": time.perf_counter() - t0})
     doc["training"] = {"steps_done": int(state["step"]), "steps_planned": cfg.steps,
                        "stopped_by_budget": stopped is not None,
                        "train_seconds": float(sum(r["seconds"] for r in history)),
-                       "this_call_wall_seconds": time.perf_counter() - t0,
+                       "calls": calls,
                        "trainable_parameters": sum(p.numel() for p in retro.parameters()),
                        "history": history}
     _write(out, doc)
