@@ -398,6 +398,12 @@ class AuditResult:
 
     def recall(self, p: Pattern, level: str = "model") -> dict:
         """Recall of dense mass by ``p``: ``{"mean", "p10"}`` as floats (model), ``[L]`` (layer) or ``[L, H]`` (head)."""
+        key = ("recall", p.label, level)
+        if key not in self._cache:  # reports ask for the same figures many times; quantiles are not free
+            self._cache[key] = self._recall(p, level)
+        return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in self._cache[key].items()}
+
+    def _recall(self, p: Pattern, level: str) -> dict:
         mean, rows, _ = self._pattern_figures(p)
         if level == "model":
             return {"mean": float(mean.mean()), "p10": float(_quantile(rows.flatten(), 0.1))}
@@ -422,6 +428,8 @@ class AuditResult:
         """One row per measured pattern: density, recall mean and p10, worst layer."""
         import pandas as pd
 
+        if "summary" in self._cache:
+            return self._cache["summary"].copy()
         out = []
         for p in self.measured_patterns():
             r = self.recall(p)
@@ -431,7 +439,8 @@ class AuditResult:
                         "density": self.density(p), "recall_mean": r["mean"], "recall_p10": r["p10"],
                         "worst_layer": int(lay.argmin()), "worst_layer_recall": float(lay.min()),
                         "source": self._source(p), "label": p.label})
-        return pd.DataFrame(out).sort_values(["family", "density"]).reset_index(drop=True)
+        self._cache["summary"] = pd.DataFrame(out).sort_values(["family", "density"]).reset_index(drop=True)
+        return self._cache["summary"].copy()
 
     def recall_table(self, level: str = "head"):
         """Tidy recall per (pattern, layer[, head]): density, recall_mean, recall_p10."""
@@ -621,16 +630,24 @@ class AuditResult:
 
 
 def _quantile(x: torch.Tensor, q, dim=None) -> torch.Tensor:
+    """``torch.quantile`` (linear interpolation) by selection instead of a sort: one or two ``kthvalue`` per
+    quantile, O(n) rather than O(n log n), and no size limit (the audit takes hundreds of these per report)."""
     x = x.double()
     if dim is None:
         x = x.flatten()
         dim = 0
-    if x.numel() > 8_000_000:  # torch.quantile refuses very large inputs: use kthvalue per quantile
-        qs = torch.as_tensor(q, dtype=torch.float64).flatten()
-        n = x.shape[dim]
-        vals = [torch.kthvalue(x, max(1, int(math.ceil(float(v) * n))), dim=dim).values for v in qs]
-        return vals[0] if not isinstance(q, torch.Tensor) else torch.stack(vals)
-    return torch.quantile(x, torch.as_tensor(q, dtype=torch.float64), dim=dim)
+    qs = torch.as_tensor(q, dtype=torch.float64)
+    n = x.shape[dim]
+    vals = []
+    for v in qs.flatten().tolist():
+        pos = v * (n - 1)
+        lo = min(int(math.floor(pos)), n - 1)
+        val = torch.kthvalue(x, lo + 1, dim=dim).values
+        frac = pos - lo
+        if frac > 0 and lo + 1 < n:
+            val = torch.lerp(val, torch.kthvalue(x, lo + 2, dim=dim).values, frac)
+        vals.append(val)
+    return vals[0] if qs.dim() == 0 else torch.stack(vals)
 
 
 def _interp(x: float, xs: List[float], ys: List[float]) -> float:
