@@ -394,3 +394,38 @@ def test_token_stream():
         TokenStream.from_dataset(["text"])
     with pytest.raises(ValueError, match="objective"):
         RetrofitConfig(objective="mse")
+
+
+def _bench_training_script():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_training.py"
+    spec = importlib.util.spec_from_file_location("bench_training_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_training_scratch_small(tmp_path):
+    """The from-scratch part of benchmarks/bench_training.py at toy sizes: both runs land in the JSON with
+    their curves, the figure draws them, and the time budget stops a stream between steps."""
+    import json
+
+    bench = _bench_training_script()
+    out = tmp_path / "scratch.json"
+    assert bench.main(["scratch", "--small", "--steps", "4", "--max-chars", "20000", "--no-progress", "--out", str(out),
+                       "--checkpoint-dir", str(tmp_path / "ck")]) == 0
+    doc = json.loads(out.read_text())
+    assert sorted(r["label"] for r in doc["runs"]) == ["dense", "nsa"]
+    for run in doc["runs"]:
+        assert [row["step"] for row in run["curve"]] == [1, 2, 3, 4]
+        assert run["curve"][-1]["val_loss"] == pytest.approx(run["final_val_loss"])
+        assert run["train_seconds"] > 0 and math.isfinite(run["final_val_loss"])
+    fig = bench.curves_figure(doc)
+    assert len(fig.data) == 8   # per run: train line and validation markers, against step and seconds
+    budgeted = bench._Budgeted(TokenStream(torch.arange(100)), seconds=-1.0)
+    with pytest.raises(bench.BudgetSpent):
+        budgeted.batch(0, 1, 8)
