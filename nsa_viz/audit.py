@@ -881,7 +881,7 @@ def audit(model, tokenizer=None, data="code", *, length: int = 2048, n_docs: int
           compare: Sequence[Pattern] = (), sink_tokens: int = SINK_TOKENS, local_distance: int = LOCAL_DISTANCE,
           far_distance: int = FAR_DISTANCE, mode: str = "auto", cache_dir: Optional[str] = "default",
           refresh: bool = False, progress: bool = True, max_bytes: int = 4 * 2**30, model_name: Optional[str] = None,
-          text_field: str = "text") -> AuditResult:
+          text_field: str = "text", workers: int = 1) -> AuditResult:
     """Run ``model`` densely over ``n_docs`` samples of ``length`` tokens of ``data`` and measure its locality.
 
     ``candidates``: static patterns whose recall is measured at the ``rows`` sampled query rows of each
@@ -889,12 +889,17 @@ def audit(model, tokenizer=None, data="code", *, length: int = 2048, n_docs: int
     query (NSA: only its selection is computed, compression, importance and top-n; its recall comes
     from the dense probabilities capture reduces anyway). ``cache_dir=None`` disables
     the cache, ``"default"`` is :func:`default_cache_dir` (``$NSA_VIZ_CACHE`` or ``~/.cache/nsa_viz/audit``);
-    ``refresh`` recomputes. Ctrl-C stops after the current document and returns what is done
+    ``refresh`` recomputes. ``workers > 1``: documents run in that many forked processes, each on
+    ``torch.get_num_threads() // workers`` threads (meant for an otherwise idle multi-core CPU, where
+    one-thread workers avoid the waits of many small multi-threaded ops; on a 2-core machine busy with other
+    jobs it measured no gain: 6 × 2k SmolLM2 documents took 87 s with 2 workers, 72 s with one, at load
+    3-4). Ctrl-C stops after the current document and returns what is done
     (``result.meta["interrupted"]``). Memory per document is bounded by ``max_bytes`` (capture's budget).
     """
     from .models import attention_modules, current_patterns
 
-    for name, v, lo in (("length", length, 2), ("n_docs", n_docs, 1), ("rows", rows, 1), ("sink_tokens", sink_tokens, 1),
+    for name, v, lo in (("length", length, 2), ("n_docs", n_docs, 1), ("rows", rows, 1), ("workers", workers, 1),
+                        ("sink_tokens", sink_tokens, 1),
                         ("local_distance", local_distance, 1), ("far_distance", far_distance, 1)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
@@ -943,10 +948,23 @@ def audit(model, tokenizer=None, data="code", *, length: int = 2048, n_docs: int
     docs: List[DocStats] = []
     hits = 0
     interrupted = False
-    t0, c0 = time.perf_counter(), time.process_time()
-    bar = _progress(samples.samples, progress, f"audit {samples.name} @ {length}")
+    t0, c0, k0 = time.perf_counter(), time.process_time(), _children_cpu()
+
+    def compute(s, digest):
+        t1 = time.perf_counter()
+        with torch.no_grad(), capture(model, rows=pos.tolist(), block=block, compare=compare,
+                                      budget_bytes=budget) as rec:
+            _forward_without_logits(model, s.ids[None].to(_device(model)))
+        st = reduce_recording(rec, digest, s.source, pos, names, masks, compare)
+        del rec
+        st.seconds = time.perf_counter() - t1
+        return st
+
+    parallel = workers > 1 and _can_fork()
+    bar = _progress(samples.samples, progress and not parallel, f"audit {samples.name} @ {length}")
+    pending = []  # (index, sample, digest, cache path) of documents still to compute (parallel mode)
     try:
-        for s in bar:
+        for i, s in enumerate(bar):
             digest = s.digest()
             path = os.path.join(run_dir, f"{digest[:32]}.pt") if run_dir else None
             st = None
@@ -956,21 +974,24 @@ def audit(model, tokenizer=None, data="code", *, length: int = 2048, n_docs: int
                     hits += 1
                 except Exception as exc:  # a damaged entry is recomputed, not trusted
                     warnings.warn(f"audit cache entry {path} unreadable ({exc}); recomputing")
+            if st is None and parallel:
+                pending.append((i, s, digest, path))
+                docs.append(None)
+                continue
             if st is None:
-                t1 = time.perf_counter()
-                with torch.no_grad(), capture(model, rows=pos.tolist(), block=block, compare=compare,
-                                              budget_bytes=budget) as rec:
-                    _forward_without_logits(model, s.ids[None].to(_device(model)))
-                st = reduce_recording(rec, digest, s.source, pos, names, masks, compare)
-                del rec
-                st.seconds = time.perf_counter() - t1
+                st = compute(s, digest)
                 if path:
                     st.save(path)
             docs.append(st)
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(cached=hits)
+        if pending:
+            for i, st in _compute_in_workers(compute, pending, workers, progress,
+                                             f"audit {samples.name} @ {length} ({workers} workers)"):
+                docs[i] = st
     except KeyboardInterrupt:
         interrupted = True
+        docs = [d for d in docs if d is not None]
         if not docs:
             raise
         warnings.warn(f"audit interrupted: {len(docs)} of {len(samples)} documents finished and kept")
@@ -978,7 +999,8 @@ def audit(model, tokenizer=None, data="code", *, length: int = 2048, n_docs: int
         if hasattr(bar, "close"):
             bar.close()
     meta.update(n_docs=len(docs), interrupted=interrupted, cache_hits=hits, wall_seconds=time.perf_counter() - t0,
-                cpu_seconds=time.process_time() - c0, threads=torch.get_num_threads(),
+                cpu_seconds=time.process_time() - c0 + _children_cpu() - k0, threads=torch.get_num_threads(),
+                workers=workers if parallel else 1,
                 load_average=_load_average(),
                 compute_seconds=sum(d.seconds for d in docs if d.seconds), sources=[d.source for d in docs])
     if run_dir:
@@ -986,6 +1008,94 @@ def audit(model, tokenizer=None, data="code", *, length: int = 2048, n_docs: int
             json.dump(_plain({"settings": settings, "model": meta["model"], "dataset": samples.name, "seed": seed,
                               "documents": [{"digest": d.digest, "source": d.source} for d in docs]}), f, indent=1)
     return AuditResult(docs, meta, cands, compare, windows)
+
+
+def _can_fork() -> bool:
+    import multiprocessing
+
+    if "fork" in multiprocessing.get_all_start_methods():
+        return True
+    warnings.warn("workers > 1 needs the 'fork' start method (Linux, macOS); running documents one at a time")
+    return False
+
+
+def _children_cpu() -> float:
+    """CPU seconds of this process's finished child processes (the audit's workers)."""
+    t = os.times()
+    return t.children_user + t.children_system
+
+
+def _worker(compute, jobs, threads: int, queue) -> None:
+    """One forked worker: computes its documents one by one on ``threads`` threads and hands each back
+    through a file (the cache entry, or a temporary file the parent deletes)."""
+    import traceback
+
+    torch.set_num_threads(threads)
+    for i, s, digest, path in jobs:
+        try:
+            st = compute(s, digest)
+            st.save(path)
+            queue.put(("ok", i, path))
+        except BaseException:  # the parent raises it; a worker must not die silently
+            queue.put(("error", i, traceback.format_exc()))
+            return
+
+
+def _compute_in_workers(compute, pending, workers: int, progress: bool, desc: str):
+    """Yields ``(index, DocStats)`` as ``workers`` forked processes finish the ``pending`` documents.
+
+    Documents are dealt round-robin; each worker runs on ``torch.get_num_threads() // workers`` threads
+    (at least 1), so that two workers use a 2-core machine without the threads of one op waiting for
+    each other. The model is shared copy-on-write by ``fork``. Ctrl-C stops the workers; what finished
+    is kept (and cached)."""
+    import multiprocessing
+    import queue as queue_mod
+    import shutil
+    import tempfile
+
+    ctx = multiprocessing.get_context("fork")
+    tmp = tempfile.mkdtemp(prefix="nsa_viz_audit_")
+    jobs = [(i, s, digest, path or os.path.join(tmp, f"{digest[:32]}.pt")) for i, s, digest, path in pending]
+    n = min(workers, len(jobs))
+    threads = max(1, torch.get_num_threads() // n)
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(compute, jobs[w::n], threads, q), daemon=True) for w in range(n)]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(jobs), desc=desc, unit="doc")
+    try:
+        for p in procs:
+            p.start()
+        done = 0
+        while done < len(jobs):
+            try:
+                kind, i, what = q.get(timeout=5.0)
+            except queue_mod.Empty:
+                dead = [p for p in procs if p.exitcode not in (None, 0)]
+                if dead:
+                    raise RuntimeError(f"an audit worker died (exit code {dead[0].exitcode}) without reporting")
+                continue
+            if kind == "error":
+                raise RuntimeError(f"audit worker failed on document {i}:\n{what}")
+            st = DocStats.load(what)
+            if what.startswith(tmp):
+                os.remove(what)
+            done += 1
+            if bar is not None:
+                bar.update(1)
+            yield i, st
+        for p in procs:
+            p.join()
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+                p.join()
+        if bar is not None:
+            bar.close()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _load_average():
@@ -1175,6 +1285,8 @@ def add_arguments(p) -> None:
     p.add_argument("--cache-dir", default=default_cache_dir(), help="per-document cache ('' disables it)")
     p.add_argument("--refresh", action="store_true", help="recompute documents already in the cache")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--workers", type=int, default=1,
+                   help="documents computed in this many processes at once (each on threads/workers threads)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's choice); 1 is often faster on a machine shared with "
                         "other busy processes")
@@ -1193,7 +1305,7 @@ def run(args) -> int:
     res = audit(model, tok, args.data, length=args.length, n_docs=args.n_docs, seed=args.seed, block=args.block,
                 rows=args.rows, compare=compare, mode=args.mode, cache_dir=args.cache_dir or None,
                 refresh=args.refresh, progress=not args.no_progress, model_name=args.model or "SmolLM2-135M-Instruct",
-                text_field=args.text_field)
+                text_field=args.text_field, workers=args.workers)
     kwargs = {"target_density": args.target_density} if args.target_density is not None else \
         {"target_recall": args.target_recall if args.target_recall is not None else 0.95}
     rec = recommend(res, metric=args.metric, per_layer={"auto": "auto", "yes": True, "no": False}[args.per_layer],
@@ -1204,7 +1316,7 @@ def run(args) -> int:
     print("head classes:", res.heads().head_class.value_counts().to_dict())
     print("recommendation:", rec.describe())
     print(f"{res.n_docs} documents in {res.meta['wall_seconds']:.1f} s, {res.meta['cpu_seconds']:.1f} CPU s on "
-          f"{res.meta['threads']} threads, load average {res.meta['load_average']} ({res.meta['cache_hits']} from cache)"
+          f"{res.meta['threads']} threads, {res.meta['workers']} worker(s), load average {res.meta['load_average']} ({res.meta['cache_hits']} from cache)"
           + (" — interrupted" if res.meta["interrupted"] else ""))
     print("wrote", ", ".join(paths.values()))
     return 130 if res.meta["interrupted"] else 0

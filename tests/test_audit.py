@@ -333,3 +333,29 @@ def test_density_counts_partial_tiles_exactly():
     layouts.append(BlockLayout(70, 80, 16, 16, tiles, TokenRule(causal=True, window=20)))
     for layout in layouts:
         assert torch.equal(layout._visible_pairs(), layout.token_mask().sum((-1, -2)).double()), layout
+
+
+def test_workers_give_the_same_audit(tmp_path):
+    """Documents computed in two forked workers: the same figures as one process, cache entries written,
+    and the workers' CPU time counted."""
+    model = tiny_model(seed=3)
+    ts = samples(n=3, seed=2)
+    one = run(model, ts)
+    two = run(model, ts, workers=2, cache_dir=str(tmp_path))
+    assert two.meta["workers"] == 2 and two.n_docs == 3 and two.meta["cpu_seconds"] > 0
+    assert [d.source for d in two.docs] == [d.source for d in one.docs]
+    torch.testing.assert_close(two.mass_within(20), one.mass_within(20), atol=1e-6, rtol=0)
+    for p in CANDS:
+        assert two.recall(p)["p10"] == pytest.approx(one.recall(p)["p10"], abs=1e-6)
+    assert run(model, ts, workers=2, cache_dir=str(tmp_path)).meta["cache_hits"] == 3
+    with pytest.raises(ValueError, match="workers must be"):
+        run(model, ts, workers=0)
+
+
+def test_a_failing_worker_is_reported(monkeypatch):
+    def broken(*a, **k):
+        raise ValueError("boom in capture")
+
+    monkeypatch.setattr(A, "capture", broken)
+    with pytest.raises(RuntimeError, match="boom in capture"):
+        run(tiny_model(seed=3), samples(n=2, seed=4), workers=2)
