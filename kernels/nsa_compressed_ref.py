@@ -141,6 +141,23 @@ def selection_importance_reference(q: torch.Tensor, k_cmp: torch.Tensor, lse: to
     (``NSEL = ceil(kv_len / block)``) for each query: the compressed-branch softmax probabilities
     ``exp(q·k_cmp·scale - lse)`` summed over the GQA group's query heads and mapped by eq. 9."""
     scale = check_importance_inputs(q, k_cmp, lse, cmp_block, cmp_stride, block, scale, kv_len)
+    return _importance(q, k_cmp, lse, cmp_block, cmp_stride, block, scale, kv_len, max_bytes)
+
+
+@torch.no_grad()
+def compressed_importance_reference(q: torch.Tensor, k_cmp: torch.Tensor, *, cmp_block: int, cmp_stride: int,
+                                    block: int, scale: Optional[float] = None, kv_len: int,
+                                    max_bytes: int = DEFAULT_MAX_BYTES) -> torch.Tensor:
+    """``selection_importance_reference`` with the compressed branch's own softmax (the LSE of
+    ``compressed_lse_reference``, found on the way): the importance that the ``union`` mode ranks."""
+    scale, kv_len = check_compressed_inputs(q, k_cmp, k_cmp, cmp_block, cmp_stride, scale, kv_len)
+    check_compression(cmp_block, cmp_stride, block)
+    return _importance(q, k_cmp, None, cmp_block, cmp_stride, block, scale, kv_len, max_bytes)
+
+
+def _importance(q, k_cmp, lse, cmp_block, cmp_stride, block, scale, kv_len, max_bytes) -> torch.Tensor:
+    """Scores computed once per chunk of queries; probabilities from ``lse`` or, when it is None, a softmax
+    over the visible compressed keys (a query that sees none gets zeros)."""
     b, tq, hq, d = q.shape
     nc, hkv = k_cmp.shape[1], k_cmp.shape[2]
     g = hq // hkv
@@ -157,20 +174,14 @@ def selection_importance_reference(q: torch.Tensor, k_cmp: torch.Tensor, lse: to
         vis = compressed_visibility(r0, r1, q_offset, nc, cmp_block, cmp_stride, q.device)
         qf = q[:, r0:r1].float().view(b, r1 - r0, hkv, g, d)
         s = torch.einsum("brhgd,bthd->bhgrt", qf, kf) * scale
-        l = lse[:, r0:r1].float().view(b, r1 - r0, hkv, g).permute(0, 2, 3, 1)  # [B, HKV, G, r]
-        p = torch.exp(s - l[..., None])  # lse = -inf only where nothing is visible: masked below
-        p = torch.where(vis, p, torch.zeros((), device=p.device))
+        if lse is None:
+            p = torch.softmax(s.masked_fill(~vis, float("-inf")), -1).nan_to_num_(0.0)
+        else:
+            l = lse[:, r0:r1].float().view(b, r1 - r0, hkv, g).permute(0, 2, 3, 1)  # [B, HKV, G, r]
+            p = torch.exp(s - l[..., None])  # lse = -inf only where nothing is visible: masked below
+            p = torch.where(vis, p, torch.zeros((), device=p.device))
         out[:, :, r0:r1] = p.sum(2) @ weights
     return out
-
-
-def compressed_importance_reference(q: torch.Tensor, k_cmp: torch.Tensor, *, cmp_block: int, cmp_stride: int,
-                                    block: int, scale: Optional[float] = None, kv_len: int) -> torch.Tensor:
-    """``selection_importance_reference`` with the LSE of ``compressed_lse_reference``: the importance that the
-    ``union`` mode ranks, from the compressed keys alone."""
-    lse = compressed_lse_reference(q, k_cmp, cmp_block=cmp_block, cmp_stride=cmp_stride, scale=scale, kv_len=kv_len)
-    return selection_importance_reference(q, k_cmp, lse, cmp_block=cmp_block, cmp_stride=cmp_stride, block=block,
-                                          scale=scale, kv_len=kv_len)
 
 
 __all__ = ["compressed_attention_reference", "compressed_lse_reference", "selection_importance_reference",

@@ -119,6 +119,8 @@ def test_packed_importance_finds_its_own_lse(hq, hkv, d, dtype, tq, kv_len):
     got = compressed_importance(q, kc, backend="triton", **ck)
     lse = compressed_lse(q, kc, cmp_block=32, cmp_stride=16, kv_len=kv_len, backend="reference")
     given = selection_importance(q, kc, lse, backend="triton", **ck)
+    composed = selection_importance(q, kc, lse, backend="reference", **ck)  # the one-pass reference vs the two
+    assert rel_err(want, composed) < 1e-5
     assert got.shape == want.shape == (2, hkv, tq, -(-kv_len // 64))
     assert not torch.isnan(got).any() and (got[:, :, : max(0, 31 - (kv_len - tq))] == 0).all()
     assert rel_err(got, want) < TOLERANCE[dtype] and rel_err(given, want) < TOLERANCE[dtype]
