@@ -264,8 +264,9 @@ def run_accuracy(args, result, save) -> None:
                                        trials=args.trials, progress=False)
                 pk_rows.extend({**r, "note": args.note} for r in pk.to_dict("records"))
                 save()
-                print(f"passkey {label} @{n}: {int(pk.correct.sum())}/{len(pk)} "
-                      f"(distances {sorted(pk.distance.tolist())}, correct {pk.correct.tolist()})", flush=True)
+                hits = " ".join(f"{d}{'+' if ok else '-'}" for d, ok in zip(pk.distance, pk.correct))
+                print(f"passkey {label} @{n}: {int(pk.correct.sum())}/{len(pk)} (key distance +found/-missed: {hits})",
+                      flush=True)
         pk = pd.DataFrame(pk_rows)
         print(pk.groupby(["length", "pattern"], sort=False).correct.mean().unstack(0).to_string(), flush=True)
     if args.capture:
