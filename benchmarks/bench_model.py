@@ -85,7 +85,17 @@ PATTERNS = {
     NSA_BLOCK: NSA(block=64, top_n=16, window=512, granularity="block"),
     "NSA union n8 l'64 w256": NSA(block=64, top_n=8, window=256),
     NSA_OUTSIDE: NSAPicksOutsideWindow(block=64, top_n=16, window=512),
+    # per-layer mappings (layers 0-7 left to the model's own dense attention): is the diffuse start the rest of the gap?
+    NSA_TOKEN + ", layers 0-7 dense": {i: NSA(block=64, top_n=16, window=512) for i in range(8, 30)},
+    NSA_OUTSIDE + ", layers 0-7 dense": {i: NSAPicksOutsideWindow(block=64, top_n=16, window=512) for i in range(8, 30)},
 }
+
+
+def pattern_label(p) -> object:
+    """What the result file says a PATTERNS entry is."""
+    if p is None or not isinstance(p, dict):
+        return None if p is None else p.label
+    return {str(layer): q.label for layer, q in p.items()}
 ISSUE_PATTERNS = ["model (sdpa)", "SlidingWindow(256)", "SlidingWindow(512)", NSA_TOKEN, NSA_BLOCK]
 GPU_PATTERNS = ["Dense (nsa_viz)", NSA_TOKEN, NSA_BLOCK]
 TEXT_SOURCES = {"code": "Python standard-library modules (nsa_viz.data 'code', whole files cut, seeded order)",
@@ -218,9 +228,12 @@ def run_accuracy(args, result, save) -> None:
     labels = args.patterns
     pats = {k: PATTERNS[k] for k in labels}
     fast = args.exec == "masked-sdpa"
-    if not fast and any(isinstance(PATTERNS[k], NSAPicksOutsideWindow) for k in labels):
+    def is_prototype(p):
+        return isinstance(p, NSAPicksOutsideWindow) or (isinstance(p, dict) and any(is_prototype(q) for q in p.values()))
+
+    if not fast and any(is_prototype(PATTERNS[k]) for k in labels):
         raise ValueError(f"{NSA_OUTSIDE!r} exists only in --exec masked-sdpa")
-    result["meta"].update({"exec": args.exec, "patterns": {k: (None if v is None else v.label) for k, v in pats.items()},
+    result["meta"].update({"exec": args.exec, "patterns": {k: pattern_label(v) for k, v in pats.items()},
                            "texts": {t: TEXT_SOURCES[t] for t in args.texts}, "windows": args.windows,
                            "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised, float32)"
                            if args.model is None else args.model})
@@ -287,7 +300,7 @@ def run_capture(args, model, tok, result, save) -> None:
         st, rc = selection_stats(rec), recall_table(rec)
         out[text] = {"length": n, "selection": st.to_dict("records"), "recall": rc.to_dict("records")}
         save()
-        short = {p.label: k for k, p in PATTERNS.items() if p is not None}
+        short = {p.label: k for k, p in PATTERNS.items() if p is not None and not isinstance(p, dict)}
         st = st.assign(source=st.source.map(lambda x: short.get(x, x)))
         rc = rc.rename(columns={f"recall[{lab}]": f"recall[{k}]" for lab, k in short.items()})
         cols = ["picks_in_window", "window_only", "forced_only", "recall", "recall_selected", "mean_pick_distance",
@@ -343,7 +356,7 @@ def run_gpu_prefill(args, result, save) -> None:
             sdpa_ms = getattr(times["model (sdpa)"], "ms", None)
             for label, tm in times.items():
                 row = {"op": "prefill", "impl": "sdpa" if label == "model (sdpa)" else "nsa_viz", "pattern": label,
-                       "params": None if PATTERNS[label] is None else PATTERNS[label].label, "B": 1, "T": n,
+                       "params": pattern_label(PATTERNS[label]), "B": 1, "T": n,
                        "dtype": str(dtype).replace("torch.", ""), **acc.get(label, {})}
                 if isinstance(tm, BaseException):
                     row["error"] = f"{type(tm).__name__}: {tm}"
