@@ -294,6 +294,15 @@ def _importance_kernel(
 
 
 @triton.jit
+def _running_lse_step(m_i, l_i, s):
+    """One key tile of a running log-sum-exp without values (log2 units, masked scores at -inf): the new
+    (max, sum) of each row; a row that has seen nothing keeps (-inf, 0)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return m_new, l_i * tl.math.exp2(m_i - m_safe) + tl.sum(tl.math.exp2(s - m_safe[:, None]), 1)
+
+
+@triton.jit
 def _packed_importance_kernel(
     Q, K, LSE, IMP,
     sqb, sqt, sqh, sqd, skb, skt, skh, skd, slb, slt, slh, sib, sih, sit, sis,
@@ -336,10 +345,7 @@ def _packed_importance_kernel(
             k = tl.load(k_base + offs_k[None, :].to(tl.int64) * skt + offs_d[:, None] * skd,
                         mask=offs_k[None, :] < num_cmp, other=0.0)
             s = tl.where(offs_k[None, :] < n_vis[:, None], _mm(q, k, PRECISION) * qk_scale_log2, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            l_i = l_i * tl.math.exp2(m_i - m_safe) + tl.sum(tl.math.exp2(s - m_safe[:, None]), 1)
-            m_i = m_new
+            m_i, l_i = _running_lse_step(m_i, l_i, s)
         lse2 = tl.where(l_i > 0, m_i + tl.math.log2(tl.where(l_i > 0, l_i, 1.0)), float("inf"))  # log2 units; +inf: nothing visible
     else:
         lse = tl.load(LSE + b.to(tl.int64) * slb + h * slh + tok.to(tl.int64) * slt, mask=rmask, other=float("inf"))
@@ -403,10 +409,7 @@ def _cmp_lse_split_kernel(
         k = tl.load(k_base + offs_k[None, :].to(tl.int64) * skt + offs_d[:, None] * skd, mask=kmask[None, :], other=0.0)
         s = _mm(q, k, PRECISION) * qk_scale_log2
         s = tl.where(offs_k[None, :] < n_vis[:, None], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_i = l_i * tl.math.exp2(m_i - m_safe) + tl.sum(tl.math.exp2(s - m_safe[:, None]), 1)
-        m_i = m_new
+        m_i, l_i = _running_lse_step(m_i, l_i, s)
     part = split.to(tl.int64) * part_stride + bh.to(tl.int64) * q_len + offs_m
     tl.store(M_PART + part, m_i, mask=mrow)
     tl.store(L_PART + part, l_i, mask=mrow)
@@ -560,10 +563,11 @@ def _importance_tiling(cmp_block: int, cmp_stride: int, block: int):
     return None if cmp_block - cmp_stride > num_sel * block else (block_n, num_sel)
 
 
-def _packed_importance(q, k_cmp, lse, imp, cmp_block, cmp_stride, block, scale, kv_len, block_n, num_sel):
-    """Launch ``_packed_importance_kernel`` into ``imp``; ``lse`` None: the kernel finds it."""
+def _packed_importance(q, k_cmp, lse, cmp_block, cmp_stride, block, scale, kv_len, block_n, num_sel):
+    """``[B, HKV, Tq, NSEL]`` from ``_packed_importance_kernel``; ``lse`` None: the kernel finds it."""
     b, tq, hq, d = q.shape
     hkv = k_cmp.shape[2]
+    imp = torch.empty(b, hkv, tq, -(-kv_len // block), dtype=torch.float32, device=q.device)
     group = hq // hkv
     group_p = triton.next_power_of_2(group)
     tokens = max(1, PACKED_ROWS // group_p)
@@ -590,9 +594,7 @@ def compressed_importance_triton(q, k_cmp, *, cmp_block: int, cmp_stride: int, b
         lse = compressed_lse_triton(q, k_cmp, cmp_block=cmp_block, cmp_stride=cmp_stride, scale=scale, kv_len=kv_len)
         return selection_importance_triton(q, k_cmp, lse, cmp_block=cmp_block, cmp_stride=cmp_stride, block=block,
                                            scale=scale, kv_len=kv_len)
-    b, tq = q.shape[:2]
-    imp = torch.empty(b, k_cmp.shape[2], tq, -(-kv_len // block), dtype=torch.float32, device=q.device)
-    return _packed_importance(q, k_cmp, None, imp, cmp_block, cmp_stride, block, scale, kv_len, *tiling)
+    return _packed_importance(q, k_cmp, None, cmp_block, cmp_stride, block, scale, kv_len, *tiling)
 
 
 # Decode has few query rows: split the importance's output columns over programs until about this many
@@ -610,19 +612,19 @@ def selection_importance_triton(q, k_cmp, lse, *, cmp_block: int, cmp_stride: in
     b, tq, hq, d = q.shape
     nc, hkv = k_cmp.shape[1], k_cmp.shape[2]
     nsel = -(-kv_len // block)
-    imp = torch.empty(b, hkv, tq, nsel, dtype=torch.float32, device=q.device)
     if nc == 0:
-        return imp.zero_()
-    bm, _ = _tiles("importance", q.device)
-    if tq <= 16 and "importance" not in TILE_OVERRIDES:
-        bm = 16  # decode: one query row, the smallest tl.dot tile
+        return torch.zeros(b, hkv, tq, nsel, dtype=torch.float32, device=q.device)
     tiling = _importance_tiling(cmp_block, cmp_stride, block)
     if tiling is None:
         return selection_importance_reference(q, k_cmp, lse, cmp_block=cmp_block, cmp_stride=cmp_stride, block=block,
                                               scale=scale, kv_len=kv_len)
     block_n, num_sel = tiling
     if tq > PACKED_MIN_QUERIES:
-        return _packed_importance(q, k_cmp, lse, imp, cmp_block, cmp_stride, block, scale, kv_len, block_n, num_sel)
+        return _packed_importance(q, k_cmp, lse, cmp_block, cmp_stride, block, scale, kv_len, block_n, num_sel)
+    imp = torch.empty(b, hkv, tq, nsel, dtype=torch.float32, device=q.device)
+    bm, _ = _tiles("importance", q.device)
+    if tq <= 16 and "importance" not in TILE_OVERRIDES:
+        bm = 16  # decode: one query row, the smallest tl.dot tile
     col_tiles = triton.cdiv(nsel, num_sel)
     programs = triton.cdiv(tq, bm) * b * hkv
     if splits is None:  # only on the GPU: the interpreter gains nothing from more programs
