@@ -131,6 +131,22 @@ _ACC_TITLES = {"kl": "KL(dense ‖ pattern), nats (lower is better)", "ppl_delta
                "passkey_acc": "passkey accuracy (higher is better)", "ppl": "perplexity"}
 
 
+def _model_rows_at(table, pass_: str, measured: tuple, T: Optional[int], run_id: Optional[str]):
+    """``(rows, T, run_id)``: the successful model-level rows of ``pass_`` with every column of ``measured``
+    filled, at length ``T`` (default: the longest measured); a clear error when there are none."""
+    df, run_id = _select(table, "model", pass_, run_id, measured[0])
+    ok = df[df["status"] == "ok"]
+    for column in measured:
+        ok = ok[ok[column].notna()]
+    if ok.empty:
+        raise ValueError(f"no successful {pass_} rows with {' and '.join(map(repr, measured))} in run {run_id}")
+    T = int(ok["T"].max()) if T is None else T
+    ok = ok[ok["T"] == T]
+    if ok.empty:
+        raise ValueError(f"no {pass_} rows at T={T} in run {run_id}")
+    return ok, T, run_id
+
+
 def accuracy_vs_density(table, metric: str = "kl", T: Optional[int] = None, run_id: Optional[str] = None):
     """Accuracy against dense versus attended density, one point per pattern at length ``T`` (default:
     the longest measured), with the Pareto front (rows flagged ``pareto`` by ``add_derived``) joined."""
@@ -138,14 +154,7 @@ def accuracy_vs_density(table, metric: str = "kl", T: Optional[int] = None, run_
     if metric not in _ACC_TITLES:
         raise ValueError(f"metric must be one of {sorted(_ACC_TITLES)}, got {metric!r}")
     pass_ = "passkey" if metric == "passkey_acc" else "accuracy"
-    df, run_id = _select(table, "model", pass_, run_id, metric)
-    ok = df[(df["status"] == "ok") & df[metric].notna() & df["density"].notna()]
-    if ok.empty:
-        raise ValueError(f"no successful {pass_} rows with {metric!r} and a density in run {run_id}")
-    T = int(ok["T"].max()) if T is None else T
-    ok = ok[ok["T"] == T]
-    if ok.empty:
-        raise ValueError(f"no {pass_} rows at T={T} in run {run_id}")
+    ok, T, run_id = _model_rows_at(table, pass_, (metric, "density"), T, run_id)
     fig = go.Figure()
     names = [_series_name(r) for r in ok.to_dict("records")]
     fig.add_trace(go.Scatter(x=ok["density"], y=ok[metric], mode="markers+text", text=names, textposition="top center",
@@ -169,14 +178,7 @@ def max_batch_bars(table, T: Optional[int] = None, run_id: Optional[str] = None)
     """The largest prefill batch that fits, one bar per pattern at length ``T`` (default: the longest
     measured), labelled with its ratio to dense; a search stopped by its time cap is marked ``≥``."""
     import plotly.graph_objects as go
-    df, run_id = _select(table, "model", "max_batch", run_id, "max_batch")
-    ok = df[(df["status"] == "ok") & df["max_batch"].notna()]
-    if ok.empty:
-        raise ValueError(f"no successful max_batch rows in run {run_id}")
-    T = int(ok["T"].max()) if T is None else T
-    ok = ok[ok["T"] == T]
-    if ok.empty:
-        raise ValueError(f"no max_batch rows at T={T} in run {run_id}")
+    ok, T, run_id = _model_rows_at(table, "max_batch", ("max_batch",), T, run_id)
     names = [_series_name(r) for r in ok.to_dict("records")]
     lower = ["lower bound" in str(n) for n in ok["note"]] if "note" in ok.columns else [False] * len(ok)
     ratios = ok["max_batch_vs_dense"] if "max_batch_vs_dense" in ok.columns else [None] * len(ok)
