@@ -135,6 +135,18 @@ def _pick_in_chunks(scores: torch.Tensor, cur_block: torch.Tensor, top_n: int, i
                                      local_blocks) for r0 in range(0, rows, step)], dim=2)
 
 
+def candidate_rows(first_positions: torch.Tensor, block: int, window: int, local_blocks: int,
+                   select_outside_window: bool):
+    """``(last candidate block per row, local blocks to force)`` for the rank-and-pick step, whose candidates
+    are the blocks ``s <= last``. A row's first position is its query's (token granularity) or its query
+    block's first query (block granularity). ``select_outside_window``: only blocks starting before the
+    row's window, ``s*block <= position - window`` (floor division: negative when none), none forced as
+    local (the window holds them)."""
+    if not select_outside_window:
+        return first_positions // block, local_blocks
+    return torch.div(first_positions - window, block, rounding_mode="floor"), 0
+
+
 def query_block_importance(importance: torch.Tensor, q_start: int, block: int,
                            prefix: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Sum ``importance [B, HKV, Tq, NSEL]`` over the queries of each query block (absolute positions
@@ -195,7 +207,8 @@ def _scores_from_previous_block(per_block: torch.Tensor, previous: Optional[torc
 def select_blocks(importance: torch.Tensor, *, top_n: int, block: int, init_blocks: int = 1, local_blocks: int = 2,
                   q_positions: Optional[torch.Tensor] = None, kv_len: Optional[int] = None,
                   granularity: str = "token", prefix: Optional[torch.Tensor] = None,
-                  previous: Optional[torch.Tensor] = None, backend: str = "auto") -> torch.Tensor:
+                  previous: Optional[torch.Tensor] = None, backend: str = "auto", window: int = 0,
+                  select_outside_window: bool = False) -> torch.Tensor:
     """Selected blocks ``[B, HKV, Tq, top_n]`` int32 from ``importance [B, HKV, Tq, NSEL]`` (float32).
 
     Query ``i`` sits at ``q_positions[i]`` (default ``kv_len - Tq + i``); it sees blocks ``s`` with
@@ -205,9 +218,12 @@ def select_blocks(importance: torch.Tensor, *, top_n: int, block: int, init_bloc
     ``granularity="block"``: one selection per query block of ``block`` positions, from the importance
     summed over the queries of the block before it (causal: no query's selection depends on a later query;
     ``prefix``/``previous``, see ``block_selection_scores``); positions must then be consecutive.
-    ``backend``: the ranking runs in Triton (``nsa_topk``) or in PyTorch (the oracle)."""
-    check_nsa_params(block=block, top_n=top_n, window=0, cmp_block=block, cmp_stride=block, init_blocks=init_blocks,
-                     local_blocks=local_blocks, combine="union", granularity=granularity)
+    ``backend``: the ranking runs in Triton (``nsa_topk``) or in PyTorch (the oracle).
+    ``select_outside_window``: candidates are only the blocks starting before the query's ``window`` (see
+    ``nsa_ref``); ``window`` is used only then."""
+    check_nsa_params(block=block, top_n=top_n, window=window, cmp_block=block, cmp_stride=block, init_blocks=init_blocks,
+                     local_blocks=local_blocks, combine="union", granularity=granularity,
+                     select_outside_window=select_outside_window)
     if not isinstance(importance, torch.Tensor) or importance.dim() != 4 or not importance.is_floating_point():
         raise ValueError("importance must be a floating-point tensor [B, HKV, Tq, NSEL]")
     tq = importance.shape[2]
@@ -219,16 +235,17 @@ def select_blocks(importance: torch.Tensor, *, top_n: int, block: int, init_bloc
     if tuple(q_positions.shape) != (tq,):
         raise ValueError(f"q_positions must have shape [Tq] = [{tq}], got {tuple(q_positions.shape)}")
     if granularity == "token":
-        return pick_top_blocks(importance, q_positions // block, top_n=top_n, init_blocks=init_blocks,
-                               local_blocks=local_blocks, backend=backend)
+        last, local = candidate_rows(q_positions, block, window, local_blocks, select_outside_window)
+        return pick_top_blocks(importance, last, top_n=top_n, init_blocks=init_blocks, local_blocks=local,
+                               backend=backend)
     q_start = int(q_positions[0])
     if tq and not torch.equal(q_positions, torch.arange(q_start, q_start + tq, device=importance.device)):
         raise ValueError("granularity='block' needs consecutive q_positions")
     scores = block_selection_scores(importance, q_start, block, prefix, previous)
     first = q_start // block
     blocks = torch.arange(first, first + scores.shape[2], device=importance.device)
-    chosen = pick_top_blocks(scores, blocks, top_n=top_n, init_blocks=init_blocks, local_blocks=local_blocks,
-                             backend=backend)
+    last, local = candidate_rows(blocks * block, block, window, local_blocks, select_outside_window)
+    chosen = pick_top_blocks(scores, last, top_n=top_n, init_blocks=init_blocks, local_blocks=local, backend=backend)
     return chosen[:, :, q_positions // block - first]
 
 
@@ -351,7 +368,7 @@ def nsa_from_compressed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cmp
                         block: int, top_n: int, window: int, cmp_block: int, cmp_stride: int, init_blocks: int,
                         local_blocks: int, combine: str, granularity: str, gates: Optional[torch.Tensor],
                         scale: float, backend: str, block_prefix: Optional[torch.Tensor] = None,
-                        block_previous: Optional[torch.Tensor] = None):
+                        block_previous: Optional[torch.Tensor] = None, select_outside_window: bool = False):
     """NSA given compressed keys/values (arguments already checked, backend resolved).
 
     Returns ``(out, parts)`` where ``parts`` holds what was computed anyway: ``importance``,
@@ -374,15 +391,19 @@ def nsa_from_compressed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cmp
     few_queries = tq <= DECODE_MAX_QUERIES and not (torch.is_grad_enabled() and any(
         t.requires_grad for t in (q, k, v)))
     by_layout = not few_queries and _layout_expresses(granularity, combine, block, window, tq, tk)
-    pick = dict(top_n=top_n, init_blocks=init_blocks, local_blocks=local_blocks, backend=backend)
+    pick = dict(top_n=top_n, init_blocks=init_blocks, backend=backend)
     with torch.no_grad():
         if granularity == "token":
-            chosen = pick_top_blocks(importance, torch.arange(q_start, tk, device=q.device) // block, **pick)
+            last, local = candidate_rows(torch.arange(q_start, tk, device=q.device), block, window, local_blocks,
+                                         select_outside_window)
+            chosen = pick_top_blocks(importance, last, local_blocks=local, **pick)
         else:
             per_block = query_block_importance(importance, q_start, block, block_prefix)
             scores = _scores_from_previous_block(per_block, block_previous)
             first = q_start // block
-            chosen = pick_top_blocks(scores, torch.arange(first, first + scores.shape[2], device=q.device), **pick)
+            starts = torch.arange(first, first + scores.shape[2], device=q.device) * block
+            last, local = candidate_rows(starts, block, window, local_blocks, select_outside_window)
+            chosen = pick_top_blocks(scores, last, local_blocks=local, **pick)
             parts["block_importance"] = per_block
             parts["chosen_per_block"] = True
             if not by_layout:
@@ -433,7 +454,7 @@ def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block: i
                   window: int = 512, cmp_block: int = 32, cmp_stride: int = 16, init_blocks: int = 1,
                   local_blocks: int = 2, combine: str = "union", granularity: str = "token",
                   gates: Optional[torch.Tensor] = None, compress=None, scale: Optional[float] = None,
-                  backend: str = "auto", return_aux: bool = False):
+                  backend: str = "auto", return_aux: bool = False, select_outside_window: bool = False):
     """Native sparse attention of ``q [B, Tq, HQ, D]`` over ``k, v [B, Tk, HKV, D]`` (queries at the last Tq
     positions); semantics in ``nsa_ref`` (the oracle) and the module docstring.
 
@@ -441,7 +462,8 @@ def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block: i
     ``local_blocks`` (always selected); ``combine="union"`` (one softmax over selected blocks and window) or
     ``"gated"`` (needs ``gates [B, Tq, HQ, 3]``: g_cmp, g_slc, g_win); ``granularity="token"`` or ``"block"``;
     ``compress``: None (mean pooling), a callable/nn.Module ``[B, Tk, HKV, D] -> [B, NC, HKV, D]`` or a pair
-    (keys, values). Gradients reach q, k, v, gates and the compression's parameters (through the
+    (keys, values); ``select_outside_window``: the top-n slots go only to blocks starting before the query's
+    window (the union's window holds the rest; no local block is forced; see ``nsa_ref``). Gradients reach q, k, v, gates and the compression's parameters (through the
     compressed branch, used for the output only by ``gated``). ``backend``: "auto" (Triton on CUDA),
     "triton" or "reference".
 
@@ -453,7 +475,7 @@ def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block: i
     """
     check_nsa_params(block=block, top_n=top_n, window=window, cmp_block=cmp_block, cmp_stride=cmp_stride,
                      init_blocks=init_blocks, local_blocks=local_blocks, combine=combine, granularity=granularity,
-                     backend=backend)
+                     backend=backend, select_outside_window=select_outside_window)
     scale = check_qkv(q, k, v, scale)
     check_gates(gates, combine, q)
     backend = resolve_backend(backend, q.device)
@@ -461,12 +483,12 @@ def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block: i
     out, parts = nsa_from_compressed(q, k, v, k_cmp, v_cmp, block=block, top_n=top_n, window=window,
                                      cmp_block=cmp_block, cmp_stride=cmp_stride, init_blocks=init_blocks,
                                      local_blocks=local_blocks, combine=combine, granularity=granularity, gates=gates,
-                                     scale=scale, backend=backend)
+                                     scale=scale, backend=backend, select_outside_window=select_outside_window)
     if not return_aux:
         return out
     return out, build_aux(parts, combine, k.shape[1] - q.shape[1], q.shape[1], block)
 
 
-__all__ = ["nsa_attention", "compress_mean", "compress_kv", "select_blocks", "query_block_importance",
+__all__ = ["nsa_attention", "compress_mean", "compress_kv", "select_blocks", "query_block_importance", "candidate_rows",
            "block_selection_scores",
            "selection_layout", "gated_combine", "nsa_from_compressed", "GRANULARITIES"]

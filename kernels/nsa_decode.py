@@ -142,7 +142,7 @@ def nsa_decode(q_new: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
                top_n: int = 16, window: int = 512, cmp_block: int = 32, cmp_stride: int = 16, init_blocks: int = 1,
                local_blocks: int = 2, combine: str = "union", granularity: str = "token",
                gates: Optional[torch.Tensor] = None, compress=None, scale: Optional[float] = None,
-               backend: str = "auto", return_aux: bool = False):
+               backend: str = "auto", return_aux: bool = False, select_outside_window: bool = False):
     """NSA of the newest queries ``q_new [B, Tnew, HQ, D]`` (positions ``Tk - Tnew .. Tk - 1``) over the KV cache
     ``k_cache, v_cache [B, Tk, HKV, D]`` (new tokens included), updating ``cache``.
 
@@ -152,7 +152,7 @@ def nsa_decode(q_new: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     """
     check_nsa_params(block=block, top_n=top_n, window=window, cmp_block=cmp_block, cmp_stride=cmp_stride,
                      init_blocks=init_blocks, local_blocks=local_blocks, combine=combine, granularity=granularity,
-                     backend=backend)
+                     backend=backend, select_outside_window=select_outside_window)
     if not isinstance(cache, NSACache):
         raise TypeError(f"cache must be an NSACache, got {type(cache).__name__}")
     scale = check_qkv(q_new, k_cache, v_cache, scale)
@@ -167,7 +167,8 @@ def nsa_decode(q_new: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
                                      window=window, cmp_block=cmp_block, cmp_stride=cmp_stride,
                                      init_blocks=init_blocks, local_blocks=local_blocks, combine=combine,
                                      granularity=granularity, gates=gates, scale=scale, backend=backend,
-                                     block_prefix=prefix, block_previous=previous)
+                                     block_prefix=prefix, block_previous=previous,
+                                     select_outside_window=select_outside_window)
     if granularity == "block":
         cache.remember_blocks(parts["block_importance"], previous, tk, block)
     else:

@@ -23,6 +23,12 @@ What it computes, for a query at absolute position ``p`` (query ``i`` of ``Tq`` 
    of highest importance, where the first ``init_blocks`` blocks and the ``local_blocks`` blocks
    ending at the query's own block always win and ties go to the lower block index; fewer
    visible blocks than ``top_n`` are all taken. Keys of a selected block after ``p`` are masked.
+   With ``select_outside_window=True`` the candidates are only the blocks that start before the
+   window, ``s*l' <= p - w`` (for a query block: ``p = c*l'``, its first query, whose window lies
+   inside every later query's one): a block starting inside the window is all window already, so
+   the ``top_n`` slots go to blocks the window does not reach. The local blocks are then not forced
+   (the window must cover them: ``w >= local_blocks*l'``); forced initial blocks stay forced when
+   they are candidates.
 5. Window: the ``window`` most recent keys ``p - window < t <= p``.
 6. ``union``: one softmax over selected ∪ window keys; ``gated``:
    ``g_cmp*o_cmp + g_slc*o_slc + g_win*o_win`` with caller-given gates ``[B, Tq, HQ, 3]``.
@@ -62,7 +68,7 @@ def _non_negative(name: str, value) -> None:
 
 
 def check_nsa_params(*, block, top_n, window, cmp_block, cmp_stride, init_blocks, local_blocks, combine,
-                     granularity, backend="auto") -> None:
+                     granularity, backend="auto", select_outside_window=False) -> None:
     """Validate the NSA hyper-parameters; one ValueError naming the parameter and what is allowed."""
     _power_of_two("block (selection block l')", block)
     _power_of_two("cmp_block (compression block l)", cmp_block)
@@ -85,6 +91,11 @@ def check_nsa_params(*, block, top_n, window, cmp_block, cmp_stride, init_blocks
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if not isinstance(select_outside_window, bool):
+        raise ValueError(f"select_outside_window must be True or False, got {select_outside_window!r}")
+    if select_outside_window and window < local_blocks * block:
+        raise ValueError(f"select_outside_window=True leaves the local blocks to the window: window ({window}) must be "
+                         f">= local_blocks * block ({local_blocks} * {block}); lower local_blocks or widen the window")
 
 
 def check_gates(gates: Optional[torch.Tensor], combine: str, q: torch.Tensor) -> None:
@@ -188,14 +199,21 @@ def _attend(q_rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask
     return out, p, lse.permute(0, 3, 1, 2).reshape(b, r, hq)
 
 
-def _select(importance: torch.Tensor, cur_block: torch.Tensor, *, top_n: int, init_blocks: int, local_blocks: int):
+def _select(importance: torch.Tensor, cur_block: torch.Tensor, *, top_n: int, init_blocks: int, local_blocks: int,
+            window_from: Optional[torch.Tensor] = None, block: int = 0):
     """Per row: forced blocks, then the most important visible ones (stable sort: lower index wins ties).
-    ``importance [B, HKV, R, NSEL]``, ``cur_block [R]`` (the block holding the query, or the query block)."""
+    ``importance [B, HKV, R, NSEL]``, ``cur_block [R]`` (the block holding the query, or the query block).
+    ``window_from [R]`` (select_outside_window): the first position of each row's window; blocks of ``block``
+    tokens starting there or later are no candidates and no block is forced as local."""
     nsel = importance.shape[-1]
     s = torch.arange(nsel, device=importance.device)[None, :]
     cur = cur_block[:, None]
     visible = s <= cur
-    forced = visible & ((s < init_blocks) | (s > cur - local_blocks))
+    if window_from is None:
+        forced = visible & ((s < init_blocks) | (s > cur - local_blocks))
+    else:
+        visible = visible & (s * block < window_from[:, None])
+        forced = visible & (s < init_blocks)
     score = importance.to(torch.float64)
     score = torch.where(forced, torch.full_like(score, math.inf), score)
     score = torch.where(visible, score, torch.full_like(score, -math.inf))
@@ -252,7 +270,8 @@ def nsa_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
                             window: int = 512, cmp_block: int = 32, cmp_stride: int = 16, init_blocks: int = 1,
                             local_blocks: int = 2, combine: str = "union", granularity: str = "token",
                             gates: Optional[torch.Tensor] = None, compress=None, scale: Optional[float] = None,
-                            backend: str = "auto", return_aux: bool = False, max_bytes: int = DEFAULT_MAX_BYTES):
+                            backend: str = "auto", return_aux: bool = False, max_bytes: int = DEFAULT_MAX_BYTES,
+                            select_outside_window: bool = False):
     """Native sparse attention of ``q [B, Tq, HQ, D]`` over ``k, v [B, Tk, HKV, D]`` (see the module docstring).
 
     Same signature and semantics as ``nsa.nsa_attention``; ``backend`` is accepted for that and
@@ -268,7 +287,7 @@ def nsa_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
     """
     check_nsa_params(block=block, top_n=top_n, window=window, cmp_block=cmp_block, cmp_stride=cmp_stride,
                      init_blocks=init_blocks, local_blocks=local_blocks, combine=combine, granularity=granularity,
-                     backend=backend)
+                     backend=backend, select_outside_window=select_outside_window)
     if q.dtype == torch.float64 and k.dtype == v.dtype == torch.float64:
         # check_qkv knows the kernels' dtypes only; validate shapes through float32 stand-ins
         stand_in = lambda t: torch.empty(t.shape, dtype=torch.float32, device="meta")
@@ -305,8 +324,10 @@ def nsa_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
             cmp_mask = (cmp_end[None, :] <= q_pos[r0:r1, None])[None, None]
             _, p_cmp, _ = _attend(q[:, r0:r1], k_cmp.detach(), v_cmp.detach(), cmp_mask, scale)
             importance[:, :, r0:r1] = (p_cmp.sum(2) @ overlap).float()
+        pick = dict(top_n=top_n, init_blocks=init_blocks, local_blocks=local_blocks, block=block)
         if granularity == "token":
-            idx = _select(importance, q_pos // block, top_n=top_n, init_blocks=init_blocks, local_blocks=local_blocks)
+            window_from = q_pos - window + 1 if select_outside_window else None
+            idx = _select(importance, q_pos // block, window_from=window_from, **pick)
         else:
             q_blocks = q_pos // block
             first = int(q_blocks[0])
@@ -314,8 +335,9 @@ def nsa_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
             # block c is scored by block c - 1's queries: shift the per-block sums by one block
             per_block = importance.new_zeros(b, hkv, nqb + 1, nsel).index_add_(2, q_blocks - first + 1, importance)
             per_block = per_block[:, :, :nqb]
-            idx = _select(per_block, torch.arange(first, first + nqb, device=dev), top_n=top_n,
-                          init_blocks=init_blocks, local_blocks=local_blocks)[:, :, q_blocks - first]
+            rows = torch.arange(first, first + nqb, device=dev)
+            window_from = rows * block - window + 1 if select_outside_window else None
+            idx = _select(per_block, rows, window_from=window_from, **pick)[:, :, q_blocks - first]
         block_idx = idx.contiguous()
 
     # ---- attention, chunk by chunk

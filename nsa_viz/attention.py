@@ -125,7 +125,8 @@ def nsa_kernels_available() -> bool:
 
 def nsa_kwargs(p: NSA) -> dict:
     return dict(block=p.block, top_n=p.top_n, window=p.window, cmp_block=p.cmp_block, cmp_stride=p.cmp_stride,
-                init_blocks=p.init_blocks, local_blocks=p.local_blocks, combine=p.combine, granularity=p.granularity)
+                init_blocks=p.init_blocks, local_blocks=p.local_blocks, combine=p.combine, granularity=p.granularity,
+                select_outside_window=p.select_outside_window)
 
 
 class NSASequenceState:

@@ -500,7 +500,8 @@ def _nsa_compare_selection(q, k, scale, pat: NSA, backend: str) -> Dict[str, tor
     importance = compressed_importance(q, k_cmp, cmp_block=pat.cmp_block, cmp_stride=pat.cmp_stride, block=pat.block,
                                        scale=scale, kv_len=tk, backend=backend)
     block_idx = select_blocks(importance, top_n=pat.top_n, block=pat.block, init_blocks=pat.init_blocks,
-                              local_blocks=pat.local_blocks, kv_len=tk, granularity=pat.granularity, backend=backend)
+                              local_blocks=pat.local_blocks, kv_len=tk, granularity=pat.granularity, backend=backend,
+                              window=pat.window, select_outside_window=pat.select_outside_window)
     return {"block_idx": block_idx.to(torch.int32), "block_count": (block_idx >= 0).sum(-1, dtype=torch.int32),
             "importance": importance.float()}
 
@@ -677,9 +678,10 @@ def selection_stats(rec: Recording):
     - ``rows_with_choice``: query rows that see more blocks than the forced ones (the others are skipped
       by the two collapse measures, which would count them trivially);
     - ``forced_only``: fraction of those rows whose picks are all forced blocks (the first
-      ``init_blocks`` and the ``local_blocks`` ending at the query): scoring added nothing;
-    - ``window_only``: fraction of rows past the window (position >= ``window``) whose non-forced picks
-      all lie inside the sliding window: selection duplicated the window (under ``union``);
+      ``init_blocks`` and the ``local_blocks`` ending at the query; with ``select_outside_window`` only the
+      first ``init_blocks`` that start before the window): scoring added nothing;
+    - ``window_only``: fraction of rows past the window (position >= ``window``) with a choice whose
+      non-forced picks all lie inside the sliding window: selection duplicated the window (under ``union``);
     - ``picks_in_window``: fraction of all non-forced picks that lie wholly inside the window (budget
       that adds no key under ``union``);
     - ``pick_entropy``: entropy in bits of how often each key block is picked among non-forced picks;
@@ -724,14 +726,20 @@ def _pick_stats(sel: torch.Tensor, lr: LayerRecord, params: dict) -> dict:
     q_pos = torch.arange(sel.shape[1]) + lr.q_offset
     cur = (q_pos // blk)[None, :, None]
     valid = sel >= 0
-    forced = (sel < init_b) | (((cur - sel) < local_b) & (sel <= cur))
+    if params.get("select_outside_window"):  # candidates start before the window; only initial blocks are forced
+        candidates = torch.clamp(torch.div(q_pos - window, blk, rounding_mode="floor") + 1, min=0)
+        forced = sel < init_b
+        n_forced = torch.clamp(candidates, max=init_b)
+    else:
+        candidates = cur[0, :, 0] + 1
+        forced = (sel < init_b) | (((cur - sel) < local_b) & (sel <= cur))
+        n_forced = torch.clamp(torch.clamp(candidates - local_b, min=0), max=init_b) + torch.clamp(candidates, max=local_b)
     free = valid & ~forced
-    n_forced = torch.clamp(torch.clamp(cur[0, :, 0] + 1 - local_b, min=0), max=init_b) + torch.clamp(cur[0, :, 0] + 1, max=local_b)
-    choice = (cur[0, :, 0] + 1 > n_forced)[None].expand(sel.shape[0], -1)  # more visible blocks than forced ones
+    choice = (candidates > n_forced)[None].expand(sel.shape[0], -1)  # more candidate blocks than forced ones
     has_free = free.any(-1)
     forced_only = float((~has_free)[choice].float().mean()) if choice.any() else float("nan")
     inside = free & (q_pos[None, :, None] - sel * blk < window)  # the whole block is in the window
-    past = (q_pos >= window)[None].expand(sel.shape[0], -1) if window > 0 else torch.zeros_like(choice)
+    past = (q_pos >= window)[None].expand(sel.shape[0], -1) & choice if window > 0 else torch.zeros_like(choice)
     win_only = (~(free & ~inside).any(-1))[past]
     nkb = math.ceil(lr.kv_len / blk)
     counts = torch.bincount(sel[free].flatten(), minlength=nkb).float()

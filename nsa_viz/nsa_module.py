@@ -292,6 +292,9 @@ class NSAAttention(nn.Module):
         super().__init__()
         if not isinstance(spec, NSA):
             raise TypeError(f"spec must be a nsa_viz.patterns.NSA, got {type(spec).__name__}")
+        if spec.select_outside_window:
+            raise ValueError("NSAAttention trains the paper's selection (forced local blocks, candidates up to the "
+                             "query): spec.select_outside_window must be False; it is an inference option of union")
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
         if backend not in BACKENDS:

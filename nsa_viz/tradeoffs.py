@@ -468,7 +468,8 @@ def nsa_expected_density(pattern: NSA, q_len: int, kv_len: Optional[int] = None)
     (the compressed branch's ~T/stride keys are not counted)."""
     kv_len = q_len if kv_len is None else kv_len
     n = torch.arange(kv_len - q_len + 1, kv_len + 1, dtype=torch.float64)  # causal keys per query
-    per_query = pattern.top_n * pattern.block + max(0, pattern.window - pattern.local_blocks * pattern.block)
+    local = 0 if pattern.select_outside_window else pattern.local_blocks  # outside-window picks never overlap it
+    per_query = pattern.top_n * pattern.block + max(0, pattern.window - local * pattern.block)
     return float(torch.clamp(n, max=per_query).sum() / n.sum())
 
 

@@ -179,7 +179,7 @@ def _nsa_oracle(q, k, v, pat, scale):
 
     tr = lambda x: x.transpose(1, 2)
     kw = {f: getattr(pat, f) for f in ("block", "top_n", "window", "cmp_block", "cmp_stride", "init_blocks",
-                                       "local_blocks", "combine", "granularity")}
+                                       "local_blocks", "combine", "granularity", "select_outside_window")}
     return nsa_attention_reference(tr(q), tr(k), tr(v), **kw, scale=scale)
 
 
@@ -196,11 +196,11 @@ def _decode_paths():
 
 @needs_nsa
 @pytest.mark.parametrize("mode", _decode_paths())
-@pytest.mark.parametrize("granularity", ["token", "block"])
-def test_nsa_decode_steps_equal_nsa_over_the_prefix(tiny_llama, granularity, mode):
+@pytest.mark.parametrize("granularity,outside", [("token", False), ("block", False), ("token", True), ("block", True)])
+def test_nsa_decode_steps_equal_nsa_over_the_prefix(tiny_llama, granularity, outside, mode):
     """Prefill then decode steps of 1 and several tokens: each step's output equals the last rows of NSA
     over the whole prefix so far (per-block selection included: the block's earlier queries count)."""
-    pat = NSA(**NSA_KW, granularity=granularity)
+    pat = NSA(**NSA_KW, granularity=granularity, select_outside_window=outside)
     mod = attention_modules(tiny_llama)[0]
     g = torch.Generator().manual_seed(11)
     t_all = 75

@@ -339,6 +339,26 @@ def test_selection_stats_on_a_known_selection():
     assert st.mean_block_count == pytest.approx((8 * 2 + 24 * 3) / 32)
 
 
+def test_selection_stats_outside_window():
+    """select_outside_window (block 4, window 8, init 1): a row's candidates start <= p - 8, only block 0 is forced."""
+    from nsa_viz.capture import LayerRecord
+
+    t, blk = 32, 4
+    pos = torch.arange(t)
+    idx = torch.full((1, 1, t, 3), -1, dtype=torch.int32)
+    idx[0, 0, 8:, 0] = 0                       # rows 8..: block 0 is a candidate, forced
+    idx[0, 0, 12:, 1] = ((pos[12:] - 8) // blk).int()  # rows 12..: also the last candidate block
+    z = torch.zeros
+    lr = LayerRecord(layer=0, pattern="NSA", block=blk, q_len=t, kv_len=t, q_offset=0, num_q_heads=1, num_kv_heads=1,
+                     dense_block_mass=z(1, 1, 8, 8), dense_distance_mass=z(1, 1, t), recall=torch.ones(1, 1, t),
+                     nsa={"block_idx": idx}, nsa_params={"block": blk, "init_blocks": 1, "local_blocks": 1, "window": 8,
+                                                         "select_outside_window": True})
+    st = selection_stats(Recording(layers={0: lr})).iloc[0]
+    assert st.rows_with_choice == 20  # rows 12..31 have two candidates or more
+    assert st.forced_only == 0.0 and st.picks_in_window == 0.0 and st.window_only == 0.0
+    assert st.mean_block_count == pytest.approx((4 * 1 + 20 * 2) / 32)
+
+
 @needs_nsa
 def test_nsa_recording_save_load_and_budget(tiny_llama, tmp_path):
     x = random_ids(1, 64)

@@ -82,6 +82,14 @@ def test_invalid_parameters_name_the_parameter(make, match):
         make()
 
 
+def test_nsa_outside_window_flag_shows_in_the_label_only_when_set():
+    assert "select_outside_window" not in NSA().label
+    assert NSA(select_outside_window=True).label.endswith("select_outside_window=True)")
+    assert NSA(select_outside_window=True) != NSA()
+    with pytest.raises(ValueError, match="select_outside_window"):
+        NSA(window=64, select_outside_window=True)  # the two local blocks of 64 would be lost
+
+
 def test_nsa_has_no_static_layout():
     with pytest.raises(TypeError, match="per input"):
         NSA().compile(128)

@@ -21,7 +21,7 @@ def make_qkv(b, tq, tk, hq, hkv, d, dtype=torch.float32):
 
 # --------------------------------------------------------------------------- the oracle itself
 def loop_nsa(q, k, v, *, block, top_n, window, cmp_block, cmp_stride, init_blocks, local_blocks, combine,
-             granularity, gates=None):
+             granularity, gates=None, select_outside_window=False):
     """One query, one GQA group at a time with Python lists: the paper's steps spelled out (float64)."""
     q, k, v = q.double(), k.double(), v.double()
     b_, tq, hq, d = q.shape
@@ -68,8 +68,14 @@ def loop_nsa(q, k, v, *, block, top_n, window, cmp_block, cmp_stride, init_block
                                 torch.zeros_like(imp[bi, h, 0]))
                 else:
                     score = imp[bi, h, i]
-                forced = [s_ for s_ in range(cur + 1) if s_ < init_blocks or s_ > cur - local_blocks]
-                rest = sorted((s_ for s_ in range(cur + 1) if s_ not in forced), key=lambda s_: (-score[s_].item(), s_))
+                if select_outside_window:  # blocks starting before the window of the row's first query
+                    first = p_pos if granularity == "token" else cur * lp
+                    candidates = [s_ for s_ in range(cur + 1) if s_ * lp <= first - window]
+                    forced = [s_ for s_ in candidates if s_ < init_blocks]
+                else:
+                    candidates = list(range(cur + 1))
+                    forced = [s_ for s_ in candidates if s_ < init_blocks or s_ > cur - local_blocks]
+                rest = sorted((s_ for s_ in candidates if s_ not in forced), key=lambda s_: (-score[s_].item(), s_))
                 chosen = sorted((forced + rest)[:top_n])
                 sel[bi, h, i, :len(chosen)] = torch.tensor(chosen, dtype=torch.int32)
                 sel_keys = [t for t in range(p_pos + 1) if t // lp in chosen]
@@ -89,9 +95,12 @@ def loop_nsa(q, k, v, *, block, top_n, window, cmp_block, cmp_stride, init_block
     return out, sel, imp
 
 
-@pytest.mark.parametrize("combine,granularity,tq", [("union", "token", 37), ("gated", "block", 37), ("union", "block", 20)])
-def test_reference_matches_per_query_loop(combine, granularity, tq):
-    params = dict(block=8, top_n=3, window=5, cmp_block=8, cmp_stride=4, init_blocks=1, local_blocks=1)
+@pytest.mark.parametrize("combine,granularity,tq,outside", [
+    ("union", "token", 37, False), ("gated", "block", 37, False), ("union", "block", 20, False),
+    ("union", "token", 37, True), ("union", "block", 37, True), ("gated", "token", 30, True)])
+def test_reference_matches_per_query_loop(combine, granularity, tq, outside):
+    params = dict(block=8, top_n=3, window=9 if outside else 5, cmp_block=8, cmp_stride=4, init_blocks=1,
+                  local_blocks=1, select_outside_window=outside)
     q, k, v = make_qkv(1, tq, 37, 4, 2, 32, torch.float64)
     gates = torch.rand(1, tq, 4, 3, dtype=torch.float64) if combine == "gated" else None
     out, aux = nsa_attention_reference(q, k, v, **params, combine=combine, granularity=granularity, gates=gates,
@@ -164,6 +173,8 @@ BAD_PARAMS = [
     (dict(combine="gated", gates=torch.ones(1, 20, 2, 2)), "gates"),
     (dict(compress=lambda x: x), "compress"),
     (dict(compress=(lambda x: x,)), "compress"),
+    (dict(select_outside_window=True, window=8), "select_outside_window"),
+    (dict(select_outside_window=1), "select_outside_window"),
 ]
 
 
@@ -206,6 +217,35 @@ def test_select_blocks_ties_forced_and_few_visible():
     assert one.tolist() == [[[[0, 1, 2, -1]]]]
     one = select_blocks(imp, top_n=3, block=8, init_blocks=1, local_blocks=1, q_positions=torch.tensor([71]))
     assert one.tolist() == [[[[0, 5, 8]]]]  # forced first and own block, then the lowest of the tied ones
+    # outside the window (16 keys, positions 56..71 at 71): candidates are blocks 0..6 (start <= 55), block 0 forced,
+    # then 5 and 6 by importance; the window's blocks 7 and 8 take no slot
+    one = select_blocks(imp, top_n=3, block=8, init_blocks=1, local_blocks=1, q_positions=torch.tensor([71]),
+                        window=16, select_outside_window=True)
+    assert one.tolist() == [[[[0, 5, 6]]]]
+    # before the window has passed block 0 nothing is a candidate
+    one = select_blocks(imp, top_n=3, block=8, init_blocks=1, local_blocks=1, q_positions=torch.tensor([15]),
+                        window=16, select_outside_window=True)
+    assert one.tolist() == [[[[-1, -1, -1]]]]
+
+
+@pytest.mark.parametrize("granularity", ["token", "block"])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_select_blocks_outside_window_matches_the_oracle(granularity, backend):
+    imp = torch.randint(0, 3, (2, 3, 90, 12)).float()
+    kw = dict(top_n=4, init_blocks=1, local_blocks=1)
+    got = select_blocks(imp, block=8, kv_len=90, granularity=granularity, window=12, select_outside_window=True,
+                        backend=backend, **kw)
+    pos = torch.arange(90)
+    if granularity == "token":
+        want = _select(imp, pos // 8, window_from=pos - 11, block=8, **kw)
+    else:
+        per_block = torch.zeros(2, 3, 13, 12).index_add_(2, pos // 8 + 1, imp)[:, :, :12]
+        rows = torch.arange(12)
+        want = _select(per_block, rows, window_from=rows * 8 - 11, block=8, **kw)[:, :, pos // 8]
+    assert torch.equal(got, want)
+    first = pos if granularity == "token" else pos // 8 * 8
+    inside = (got >= 0) & (got * 8 > (first - 12)[None, None, :, None])
+    assert not inside.any(), "a pick starts inside the window"
 
 
 # --------------------------------------------------------------------------- nsa_attention against the oracle
@@ -223,6 +263,12 @@ CASES = {
     "gated_block_reference_mlp": ("gated", "block", "reference", False, 2, 100, 100, 4, 2, 64, torch.float32, {}),
     "union_token_triton_bf16": ("union", "token", "triton", True, 1, 64, 64, 4, 2, 64, torch.bfloat16, {}),
     "gated_block_triton_fp16": ("gated", "block", "triton", True, 1, 70, 70, 9, 3, 32, torch.float16, {}),
+    "union_token_triton_outside_window": ("union", "token", "triton", True, 1, 100, 100, 9, 3, 32, torch.float32,
+                                          dict(select_outside_window=True)),
+    "union_block_triton_layout_outside_window": ("union", "block", "triton", True, 2, 100, 100, 4, 2, 32,
+                                                 torch.float32, dict(select_outside_window=True)),
+    "gated_token_reference_outside_window": ("gated", "token", "reference", True, 1, 100, 100, 4, 2, 32,
+                                             torch.float32, dict(select_outside_window=True)),
 }
 
 

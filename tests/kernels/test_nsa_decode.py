@@ -33,15 +33,16 @@ def run_steps(q, k, v, gates, kw, backend, compare_every=1):
     return cache, t
 
 
-@pytest.mark.parametrize("combine,granularity,backend", [
-    ("union", "token", "reference"), ("union", "block", "reference"), ("gated", "block", "reference"),
-    ("gated", "token", "triton"), ("union", "block", "triton"),
+@pytest.mark.parametrize("combine,granularity,backend,outside", [
+    ("union", "token", "reference", False), ("union", "block", "reference", False), ("gated", "block", "reference", False),
+    ("gated", "token", "triton", False), ("union", "block", "triton", False),
+    ("union", "token", "triton", True), ("union", "block", "reference", True),
 ])
-def test_decode_steps_equal_the_last_rows_of_nsa_attention(combine, granularity, backend):
+def test_decode_steps_equal_the_last_rows_of_nsa_attention(combine, granularity, backend, outside):
     b, hq, hkv, d, total = (2 if backend == "reference" else 1), 4, 2, 32, sum(STEPS)
     q, k, v = (torch.randn(b, total, h, d) for h in (hq, hkv, hkv))
     gates = torch.rand(b, total, hq, 3) if combine == "gated" else None
-    kw = dict(SMALL, combine=combine, granularity=granularity)
+    kw = dict(SMALL, combine=combine, granularity=granularity, select_outside_window=outside)
     cache, t = run_steps(q, k, v, gates, kw, backend, compare_every=1)
     assert cache.kv_len == t
     assert torch.allclose(cache.k_cmp, compress_mean(k, 8, 4), atol=1e-6)
