@@ -570,7 +570,10 @@ def _packed_importance(q, k_cmp, lse, cmp_block, cmp_stride, block, scale, kv_le
     imp = torch.empty(b, hkv, tq, -(-kv_len // block), dtype=torch.float32, device=q.device)
     group = hq // hkv
     group_p = triton.next_power_of_2(group)
-    tokens = max(1, PACKED_ROWS // group_p)
+    # a fine compression (small cmp_stride) widens the key tile to keep 16 selection blocks per tile: fewer
+    # rows then keep the score tile (rows x block_n) within shared memory (256 x 256 needs 256 KiB on an H100)
+    rows = PACKED_ROWS if block_n <= 128 else max(16, PACKED_ROWS * 128 // block_n)
+    tokens = max(1, rows // group_p)
     lse_args = _strides(lse) if lse is not None else (0, 0, 0)
     warps, stages = LAUNCH_OVERRIDES.get("packed_importance", (8 if tokens * group_p >= 256 else 4, 2))
     _packed_importance_kernel[(triton.cdiv(tq, tokens), b * hkv)](

@@ -267,6 +267,8 @@ CASES = {
                                           dict(select_outside_window=True)),
     "union_block_triton_layout_outside_window": ("union", "block", "triton", True, 2, 100, 100, 4, 2, 32,
                                                  torch.float32, dict(select_outside_window=True)),
+    "union_token_triton_fine_compression": ("union", "token", "triton", True, 1, 100, 100, 4, 2, 32, torch.float32,
+                                            dict(cmp_block=4, cmp_stride=4, select_outside_window=True)),
     "gated_token_reference_outside_window": ("gated", "token", "reference", True, 1, 100, 100, 4, 2, 32,
                                              torch.float32, dict(select_outside_window=True)),
 }

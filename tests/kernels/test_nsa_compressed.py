@@ -126,6 +126,17 @@ def test_packed_importance_finds_its_own_lse(hq, hkv, d, dtype, tq, kv_len):
     assert rel_err(got, want) < TOLERANCE[dtype] and rel_err(given, want) < TOLERANCE[dtype]
 
 
+def test_packed_importance_with_fine_compression():
+    """cmp 4/4 with blocks of 64: key tiles of 256 compressed keys, so the packed kernel takes fewer rows
+    (shared memory); same result as the reference."""
+    q, kc, _ = random_cmp(1, 40, 600, 6, 2, 32, 4, 4, torch.float32, seed=5)
+    q, kc = q.detach(), kc.detach()
+    ck = dict(cmp_block=4, cmp_stride=4, block=64, kv_len=600)
+    got = compressed_importance(q, kc, backend="triton", **ck)
+    want = compressed_importance(q, kc, backend="reference", **ck)
+    assert rel_err(got, want) < 1e-5
+
+
 def test_no_complete_block_gives_zero_and_neg_inf():
     q, kc, vc = random_cmp(1, 20, 20, 2, 1, 32, 32, 16, torch.float32)
     assert kc.shape[1] == 0
