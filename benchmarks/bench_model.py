@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-from dataclasses import dataclass
 import json
 import math
 import os
@@ -66,15 +65,13 @@ from nsa_viz.models import apply_pattern  # noqa: E402
 
 
 
-@dataclass(frozen=True)
-class NSAPicksOutsideWindow(NSA):
-    """Prototype (masked-sdpa execution only): NSA union whose scored picks skip blocks lying wholly inside
-    the sliding window, which the union already covers; the forced first/local blocks stay."""
-
-
 NSA_TOKEN = "NSA union n16 l'64 w512"
-NSA_OUTSIDE = "NSA union n16 l'64 w512, picks outside window (prototype)"
+NSA_OUTSIDE = "NSA union n16 l'64 w512, select_outside_window"
 NSA_BLOCK = "NSA union per-block n16 l'64 w512"
+# what SmolLM2 needs (benchmarks/NOTES.md, run 6): picks outside the window, and keys compressed over 4 tokens
+# (l = d = 4) instead of the paper's 32/16, whose mean pooling blurs which distant blocks matter
+NSA_FINE = "NSA union n16 l'64 w512, select_outside_window, cmp 4/4"
+NSA_FINE_BLOCK = "NSA union per-block n16 l'64 w512, select_outside_window, cmp 4/4"
 PATTERNS = {
     "model (sdpa)": None,
     "Dense (nsa_viz)": Dense(),
@@ -84,10 +81,14 @@ PATTERNS = {
     NSA_TOKEN: NSA(block=64, top_n=16, window=512),
     NSA_BLOCK: NSA(block=64, top_n=16, window=512, granularity="block"),
     "NSA union n8 l'64 w256": NSA(block=64, top_n=8, window=256),
-    NSA_OUTSIDE: NSAPicksOutsideWindow(block=64, top_n=16, window=512),
+    NSA_OUTSIDE: NSA(block=64, top_n=16, window=512, select_outside_window=True),
+    NSA_FINE: NSA(block=64, top_n=16, window=512, cmp_block=4, cmp_stride=4, select_outside_window=True),
+    NSA_FINE_BLOCK: NSA(block=64, top_n=16, window=512, cmp_block=4, cmp_stride=4, select_outside_window=True,
+                        granularity="block"),
     # per-layer mappings (layers 0-7 left to the model's own dense attention): is the diffuse start the rest of the gap?
     NSA_TOKEN + ", layers 0-7 dense": {i: NSA(block=64, top_n=16, window=512) for i in range(8, 30)},
-    NSA_OUTSIDE + ", layers 0-7 dense": {i: NSAPicksOutsideWindow(block=64, top_n=16, window=512) for i in range(8, 30)},
+    NSA_OUTSIDE + ", layers 0-7 dense": {i: NSA(block=64, top_n=16, window=512, select_outside_window=True)
+                                         for i in range(8, 30)},
 }
 
 
@@ -119,12 +120,9 @@ def pattern_token_mask(pattern, q, k, scale: float) -> torch.Tensor:
     k_cmp, _ = compress_kv(k, k, None, pattern.cmp_block, pattern.cmp_stride)
     imp = compressed_importance(q, k_cmp, cmp_block=pattern.cmp_block, cmp_stride=pattern.cmp_stride,
                                 block=pattern.block, scale=scale, kv_len=tk, backend="reference")
-    if isinstance(pattern, NSAPicksOutsideWindow):  # zero scores rank last: in-window blocks only fill leftovers
-        first_key = torch.arange(imp.shape[-1], device=q.device) * pattern.block
-        pos = torch.arange(tk - tq, tk, device=q.device)[:, None]
-        imp = imp.masked_fill(first_key[None, :] > pos - pattern.window, 0.0)
     chosen = select_blocks(imp, top_n=pattern.top_n, block=pattern.block, init_blocks=pattern.init_blocks,
                            local_blocks=pattern.local_blocks, kv_len=tk, granularity=pattern.granularity,
+                           window=pattern.window, select_outside_window=pattern.select_outside_window,
                            backend="reference")  # [B, HKV, Tq, n], -1 padded
     nsel = math.ceil(tk / pattern.block)
     hit = torch.zeros(*chosen.shape[:3], nsel + 1, dtype=torch.bool, device=q.device)
@@ -228,11 +226,6 @@ def run_accuracy(args, result, save) -> None:
     labels = args.patterns
     pats = {k: PATTERNS[k] for k in labels}
     fast = args.exec == "masked-sdpa"
-    def is_prototype(p):
-        return isinstance(p, NSAPicksOutsideWindow) or (isinstance(p, dict) and any(is_prototype(q) for q in p.values()))
-
-    if not fast and any(is_prototype(PATTERNS[k]) for k in labels):
-        raise ValueError(f"{NSA_OUTSIDE!r} exists only in --exec masked-sdpa")
     result["meta"].update({"exec": args.exec, "patterns": {k: pattern_label(v) for k, v in pats.items()},
                            "texts": {t: TEXT_SOURCES[t] for t in args.texts}, "windows": args.windows,
                            "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised, float32)"
@@ -291,7 +284,7 @@ def run_capture(args, model, tok, result, save) -> None:
     from nsa_viz.capture import capture, recall_table, selection_stats
 
     n = max(args.lengths)
-    nsas = [PATTERNS[k] for k in args.patterns if type(PATTERNS[k]) is NSA]  # the prototype is not the kernels' NSA
+    nsas = [PATTERNS[k] for k in args.patterns if isinstance(PATTERNS[k], NSA)]
     out = result.setdefault("capture", {})
     for text in (args.capture_texts or args.texts):
         ids = corpus_windows(text, tok, n, 1)[0][0][None, :n].to(args.device)
