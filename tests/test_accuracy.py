@@ -168,14 +168,15 @@ def test_masked_sdpa_execution_equals_nsa_viz_path(tiny_llama, pattern):
     assert torch.equal(again, ref)
 
 
-def test_prototype_picks_outside_window_cover_more(tiny_llama):
-    """The prototype's union covers every key normal NSA covers in the window, and at least as many keys."""
+def test_outside_window_picks_cover_more(tiny_llama):
+    """bench_model's masked-SDPA mask under select_outside_window covers every key normal NSA covers in the
+    window, and at least as many keys (no top-n slot is spent on a block the window holds)."""
     bm = _bench_model_script()
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(1, 200, 4, 32, generator=g), torch.randn(1, 200, 2, 32, generator=g)
     kw = dict(block=16, top_n=4, window=48, cmp_block=16, cmp_stride=8)
     normal = bm.pattern_token_mask(NSA(**kw), q, k, 32 ** -0.5)
-    proto = bm.pattern_token_mask(bm.NSAPicksOutsideWindow(**kw), q, k, 32 ** -0.5)
+    proto = bm.pattern_token_mask(NSA(**kw, select_outside_window=True), q, k, 32 ** -0.5)
     assert (proto.sum(-1) >= normal.sum(-1)).all() and (proto.sum(-1) > normal.sum(-1)).any()
     diff = torch.arange(200)[:, None] - torch.arange(200)[None, :]
     window = (diff >= 0) & (diff < 48)
