@@ -415,6 +415,26 @@ def _cmp_lse_split_kernel(
     tl.store(L_PART + part, l_i, mask=mrow)
 
 
+@triton.jit
+def _merge_lse_parts_kernel(M_PART, L_PART, LSE, n_rows, splits, BLOCK: tl.constexpr):
+    """LSE (natural log) of rows from ``splits`` partial (max in log2 units, sum) pairs: one launch where the
+    host form took six (each a graph node in decode)."""
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = rows < n_rows
+    m = tl.full([BLOCK], float("-inf"), tl.float32)
+    for i in range(splits):
+        m = tl.maximum(m, tl.load(M_PART + i * n_rows + rows, mask=mask, other=float("-inf")))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    total = tl.zeros([BLOCK], tl.float32)
+    for i in range(splits):
+        part_m = tl.load(M_PART + i * n_rows + rows, mask=mask, other=float("-inf"))
+        part_l = tl.load(L_PART + i * n_rows + rows, mask=mask, other=0.0)
+        total += tl.where(part_m == float("-inf"), 0.0, part_l * tl.exp2(part_m - m_safe))
+    lse = tl.where(total > 0, (m_safe + tl.log2(tl.where(total > 0, total, 1.0))) * 0.6931471805599453,
+                   float("-inf"))
+    tl.store(LSE + rows, lse, mask=mask)
+
+
 # ----------------------------------------------------------------------------- host side
 # Benchmarks may pin launch settings per kernel ("fwd", "dq", "dkdv", "importance"): {"fwd": (warps, stages)},
 # and tile sizes: {"fwd": (block_m, block_n), ...}.
@@ -469,11 +489,10 @@ def compressed_lse_split(q, k_cmp, cmp_block: int, cmp_stride: int, scale: float
         q, k_cmp, m_part, l_part, *_strides(q), *_strides(k_cmp), tq, nc, hq, kv_len - tq, scale * LOG2E, per_split,
         b * hq * tq, GROUP=hq // hkv, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, CMP_BLOCK=cmp_block, CMP_STRIDE=cmp_stride,
         PRECISION=_precision(q.dtype, q.device), **_tuning("lse_split", d, q.device))
-    m = m_part.amax(0)
-    m_safe = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
-    total = (l_part * torch.exp2(m_part - m_safe)).sum(0)
-    lse = torch.where(total > 0, (m_safe + torch.log2(total)) * 0.6931471805599453, torch.full_like(total, -float("inf")))
-    return lse.view(b, hq, tq)
+    n_rows = b * hq * tq
+    lse = torch.empty(b, hq, tq, dtype=torch.float32, device=q.device)
+    _merge_lse_parts_kernel[(triton.cdiv(n_rows, 128),)](m_part, l_part, lse, n_rows, splits, BLOCK=128)
+    return lse
 
 
 def compressed_backward(do, q, k_cmp, v_cmp, out, lse, cmp_block: int, cmp_stride: int, scale: float, kv_len: int):
@@ -594,7 +613,13 @@ def compressed_importance_triton(q, k_cmp, *, cmp_block: int, cmp_stride: int, b
     scale, kv_len = check_compressed_inputs(q, k_cmp, k_cmp, cmp_block, cmp_stride, scale, kv_len)
     tiling = _importance_tiling(cmp_block, cmp_stride, block)
     if q.shape[1] <= PACKED_MIN_QUERIES or tiling is None or k_cmp.shape[1] == 0:
-        lse = compressed_lse_triton(q, k_cmp, cmp_block=cmp_block, cmp_stride=cmp_stride, scale=scale, kv_len=kv_len)
+        # decode: one program per query head would walk all compressed keys alone (55 us of a 122 us step at
+        # 64k on an H200, benchmarks/NOTES.md run 8): split the keys over programs as the importance does
+        programs = triton.cdiv(q.shape[1], 16) * q.shape[0] * q.shape[2]
+        few = q.device.type == "cuda" and programs < IMPORTANCE_MIN_PROGRAMS
+        splits = triton.cdiv(IMPORTANCE_MIN_PROGRAMS, programs) if few else 1
+        lse = compressed_lse_triton(q, k_cmp, cmp_block=cmp_block, cmp_stride=cmp_stride, scale=scale, kv_len=kv_len,
+                                    splits=splits)
         return selection_importance_triton(q, k_cmp, lse, cmp_block=cmp_block, cmp_stride=cmp_stride, block=block,
                                            scale=scale, kv_len=kv_len)
     return _packed_importance(q, k_cmp, None, cmp_block, cmp_stride, block, scale, kv_len, *tiling)
