@@ -727,7 +727,9 @@ def _pick_stats(sel: torch.Tensor, lr: LayerRecord, params: dict) -> dict:
     cur = (q_pos // blk)[None, :, None]
     valid = sel >= 0
     if params.get("select_outside_window"):  # candidates start before the window; only initial blocks are forced
-        candidates = torch.clamp(torch.div(q_pos - window, blk, rounding_mode="floor") + 1, min=0)
+        # a query block's shared selection counts from its first position (its window is the earliest)
+        first = q_pos // blk * blk if params.get("granularity") == "block" else q_pos
+        candidates = torch.clamp(torch.div(first - window, blk, rounding_mode="floor") + 1, min=0)
         forced = sel < init_b
         n_forced = torch.clamp(candidates, max=init_b)
     else:

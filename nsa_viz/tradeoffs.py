@@ -468,7 +468,9 @@ def nsa_expected_density(pattern: NSA, q_len: int, kv_len: Optional[int] = None)
     (the compressed branch's ~T/stride keys are not counted)."""
     kv_len = q_len if kv_len is None else kv_len
     n = torch.arange(kv_len - q_len + 1, kv_len + 1, dtype=torch.float64)  # causal keys per query
-    local = 0 if pattern.select_outside_window else pattern.local_blocks  # outside-window picks never overlap it
+    # outside-window picks no longer include the local blocks the window holds (the last candidate may still
+    # overlap the window by up to block - 1 keys: the result stays an upper bound)
+    local = 0 if pattern.select_outside_window else pattern.local_blocks
     per_query = pattern.top_n * pattern.block + max(0, pattern.window - local * pattern.block)
     return float(torch.clamp(n, max=per_query).sum() / n.sum())
 

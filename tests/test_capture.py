@@ -357,6 +357,17 @@ def test_selection_stats_outside_window():
     assert st.rows_with_choice == 20  # rows 12..31 have two candidates or more
     assert st.forced_only == 0.0 and st.picks_in_window == 0.0 and st.window_only == 0.0
     assert st.mean_block_count == pytest.approx((4 * 1 + 20 * 2) / 32)
+    # block granularity, window 10: a query block's candidates count from its first position (rows 12..15 have
+    # (12 - 10) // 4 + 1 = 1 candidate: no choice), not from each row's own position (row 15 would have 2)
+    params = dict(lr.nsa_params, window=10, granularity="block")
+    idx_b = torch.full((1, 1, t, 3), -1, dtype=torch.int32)
+    first = pos // blk * blk
+    idx_b[0, 0, first >= 10, 0] = 0
+    two = (first - 10) // blk >= 1
+    idx_b[0, 0, two, 1] = ((first[two] - 10) // blk).int()
+    lr_b = LayerRecord(**{**lr.__dict__, "nsa": {"block_idx": idx_b}, "nsa_params": params})
+    st = selection_stats(Recording(layers={0: lr_b})).iloc[0]
+    assert st.rows_with_choice == int(two.sum()) and st.forced_only == 0.0
 
 
 @needs_nsa

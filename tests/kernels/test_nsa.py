@@ -271,6 +271,8 @@ CASES = {
                                             dict(cmp_block=4, cmp_stride=4, select_outside_window=True)),
     "gated_token_reference_outside_window": ("gated", "token", "reference", True, 1, 100, 100, 4, 2, 32,
                                              torch.float32, dict(select_outside_window=True)),
+    "gated_block_triton_outside_window_fp16": ("gated", "block", "triton", True, 1, 100, 100, 4, 2, 32,
+                                               torch.float16, dict(select_outside_window=True)),
 }
 
 
