@@ -91,8 +91,6 @@ def short_label(p: Pattern) -> str:
         return f"Dil({p.window},{p.stride}x{p.block})"
     if isinstance(p, NSA):
         tail = "" if (p.combine, p.granularity) == ("union", "token") else f",{p.combine},{p.granularity}"
-        if (p.cmp_block, p.cmp_stride) != (32, 16):
-            tail += f",cmp{p.cmp_block}/{p.cmp_stride}"
         if p.select_outside_window:
             tail += ",outside"
         return f"NSA({p.top_n}x{p.block}+{p.window}{tail})"
