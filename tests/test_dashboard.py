@@ -247,6 +247,14 @@ def test_nsa_panels(app):
     assert "forced_only" in app.nsa_stats.value
     app.w_x_query.value = 40
     assert app.message.value == ""
+    # picks outside the window: the tuner's label says so; a window too short for the local blocks is a clear note
+    app.w_nsa_outside.value = True
+    assert "select_outside_window=True" in app.recall_summary.value and app.message.value == ""
+    app.w_x_window.value = 16
+    app.w_x_outside.value = True
+    assert app.message.value == "" and "forced_only" in app.nsa_stats.value
+    app.w_x_window.value = 8  # local blocks min(2, 3) of 16 tokens need a window >= 32
+    assert "select_outside_window" in app.nsa_note.value
 
 
 def test_audit_panel_classifies_heads_and_recommends(app, tmp_path, monkeypatch):

@@ -211,6 +211,9 @@ class Dashboard:
         self.w_top_n = W.IntSlider(value=4, min=1, max=32, description="top-n blocks", **slider())
         self.w_top_n.add_class("nsa-top-n")
         self.w_nsa_block = W.Dropdown(options=[16, 32, 64], value=32, description="selection block", style=style)
+        # NSA(select_outside_window=True): top-n slots only for blocks the window does not hold
+        self.w_nsa_outside = W.Checkbox(value=False, description="pick only blocks before the window", indent=False)
+        self.w_nsa_outside.add_class("nsa-outside-window")
         self.w_tune_layer = W.Dropdown(options=[], description="layer", style=style)
         self.w_tune_head = W.Dropdown(options=[("mean of heads", -1)], value=-1, description="head", style=style)
         self.out_layout = self._output("nsa-layout-plot")
@@ -220,19 +223,20 @@ class Dashboard:
         self.tune_note = W.HTML("")
         self.tune_note.add_class("nsa-tune-note")
         for w in (self.w_pattern, self.w_window, self.w_sink, self.w_stride, self.w_dil_block, self.w_top_n,
-                  self.w_nsa_block, self.w_tune_layer, self.w_tune_head):
+                  self.w_nsa_block, self.w_nsa_outside, self.w_tune_layer, self.w_tune_head):
             w.observe(lambda _c: self._guard(self.draw_tuner), names="value")
         self.w_pattern.observe(lambda _c: self._show_params(), names="value")
         self._show_params()
         tuner_tab = W.VBox([W.HBox([self.w_pattern, self.w_tune_layer, self.w_tune_head]),
                             W.VBox([self.w_window, self.w_sink, self.w_stride, self.w_dil_block, self.w_top_n,
-                                    self.w_nsa_block]),
+                                    self.w_nsa_block, self.w_nsa_outside]),
                             self.recall_summary, self.tune_note, W.HBox([self.out_layout, self.out_recall])])
 
         # ---- NSA explorer
         self.w_x_top_n = W.IntSlider(value=4, min=1, max=32, description="top-n blocks", **slider())
         self.w_x_block = W.Dropdown(options=[16, 32, 64], value=32, description="selection block", style=style)
         self.w_x_window = W.IntSlider(value=64, min=0, max=tokens, description="window", **slider())
+        self.w_x_outside = W.Checkbox(value=False, description="pick only blocks before the window", indent=False)
         self.w_x_layer = W.Dropdown(options=[], description="layer", style=style)
         self.w_x_group = W.Dropdown(options=[], description="head group", style=style)
         self.w_x_query = W.IntSlider(value=max(0, tokens - 1), min=0, max=max(0, tokens - 1), description="query", **slider())
@@ -243,10 +247,11 @@ class Dashboard:
         self.nsa_note = W.HTML("")
         self.nsa_note.add_class("nsa-explorer-note")
         self.nsa_stats = W.HTML("")
-        for w in (self.w_x_top_n, self.w_x_block, self.w_x_window, self.w_x_layer, self.w_x_group, self.w_x_query):
+        for w in (self.w_x_top_n, self.w_x_block, self.w_x_window, self.w_x_outside, self.w_x_layer, self.w_x_group,
+                  self.w_x_query):
             w.observe(lambda _c: self._guard(self.draw_explorer), names="value")
         explorer_tab = W.VBox([W.HBox([self.w_x_layer, self.w_x_group]), self.w_x_query,
-                               W.HBox([self.w_x_top_n, self.w_x_block]), self.w_x_window,
+                               W.HBox([self.w_x_top_n, self.w_x_block]), W.HBox([self.w_x_window, self.w_x_outside]),
                                self.nsa_note, self.out_nsa, self.nsa_tokens, self.nsa_stats])
 
         # ---- trade-offs
@@ -452,14 +457,16 @@ class Dashboard:
             return Dilated(stride=self.w_stride.value, block=self.w_dil_block.value, window=self.w_window.value)
         block = self.w_nsa_block.value
         return NSA(block=block, top_n=self.w_top_n.value, window=self.w_window.value, cmp_block=block,
-                   cmp_stride=min(16, block), init_blocks=1, local_blocks=min(2, self.w_top_n.value - 1))
+                   cmp_stride=min(16, block), init_blocks=1, local_blocks=min(2, self.w_top_n.value - 1),
+                   select_outside_window=self.w_nsa_outside.value)
 
     def _show_params(self) -> None:
         name = self.w_pattern.value
         visible = {"SlidingWindow": {self.w_window}, "GlobalLocal": {self.w_window, self.w_sink},
                    "Dilated": {self.w_window, self.w_stride, self.w_dil_block},
-                   "NSA": {self.w_window, self.w_top_n, self.w_nsa_block}}[name]
-        for w in (self.w_window, self.w_sink, self.w_stride, self.w_dil_block, self.w_top_n, self.w_nsa_block):
+                   "NSA": {self.w_window, self.w_top_n, self.w_nsa_block, self.w_nsa_outside}}[name]
+        for w in (self.w_window, self.w_sink, self.w_stride, self.w_dil_block, self.w_top_n, self.w_nsa_block,
+                  self.w_nsa_outside):
             w.layout.display = "" if w in visible else "none"
 
     @_one_at_a_time
@@ -574,7 +581,8 @@ class Dashboard:
             block = self.w_x_block.value
             top_n = self.w_x_top_n.value
             pattern = NSA(block=block, top_n=top_n, window=self.w_x_window.value, cmp_block=block,
-                          cmp_stride=min(16, block), init_blocks=1, local_blocks=min(2, top_n - 1))
+                          cmp_stride=min(16, block), init_blocks=1, local_blocks=min(2, top_n - 1),
+                          select_outside_window=self.w_x_outside.value)
         except ValueError as exc:
             self.nsa_note.value = message_html(str(exc), "error")
             return
