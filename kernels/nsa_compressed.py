@@ -613,11 +613,12 @@ def compressed_importance_triton(q, k_cmp, *, cmp_block: int, cmp_stride: int, b
     scale, kv_len = check_compressed_inputs(q, k_cmp, k_cmp, cmp_block, cmp_stride, scale, kv_len)
     tiling = _importance_tiling(cmp_block, cmp_stride, block)
     if q.shape[1] <= PACKED_MIN_QUERIES or tiling is None or k_cmp.shape[1] == 0:
-        # decode: one program per query head would walk all compressed keys alone (55 us of a 122 us step at
-        # 64k on an H200, benchmarks/NOTES.md run 8): split the keys over programs as the importance does
+        # decode: one program per query head walks all compressed keys alone (55 us of a 122 us step at 64k on
+        # an H200, benchmarks/NOTES.md run 8). DECODE_LSE_SPLITS > 1 splits them over programs (merged by
+        # _merge_lse_parts_kernel); off by default until it has been timed and checked on a GPU
         programs = triton.cdiv(q.shape[1], 16) * q.shape[0] * q.shape[2]
-        few = q.device.type == "cuda" and programs < IMPORTANCE_MIN_PROGRAMS
-        splits = triton.cdiv(IMPORTANCE_MIN_PROGRAMS, programs) if few else 1
+        few = q.device.type == "cuda" and DECODE_LSE_SPLITS > 1 and programs < IMPORTANCE_MIN_PROGRAMS
+        splits = DECODE_LSE_SPLITS if few else 1
         lse = compressed_lse_triton(q, k_cmp, cmp_block=cmp_block, cmp_stride=cmp_stride, scale=scale, kv_len=kv_len,
                                     splits=splits)
         return selection_importance_triton(q, k_cmp, lse, cmp_block=cmp_block, cmp_stride=cmp_stride, block=block,
@@ -628,6 +629,8 @@ def compressed_importance_triton(q, k_cmp, *, cmp_block: int, cmp_stride: int, b
 # Decode has few query rows: split the importance's output columns over programs until about this many
 # programs run (the arithmetic per column is the same whatever the split, so results are identical).
 IMPORTANCE_MIN_PROGRAMS = 512
+# Key splits of the compressed LSE in decode (1: the single pass, the only form checked on a GPU so far).
+DECODE_LSE_SPLITS = 1
 
 
 @torch.compiler.disable
