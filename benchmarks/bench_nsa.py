@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import ROOT, bench_ms, environment, peak_mb, rel_err, write_rows
+from common import ROOT, bench_ms, capture_graph, environment, peak_mb, rel_err, write_rows
 from nsa_viz.kernels.nsa_compressed import compressed_attention, compressed_importance, selection_importance
 from nsa_viz.kernels.nsa_compressed_ref import num_compressed
 from nsa_viz.kernels.nsa_selected import selected_attention
@@ -440,15 +440,7 @@ def main():
                 row("decode", "nsa_viz", t, "decode", bench_ms(step), note=f"nsa_decode with NSACache, eager; rel err vs nsa_attention {err:.1e}")
                 if device.type == "cuda":
                     def graphed():
-                        s_ = torch.cuda.Stream()
-                        s_.wait_stream(torch.cuda.current_stream())
-                        with torch.cuda.stream(s_):
-                            for _ in range(3):
-                                step()
-                        torch.cuda.current_stream().wait_stream(s_)
-                        graph = torch.cuda.CUDAGraph()
-                        with torch.cuda.graph(graph):
-                            step()
+                        graph = capture_graph(step)
                         row("decode", "nsa_viz_cudagraph", t, "decode", bench_ms(graph.replay),
                             note="nsa_decode step captured in one CUDA graph")
                     attempt("decode graph", graphed)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import ROOT, bench_ms, environment, rel_err, write_rows
+from common import ROOT, bench_ms, capture_graph, environment, rel_err, write_rows
 from nsa_viz.kernels import nsa_compressed, nsa_topk
 from nsa_viz.kernels.nsa import _pick_in_chunks, compress_mean, nsa_attention, query_block_importance, select_blocks
 from nsa_viz.kernels.nsa_compressed import compressed_attention, compressed_lse, selection_importance
@@ -251,15 +251,7 @@ def main():
                 for name, fn in steps.items():
                     err = rel_err(fn(), ref)
                     if device.type == "cuda":
-                        side = torch.cuda.Stream()
-                        side.wait_stream(torch.cuda.current_stream())
-                        with torch.cuda.stream(side):
-                            for _ in range(3):
-                                fn()
-                        torch.cuda.current_stream().wait_stream(side)
-                        graph = torch.cuda.CUDAGraph()
-                        with torch.cuda.graph(graph):
-                            fn()
+                        graph = capture_graph(fn)
                         row("decode", "nsa_viz " + name, t, "decode", bench(graph.replay),
                             note=f"CUDA graph; out rel err vs old chain {err:.1e}")
                     else:

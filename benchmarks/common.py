@@ -18,3 +18,17 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     finite = torch.isfinite(b)
     return ((a - b)[finite].norm() / b[finite].norm().clamp_min(1e-6)).item()
+
+
+def capture_graph(step) -> "torch.cuda.CUDAGraph":
+    """``step`` captured in one CUDA graph (after three warm-up calls on a side stream); replay() runs it."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph

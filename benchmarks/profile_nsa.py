@@ -18,7 +18,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from common import ROOT, bench_ms, environment, rel_err, write_rows
+from common import ROOT, bench_ms, capture_graph, environment, rel_err, write_rows
 from bench_nsa_selection import gpu_slug
 from nsa_viz.kernels.nsa import nsa_attention
 from nsa_viz.kernels.nsa_decode import NSACache, nsa_decode
@@ -85,15 +85,7 @@ def main() -> int:
             show(f"decode one token, T={t}: kernels of one eager step", table)
             row = dict(env, op="decode", T=t, kernels=table, rel_err_vs_oracle=err, identical_blocks=same)
             if device.type == "cuda":
-                graph = torch.cuda.CUDAGraph()
-                s_ = torch.cuda.Stream()
-                s_.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(s_):
-                    for _ in range(3):
-                        step()
-                torch.cuda.current_stream().wait_stream(s_)
-                with torch.cuda.graph(graph):
-                    step()
+                graph = capture_graph(step)
                 row["graph_ms"] = bench_ms(graph.replay)
                 from torch.nn.attention import SDPBackend, sdpa_kernel
                 qt, kt, vt = q1.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2)
