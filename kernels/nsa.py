@@ -135,16 +135,19 @@ def _pick_in_chunks(scores: torch.Tensor, cur_block: torch.Tensor, top_n: int, i
                                      local_blocks) for r0 in range(0, rows, step)], dim=2)
 
 
-def candidate_rows(first_positions: torch.Tensor, block: int, window: int, local_blocks: int,
-                   select_outside_window: bool):
-    """``(last candidate block per row, local blocks to force)`` for the rank-and-pick step, whose candidates
-    are the blocks ``s <= last``. A row's first position is its query's (token granularity) or its query
-    block's first query (block granularity). ``select_outside_window``: only blocks starting before the
-    row's window, ``s*block <= position - window`` (floor division: negative when none), none forced as
-    local (the window holds them)."""
-    if not select_outside_window:
-        return first_positions // block, local_blocks
-    return torch.div(first_positions - window, block, rounding_mode="floor"), 0
+def _pick_rows(scores: torch.Tensor, first_positions: torch.Tensor, *, block: int, window: int,
+               select_outside_window: bool, top_n: int, init_blocks: int, local_blocks: int,
+               backend: str) -> torch.Tensor:
+    """``pick_top_blocks`` for rows whose first position is ``first_positions`` (the query's, or its query
+    block's first query). Candidates are the blocks up to the row's own; with ``select_outside_window`` only
+    those starting before the row's window, ``s*block <= position - window`` (floor division: negative when
+    none), none forced as local (the window holds them): the ranking kernels see a lower last block."""
+    if select_outside_window:
+        last, local_blocks = torch.div(first_positions - window, block, rounding_mode="floor"), 0
+    else:
+        last = first_positions // block
+    return pick_top_blocks(scores, last, top_n=top_n, init_blocks=init_blocks, local_blocks=local_blocks,
+                           backend=backend)
 
 
 def query_block_importance(importance: torch.Tensor, q_start: int, block: int,
@@ -234,18 +237,17 @@ def select_blocks(importance: torch.Tensor, *, top_n: int, block: int, init_bloc
     q_positions = torch.as_tensor(q_positions, device=importance.device).long()
     if tuple(q_positions.shape) != (tq,):
         raise ValueError(f"q_positions must have shape [Tq] = [{tq}], got {tuple(q_positions.shape)}")
+    pick = dict(block=block, window=window, select_outside_window=select_outside_window, top_n=top_n,
+                init_blocks=init_blocks, local_blocks=local_blocks, backend=backend)
     if granularity == "token":
-        last, local = candidate_rows(q_positions, block, window, local_blocks, select_outside_window)
-        return pick_top_blocks(importance, last, top_n=top_n, init_blocks=init_blocks, local_blocks=local,
-                               backend=backend)
+        return _pick_rows(importance, q_positions, **pick)
     q_start = int(q_positions[0])
     if tq and not torch.equal(q_positions, torch.arange(q_start, q_start + tq, device=importance.device)):
         raise ValueError("granularity='block' needs consecutive q_positions")
     scores = block_selection_scores(importance, q_start, block, prefix, previous)
     first = q_start // block
     blocks = torch.arange(first, first + scores.shape[2], device=importance.device)
-    last, local = candidate_rows(blocks * block, block, window, local_blocks, select_outside_window)
-    chosen = pick_top_blocks(scores, last, top_n=top_n, init_blocks=init_blocks, local_blocks=local, backend=backend)
+    chosen = _pick_rows(scores, blocks * block, **pick)
     return chosen[:, :, q_positions // block - first]
 
 
@@ -391,19 +393,17 @@ def nsa_from_compressed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cmp
     few_queries = tq <= DECODE_MAX_QUERIES and not (torch.is_grad_enabled() and any(
         t.requires_grad for t in (q, k, v)))
     by_layout = not few_queries and _layout_expresses(granularity, combine, block, window, tq, tk)
-    pick = dict(top_n=top_n, init_blocks=init_blocks, backend=backend)
+    pick = dict(block=block, window=window, select_outside_window=select_outside_window, top_n=top_n,
+                init_blocks=init_blocks, local_blocks=local_blocks, backend=backend)
     with torch.no_grad():
         if granularity == "token":
-            last, local = candidate_rows(torch.arange(q_start, tk, device=q.device), block, window, local_blocks,
-                                         select_outside_window)
-            chosen = pick_top_blocks(importance, last, local_blocks=local, **pick)
+            chosen = _pick_rows(importance, torch.arange(q_start, tk, device=q.device), **pick)
         else:
             per_block = query_block_importance(importance, q_start, block, block_prefix)
             scores = _scores_from_previous_block(per_block, block_previous)
             first = q_start // block
             starts = torch.arange(first, first + scores.shape[2], device=q.device) * block
-            last, local = candidate_rows(starts, block, window, local_blocks, select_outside_window)
-            chosen = pick_top_blocks(scores, last, local_blocks=local, **pick)
+            chosen = _pick_rows(scores, starts, **pick)
             parts["block_importance"] = per_block
             parts["chosen_per_block"] = True
             if not by_layout:
@@ -489,6 +489,6 @@ def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block: i
     return out, build_aux(parts, combine, k.shape[1] - q.shape[1], q.shape[1], block)
 
 
-__all__ = ["nsa_attention", "compress_mean", "compress_kv", "select_blocks", "query_block_importance", "candidate_rows",
+__all__ = ["nsa_attention", "compress_mean", "compress_kv", "select_blocks", "query_block_importance",
            "block_selection_scores",
            "selection_layout", "gated_combine", "nsa_from_compressed", "GRANULARITIES"]
