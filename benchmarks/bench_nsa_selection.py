@@ -27,7 +27,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import ROOT, bench_ms, environment, rel_err, write_rows
+from common import ROOT, bench_ms, environment, gpu_slug, rel_err, write_rows
 from nsa_viz.kernels.nsa import nsa_attention
 from nsa_viz.kernels.nsa_ref import nsa_attention_reference
 
@@ -57,14 +57,6 @@ def check(device, dtype, t, hq, hkv, d) -> list:
             print(f"check {name}/{gran} T={t}: identical selections {same:.4f}, rel err {rows[-1]['rel_err_out']:.2e}",
                   flush=True)
     return rows
-
-
-def gpu_slug(device) -> str:
-    """'h100', 'h200', ... from the device name (the result file's suffix); 'cpu_smoke' on the CPU."""
-    if device.type != "cuda":
-        return "cpu_smoke"
-    name = torch.cuda.get_device_name(device).lower()
-    return next((w for w in name.replace("-", " ").split() if w[:1] in "abhl" and w[1:].isdigit()), "gpu")
 
 
 def main() -> int:

@@ -32,3 +32,11 @@ def capture_graph(step) -> "torch.cuda.CUDAGraph":
     with torch.cuda.graph(graph):
         step()
     return graph
+
+
+def gpu_slug(device) -> str:
+    """'h100', 'h200', ... from the device name (the result file's suffix); 'cpu_smoke' on the CPU."""
+    if device.type != "cuda":
+        return "cpu_smoke"
+    name = torch.cuda.get_device_name(device).lower()
+    return next((w for w in name.replace("-", " ").split() if w[:1] in "abhl" and w[1:].isdigit()), "gpu")

@@ -18,8 +18,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from common import ROOT, bench_ms, capture_graph, environment, rel_err, write_rows
-from bench_nsa_selection import gpu_slug
+from common import ROOT, bench_ms, capture_graph, environment, gpu_slug, rel_err, write_rows
 from nsa_viz.kernels.nsa import nsa_attention
 from nsa_viz.kernels.nsa_decode import NSACache, nsa_decode
 from nsa_viz.kernels.nsa_ref import nsa_attention_reference
