@@ -37,7 +37,7 @@ from .layout import EMPTY, BlockLayout, TokenRule, layout_from_rule
 from .nsa_compressed import compressed_attention, compressed_importance, selection_importance
 from .nsa_ref import (GRANULARITIES, check_compressed, check_gates, check_nsa_params, num_compressed_blocks,
                       split_compress)
-from .nsa_decode_kernels import selected_window_decode
+from .nsa_decode_kernels import selected_window_decode, token_decode_supported, union_token_decode_triton
 from .nsa_selected import selected_attention, window_layout
 from .nsa_topk import pick_top_blocks
 
@@ -380,6 +380,17 @@ def nsa_from_compressed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cmp
     tq, tk = q.shape[1], k.shape[1]
     kw = dict(cmp_block=cmp_block, cmp_stride=cmp_stride, scale=scale, kv_len=tk, backend=backend)
     parts = {}
+    # a few queries with no gradient (decoding) take the split-key kernels: one token alone would leave
+    # the per-token kernels with HKV programs walking all its keys serially
+    few_queries = tq <= DECODE_MAX_QUERIES and not (torch.is_grad_enabled() and any(
+        t.requires_grad for t in (q, k, v)))
+    if (few_queries and backend == "triton" and combine == "union" and granularity == "token"
+            and token_decode_supported(q, k_cmp, block=block, cmp_block=cmp_block, cmp_stride=cmp_stride, kv_len=tk)):
+        out, lse, importance, chosen = union_token_decode_triton(
+            q, k, v, k_cmp, block=block, top_n=top_n, window=window, cmp_block=cmp_block, cmp_stride=cmp_stride,
+            init_blocks=init_blocks, local_blocks=local_blocks, select_outside_window=select_outside_window,
+            scale=scale)
+        return out, {"importance": importance, "chosen": chosen, "lse": lse}
     if combine == "union":  # the compressed branch only scores blocks here: its LSE is found and used in place
         importance = compressed_importance(q.detach(), k_cmp.detach(), block=block, **kw)
     else:
@@ -388,10 +399,6 @@ def nsa_from_compressed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cmp
     parts["importance"] = importance
 
     q_start = tk - tq
-    # a few queries with no gradient (decoding) take the split-key kernels: one token alone would leave
-    # the per-token kernels with HKV programs walking all its keys serially
-    few_queries = tq <= DECODE_MAX_QUERIES and not (torch.is_grad_enabled() and any(
-        t.requires_grad for t in (q, k, v)))
     by_layout = not few_queries and _layout_expresses(granularity, combine, block, window, tq, tk)
     pick = dict(block=block, window=window, select_outside_window=select_outside_window, top_n=top_n,
                 init_blocks=init_blocks, local_blocks=local_blocks, backend=backend)

@@ -22,7 +22,37 @@ import triton.language as tl
 
 from . import resolve_backend
 from .block_sparse import LOG2E, _mm, _precision, _strides
+from .nsa_compressed import _importance_tiling, _overlap_weights, _visible_count
 from .nsa_selected_ref import check_selected_inputs, selected_attention_reference
+
+
+@triton.jit
+def _attend_span(q_ptr, rmask, k_base, v_base, start, last, n_sub, skt, skd, svt, svd, qk_scale_log2,
+                 ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """Partial softmax (max in log2 units, sum, unnormalised output) of the query rows at ``q_ptr`` over the keys
+    ``start .. last`` (at most ``n_sub`` tiles of BLOCK_N from ``start``); (-inf, 0, 0) when the span is empty."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
+    m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([ROWS], dtype=tl.float32)
+    acc = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
+    if start <= last:
+        q = tl.load(q_ptr, mask=rmask[:, None], other=0.0)
+        for c in range(0, n_sub):
+            offs_k = start + c * BLOCK_N + offs_n
+            kmask = (offs_k <= last) & (offs_k >= 0)
+            k = tl.load(k_base + offs_k[None, :].to(tl.int64) * skt + offs_d[:, None] * skd, mask=kmask[None, :], other=0.0)
+            s = _mm(q, k, PRECISION) * qk_scale_log2
+            s = tl.where(kmask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_base + offs_k[:, None].to(tl.int64) * svt + offs_d[None, :] * svd, mask=kmask[:, None], other=0.0)
+            acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PRECISION)
+            m_i = m_new
+    return m_i, l_i, acc
 
 
 @triton.jit
@@ -40,7 +70,6 @@ def _sel_win_part_kernel(
     hk = bh % num_kv_heads
     offs_r = tl.arange(0, ROWS)
     offs_d = tl.arange(0, HEAD_DIM)
-    offs_n = tl.arange(0, BLOCK_N)
     rmask = offs_r < GROUP
     heads = hk * GROUP + offs_r
     pos = q_offset + i
@@ -53,33 +82,21 @@ def _sel_win_part_kernel(
     start = tl.where(is_slot, slot_start, pos - WINDOW + 1 + (part - n_slots) * BLOCK_N)
     last = tl.where(is_slot, pos - WINDOW, pos)
     n_sub = tl.where(is_slot, BLOCK // BLOCK_N, 1)
-    m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([ROWS], dtype=tl.float32)
-    acc = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
-    if start <= last:
-        q = tl.load(Q + b.to(tl.int64) * sqb + i.to(tl.int64) * sqt + heads[:, None] * sqh + offs_d[None, :] * sqd,
-                    mask=rmask[:, None], other=0.0)
-        k_base = K + b.to(tl.int64) * skb + hk * skh
-        v_base = V + b.to(tl.int64) * svb + hk * svh
-        for c in range(0, n_sub):
-            offs_k = start + c * BLOCK_N + offs_n
-            kmask = (offs_k <= last) & (offs_k >= 0)
-            k = tl.load(k_base + offs_k[None, :].to(tl.int64) * skt + offs_d[:, None] * skd, mask=kmask[None, :], other=0.0)
-            s = _mm(q, k, PRECISION) * qk_scale_log2
-            s = tl.where(kmask[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(s - m_safe[:, None])
-            alpha = tl.math.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_base + offs_k[:, None].to(tl.int64) * svt + offs_d[None, :] * svd, mask=kmask[:, None], other=0.0)
-            acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PRECISION)
-            m_i = m_new
-    # partial buffers [part, b, t, hq] and [part, b, t, hq, d]
-    row = ((part.to(tl.int64) * batch + b) * q_len + i) * num_q_heads + heads
+    q_ptr = Q + b.to(tl.int64) * sqb + i.to(tl.int64) * sqt + heads[:, None] * sqh + offs_d[None, :] * sqd
+    m_i, l_i, acc = _attend_span(q_ptr, rmask, K + b.to(tl.int64) * skb + hk * skh, V + b.to(tl.int64) * svb + hk * svh,
+                                 start, last, n_sub, skt, skd, svt, svd, qk_scale_log2, ROWS, HEAD_DIM, BLOCK_N,
+                                 PRECISION)
+    _store_part(M_PART, L_PART, ACC, ((part.to(tl.int64) * batch + b) * q_len + i) * num_q_heads + heads, rmask,
+                m_i, l_i, acc, HEAD_DIM)
+
+
+@triton.jit
+def _store_part(M_PART, L_PART, ACC, row, rmask, m_i, l_i, acc, HEAD_DIM: tl.constexpr):
+    """A part's partial softmax into the buffers [part, b, t, hq] and [part, b, t, hq, d] that _combine_kernel
+    merges (``row`` = ((part * B + b) * Tq + t) * HQ + head)."""
     tl.store(M_PART + row, m_i, mask=rmask)
     tl.store(L_PART + row, l_i, mask=rmask)
-    tl.store(ACC + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=rmask[:, None])
+    tl.store(ACC + row[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :], acc, mask=rmask[:, None])
 
 
 @triton.jit
@@ -110,6 +127,288 @@ def _combine_kernel(M_PART, L_PART, ACC, O, LSE, n_parts, n_rows, sob, sot, soh,
     tl.store(LSE + r, lse)
 
 
+# ----------------------------------------------------------------------------- one token, union, in three launches
+@triton.jit
+def _token_scores(Q, KC, M_SPLIT, L_SPLIT, MASS, b, hk, bh, split, sqb, sqh, sqd, skb, skt, skh, skd, num_cmp, pos,
+                  qk_scale_log2, n_splits, nsel_pad, GROUP: tl.constexpr, GROUP_P: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SEL: tl.constexpr, SPILL_P: tl.constexpr,
+                  CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SEL_BLOCK: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    """Split ``split`` scores compressed key tile ``split`` (keys [split*BLOCK_N, +BLOCK_N), which start in selection
+    blocks [split*NUM_SEL, +NUM_SEL)) and the SPILL_P keys before it (the previous tile's last keys reach into
+    these blocks when l > d), rows = the group's heads, against one reference m per head. It writes m, the
+    tile's own sum of exp2(s - m) (a partial of the compressed LSE) and each head's eq. 9 mass of its NUM_SEL
+    blocks relative to m; the selection rescales the masses by exp2(m - lse) once the LSE is known. One pass
+    over the compressed keys, instead of an LSE pass and a scoring pass."""
+    offs_g = tl.arange(0, GROUP_P)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_s = tl.arange(0, NUM_SEL)
+    q = tl.load(Q + b.to(tl.int64) * sqb + (hk * GROUP + offs_g)[:, None] * sqh + offs_d[None, :] * sqd,
+                mask=(offs_g < GROUP)[:, None], other=0.0)
+    n_vis = tl.minimum(_visible_count(pos, CMP_BLOCK, CMP_STRIDE), num_cmp)
+    k_base = KC + b.to(tl.int64) * skb + hk * skh
+    offs_k = split * BLOCK_N + tl.arange(0, BLOCK_N)
+    own = offs_k < n_vis
+    k = tl.load(k_base + offs_k[None, :].to(tl.int64) * skt + offs_d[:, None] * skd, mask=own[None, :], other=0.0)
+    s = tl.where(own[None, :], _mm(q, k, PRECISION) * qk_scale_log2, float("-inf"))
+    m = tl.max(s, 1)
+    if SPILL_P > 0:
+        offs_p = split * BLOCK_N - SPILL_P + tl.arange(0, SPILL_P)
+        prev = (offs_p >= 0) & (offs_p < n_vis)
+        kp = tl.load(k_base + offs_p[None, :].to(tl.int64) * skt + offs_d[:, None] * skd, mask=prev[None, :], other=0.0)
+        sp = tl.where(prev[None, :], _mm(q, kp, PRECISION) * qk_scale_log2, float("-inf"))
+        m = tl.maximum(m, tl.max(sp, 1))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    p = tl.math.exp2(s - m_safe[:, None])
+    # fp32 products: the masses keep their precision (ties in top-n depend on it)
+    w_own = _overlap_weights(offs_k, split * NUM_SEL, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK, NUM_SEL)
+    mass = tl.dot(p, w_own, input_precision="ieee")
+    if SPILL_P > 0:
+        w_spill = _overlap_weights(offs_p, split * NUM_SEL, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK, NUM_SEL)
+        mass += tl.dot(tl.math.exp2(sp - m_safe[:, None]), w_spill, input_precision="ieee")
+    at = (bh.to(tl.int64) * n_splits + split) * GROUP_P + offs_g
+    tl.store(M_SPLIT + at, m)
+    tl.store(L_SPLIT + at, tl.sum(p, 1))
+    tl.store(MASS + (bh.to(tl.int64) * GROUP_P + offs_g[:, None]) * nsel_pad + split * NUM_SEL + offs_s[None, :], mass)
+
+
+@triton.jit
+def _token_scores_window_kernel(
+    Q, KC, K, V, M_SPLIT, L_SPLIT, MASS, M_PART, L_PART, ACC,
+    sqb, sqh, sqd, skcb, skct, skch, skcd, skb, skt, skh, skd, svb, svt, svh, svd,
+    num_cmp, num_q_heads, num_kv_heads, pos, qk_scale_log2, n_splits, nsel_pad, batch,
+    GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SEL: tl.constexpr,
+    SPILL_P: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SEL_BLOCK: tl.constexpr,
+    TOP_N: tl.constexpr, WINDOW: tl.constexpr, WIN_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One program per (split or window chunk, sequence × kv head): the first n_splits programs score the
+    compressed keys (``_token_scores``); the others attend to WIN_N keys each of the window, which needs no
+    selection, so it runs beside the scoring (its partials are parts TOP_N.. of ``_combine_kernel``)."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // num_kv_heads
+    hk = bh % num_kv_heads
+    if pid < n_splits:
+        _token_scores(Q, KC, M_SPLIT, L_SPLIT, MASS, b, hk, bh, pid, sqb, sqh, sqd, skcb, skct, skch, skcd, num_cmp, pos,
+                      qk_scale_log2, n_splits, nsel_pad, GROUP, GROUP_P, HEAD_DIM, BLOCK_N, NUM_SEL, SPILL_P,
+                      CMP_BLOCK, CMP_STRIDE, SEL_BLOCK, PRECISION)
+    else:
+        chunk = pid - n_splits
+        offs_g = tl.arange(0, GROUP_P)
+        gmask = offs_g < GROUP
+        heads = hk * GROUP + offs_g
+        q_ptr = Q + b.to(tl.int64) * sqb + heads[:, None] * sqh + tl.arange(0, HEAD_DIM)[None, :] * sqd
+        m_i, l_i, acc = _attend_span(q_ptr, gmask, K + b.to(tl.int64) * skb + hk * skh,
+                                     V + b.to(tl.int64) * svb + hk * svh, pos - WINDOW + 1 + chunk * WIN_N, pos, 1,
+                                     skt, skd, svt, svd, qk_scale_log2, GROUP_P, HEAD_DIM, WIN_N, PRECISION)
+        _store_part(M_PART, L_PART, ACC, ((TOP_N + chunk).to(tl.int64) * batch + b) * num_q_heads + heads, gmask,
+                    m_i, l_i, acc, HEAD_DIM)
+
+
+@triton.jit
+def _token_importance(M_SPLIT, L_SPLIT, MASS, bh, nsel, nsel_pad, n_splits, GROUP: tl.constexpr,
+                      GROUP_P: tl.constexpr, NUM_SEL: tl.constexpr, NSEL_P: tl.constexpr, SPLITS_P: tl.constexpr,
+                      HEADS_AT_ONCE: tl.constexpr):
+    """[NSEL_P] eq. 9 importance (group's heads summed) from the splits' masses: each head's compressed LSE is
+    merged from the splits' (m, sum), then mass * exp2(m_split - lse) is summed over the heads, HEADS_AT_ONCE
+    at a time (independent loads in flight rather than one head's chain of loads after another's)."""
+    cols = tl.arange(0, NSEL_P)
+    valid = cols < nsel
+    offs_sp = tl.arange(0, SPLITS_P)
+    imp = tl.zeros([NSEL_P], tl.float32)
+    for h0 in tl.static_range(0, GROUP, HEADS_AT_ONCE):
+        hh = h0 + tl.arange(0, HEADS_AT_ONCE)
+        hmask = hh < GROUP
+        at = (bh.to(tl.int64) * n_splits + offs_sp[:, None]) * GROUP_P + hh[None, :]
+        sp_mask = (offs_sp[:, None] < n_splits) & hmask[None, :]
+        m_sp = tl.load(M_SPLIT + at, mask=sp_mask, other=float("-inf"))
+        l_sp = tl.load(L_SPLIT + at, mask=sp_mask, other=0.0)
+        m_col = tl.load(M_SPLIT + (bh.to(tl.int64) * n_splits + cols[None, :] // NUM_SEL) * GROUP_P + hh[:, None],
+                        mask=valid[None, :] & hmask[:, None], other=float("-inf"))
+        mass = tl.load(MASS + (bh.to(tl.int64) * GROUP_P + hh[:, None]) * nsel_pad + cols[None, :],
+                       mask=valid[None, :] & hmask[:, None], other=0.0)
+        mx = tl.max(m_sp, 0)
+        mx = tl.where(mx == float("-inf"), 0.0, mx)
+        total = tl.sum(tl.where(m_sp == float("-inf"), 0.0, l_sp * tl.math.exp2(m_sp - mx[None, :])), 0)
+        lse2 = tl.where(total > 0, mx + tl.math.log2(tl.where(total > 0, total, 1.0)), float("inf"))
+        imp += tl.sum(tl.where(m_col == float("-inf"), 0.0, mass * tl.math.exp2(m_col - lse2[:, None])), 0)
+    return imp
+
+
+@triton.jit
+def _token_top_blocks(M_SPLIT, L_SPLIT, MASS, IMP, CHOSEN, bh, part, nsel, nsel_pad, n_splits, last_cand,
+                      init_blocks, local_blocks, GROUP: tl.constexpr, GROUP_P: tl.constexpr, NUM_SEL: tl.constexpr,
+                      NSEL_P: tl.constexpr, SPLITS_P: tl.constexpr, HEADS_AT_ONCE: tl.constexpr,
+                      TOP_N: tl.constexpr, TOP_N_P: tl.constexpr):
+    """The block in ascending slot ``part`` of the query's top-n (-1: none); slot 0's program also writes the
+    importance row and the chosen blocks. Same rule as ``nsa_topk``: candidates ``s <= last_cand``, the first
+    init_blocks and the local_blocks ending at last_cand forced, the rest by importance, ties to the lower
+    block. The n-th largest ranking key is found by a 4-way search on the float bits: each pass counts the
+    keys above three thresholds in one packed int64 sum (17 passes over the row held in registers, instead of
+    n serial arg-max steps per chunk of columns)."""
+    imp = _token_importance(M_SPLIT, L_SPLIT, MASS, bh, nsel, nsel_pad, n_splits, GROUP, GROUP_P, NUM_SEL, NSEL_P,
+                            SPLITS_P, HEADS_AT_ONCE)
+    cols = tl.arange(0, NSEL_P)
+    valid = cols < nsel
+    # a non-negative float orders like its bit pattern; forced blocks get +inf's, non-candidates -1
+    cand = valid & (cols <= last_cand)
+    forced = cand & ((cols < init_blocks) | (cols > last_cand - local_blocks))
+    key = tl.where(forced, 0x7F800000, (imp + 0.0).to(tl.int32, bitcast=True))
+    key = tl.where(cand, key, -1).to(tl.int64)
+    lo = tl.full([], 0, tl.int64)  # invariant: at least TOP_N keys >= lo, or lo = 0
+    hi = tl.full([], 0x7F800001, tl.int64)  # fewer than TOP_N keys >= hi
+    for _ in range(17):  # each pass leaves at most a quarter (rounded up) of [lo, hi): 2^31 -> 1 in 16
+        r = hi - lo
+        t1 = lo + r // 4
+        t2 = lo + r // 2
+        t3 = lo + (3 * r) // 4
+        counts = tl.sum((key >= t1).to(tl.int64) + ((key >= t2).to(tl.int64) << 16)
+                        + ((key >= t3).to(tl.int64) << 32), 0)  # three counts <= 4096 in 16-bit fields
+        ok1 = (counts & 0xFFFF) >= TOP_N
+        ok2 = ((counts >> 16) & 0xFFFF) >= TOP_N
+        ok3 = (counts >> 32) >= TOP_N
+        new_lo = tl.where(ok3, t3, tl.where(ok2, t2, tl.where(ok1, t1, lo)))
+        hi = tl.where(ok3, hi, tl.where(ok2, t3, tl.where(ok1, t2, t1)))
+        lo = new_lo
+    above = key > lo
+    tied = key == lo
+    need = TOP_N - tl.sum(above.to(tl.int32), 0)
+    chosen = above | (tied & (tl.cumsum(tied.to(tl.int32), 0) <= need))
+    order = tl.cumsum(chosen.to(tl.int32), 0) - 1
+    here = chosen & (order == part)
+    blk = tl.where(tl.sum(here.to(tl.int32), 0) > 0, tl.sum(tl.where(here, cols, 0), 0), -1)
+    if part == 0:
+        tl.store(IMP + bh.to(tl.int64) * nsel + cols, imp, mask=valid)
+        tl.store(CHOSEN + bh.to(tl.int64) * TOP_N + order, cols, mask=chosen)
+        slots = tl.arange(0, TOP_N_P)
+        n_chosen = tl.sum(chosen.to(tl.int32), 0)
+        tl.store(CHOSEN + bh.to(tl.int64) * TOP_N + slots, tl.full([TOP_N_P], -1, tl.int32),
+                 mask=(slots >= n_chosen) & (slots < TOP_N))
+    return blk
+
+
+@triton.jit
+def _token_select_attend_kernel(
+    Q, K, V, M_SPLIT, L_SPLIT, MASS, IMP, CHOSEN, M_PART, L_PART, ACC,
+    sqb, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd,
+    num_q_heads, num_kv_heads, pos, nsel, nsel_pad, n_splits, last_cand, init_blocks, local_blocks, qk_scale_log2,
+    batch,
+    GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+    NUM_SEL: tl.constexpr, NSEL_P: tl.constexpr, SPLITS_P: tl.constexpr, HEADS_AT_ONCE: tl.constexpr,
+    TOP_N: tl.constexpr, TOP_N_P: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One program per (selected slot, sequence × kv head): the slot's program finds the top-n itself
+    (``_token_top_blocks``: the TOP_N programs do it side by side instead of in extra launches) and attends to
+    its block's keys before the window (later ones are the window's); partials go to ``_combine_kernel``."""
+    part = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // num_kv_heads
+    hk = bh % num_kv_heads
+    offs_g = tl.arange(0, GROUP_P)
+    gmask = offs_g < GROUP
+    heads = hk * GROUP + offs_g
+    blk = _token_top_blocks(M_SPLIT, L_SPLIT, MASS, IMP, CHOSEN, bh, part, nsel, nsel_pad, n_splits, last_cand,
+                            init_blocks, local_blocks, GROUP, GROUP_P, NUM_SEL, NSEL_P, SPLITS_P, HEADS_AT_ONCE,
+                            TOP_N, TOP_N_P)
+    q_ptr = Q + b.to(tl.int64) * sqb + heads[:, None] * sqh + tl.arange(0, HEAD_DIM)[None, :] * sqd
+    m_i, l_i, acc = _attend_span(q_ptr, gmask, K + b.to(tl.int64) * skb + hk * skh, V + b.to(tl.int64) * svb + hk * svh,
+                                 tl.where(blk >= 0, blk * BLOCK, pos + 1), pos - WINDOW, BLOCK // BLOCK_N, skt, skd,
+                                 svt, svd, qk_scale_log2, GROUP_P, HEAD_DIM, BLOCK_N, PRECISION)
+    _store_part(M_PART, L_PART, ACC, (part.to(tl.int64) * batch + b) * num_q_heads + heads, gmask, m_i, l_i, acc,
+                HEAD_DIM)
+
+
+# The one-token path holds a query's importance row in registers: up to this many selection blocks (256k
+# tokens at l' = 64); longer caches take the general decode chain.
+TOKEN_DECODE_MAX_BLOCKS = 4096
+# Benchmarks may pin launch settings: {"scores": (warps, stages), "select": (warps, stages)}.
+TOKEN_DECODE_LAUNCH: dict = {}
+
+
+def token_decode_supported(q, k_cmp, *, block: int, cmp_block: int, cmp_stride: int, kv_len: int) -> bool:
+    """Whether ``union_token_decode_triton`` takes this step: one query per sequence, a tiled eq. 9 mapping and
+    a row that fits in registers."""
+    nsel = -(-kv_len // block)
+    return (q.shape[1] == 1 and _importance_tiling(cmp_block, cmp_stride, block) is not None
+            and nsel <= TOKEN_DECODE_MAX_BLOCKS and k_cmp.shape[1] > 0)
+
+
+def _launch(name: str, default: tuple, device) -> dict:
+    if device.type != "cuda":
+        return {}
+    warps, stages = TOKEN_DECODE_LAUNCH.get(name, default)
+    return dict(num_warps=warps, num_stages=stages)
+
+
+@torch.compiler.disable
+@torch.no_grad()
+def union_token_decode_triton(q, k, v, k_cmp, *, block: int, top_n: int, window: int, cmp_block: int,
+                              cmp_stride: int, init_blocks: int, local_blocks: int, select_outside_window: bool,
+                              scale: float):
+    """NSA union with per-token selection for one new query per sequence (``q [B, 1, HQ, D]`` at position
+    ``Tk - 1``) in three launches: the compressed keys' scores (split over programs) beside the window's parts;
+    the selection and the selected blocks (one program per slot); the merge of the parts. Returns ``(out, lse,
+    importance [B, HKV, 1, NSEL], chosen [B, HKV, 1, top_n])``, as ``nsa_from_compressed`` computes them
+    (arguments checked by the caller; ``token_decode_supported`` must hold)."""
+    b, _, hq, d = q.shape
+    tk, hkv = k.shape[1], k.shape[2]
+    group = hq // hkv
+    group_p = max(16, triton.next_power_of_2(group))
+    pos = tk - 1
+    nsel = -(-tk // block)
+    block_n, num_sel = _importance_tiling(cmp_block, cmp_stride, block)
+    spill = cmp_block // cmp_stride - 1  # keys of a tile that reach into the next tile's blocks
+    n_splits = triton.cdiv(nsel, num_sel)
+    nsel_pad = n_splits * num_sel
+    nsel_p = max(16, triton.next_power_of_2(nsel))
+    bn = _key_tile(block, d)
+    n_win = triton.cdiv(window, bn)
+    parts = top_n + n_win
+    f32 = dict(dtype=torch.float32, device=q.device)
+    m_split = torch.empty(b * hkv, n_splits, group_p, **f32)
+    l_split = torch.empty_like(m_split)
+    mass = torch.empty(b * hkv, group_p, nsel_pad, **f32)
+    m_part = torch.empty(parts, b, 1, hq, **f32)
+    l_part = torch.empty_like(m_part)
+    acc = torch.empty(parts, b, 1, hq, d, **f32)
+    precision = _precision(q.dtype, q.device)
+    q_strides = (q.stride(0), q.stride(2), q.stride(3))
+    common = dict(GROUP=group, GROUP_P=group_p, HEAD_DIM=d, NUM_SEL=num_sel, TOP_N=top_n, WINDOW=window,
+                  PRECISION=precision)
+    _token_scores_window_kernel[(n_splits + n_win, b * hkv)](
+        q, k_cmp, k, v, m_split, l_split, mass, m_part, l_part, acc, *q_strides, *_strides(k_cmp), *_strides(k),
+        *_strides(v), k_cmp.shape[1], hq, hkv, pos, scale * LOG2E, n_splits, nsel_pad, b, BLOCK_N=block_n,
+        SPILL_P=0 if spill == 0 else max(16, triton.next_power_of_2(spill)), CMP_BLOCK=cmp_block,
+        CMP_STRIDE=cmp_stride, SEL_BLOCK=block, WIN_N=bn, **common, **_launch("scores", (4, 1), q.device))
+    if select_outside_window:
+        last_cand, local_blocks = (pos - window) // block, 0
+    else:
+        last_cand = pos // block
+    importance = torch.empty(b, hkv, 1, nsel, **f32)
+    chosen = torch.empty(b, hkv, 1, top_n, dtype=torch.int32, device=q.device)
+    _token_select_attend_kernel[(top_n, b * hkv)](
+        q, k, v, m_split, l_split, mass, importance, chosen, m_part, l_part, acc, *q_strides, *_strides(k),
+        *_strides(v), hq, hkv, pos, nsel, nsel_pad, n_splits, last_cand, init_blocks, local_blocks, scale * LOG2E, b,
+        BLOCK=block, BLOCK_N=bn, NSEL_P=nsel_p, SPLITS_P=max(2, triton.next_power_of_2(n_splits)),
+        HEADS_AT_ONCE=max(1, min(group_p, 4096 // nsel_p)), TOP_N_P=max(2, triton.next_power_of_2(top_n)), **common,
+        **_launch("select", (4, 2), q.device))
+    out, lse = _combine_parts(m_part, l_part, acc, q)
+    return out, lse, importance, chosen
+
+
+def _combine_parts(m_part, l_part, acc, q):
+    """``(out, lse)`` of the parts' partial softmaxes ``[parts, B, Tq, HQ(, D)]`` (``_combine_kernel``)."""
+    parts, b, tq, hq = m_part.shape
+    d = q.shape[-1]
+    out = torch.empty(b, tq, hq, d, dtype=q.dtype, device=q.device)
+    lse = torch.empty(b, tq, hq, dtype=torch.float32, device=q.device)
+    rows = b * tq * hq
+    _combine_kernel[(rows,)](m_part, l_part, acc, out, lse, parts, rows, *_strides(out), tq, hq,
+                             PARTS=max(2, triton.next_power_of_2(parts)), HEAD_DIM=d,
+                             **({"num_warps": 2} if q.device.type == "cuda" else {}))
+    return out, lse
+
+
 def _key_tile(block: int, head_dim: int) -> int:
     return min(block, 64 if head_dim <= 128 else 32)
 
@@ -133,13 +432,7 @@ def selected_window_decode_triton(q, k, v, block_idx, *, block: int, scale: Opti
         q, k, v, block_idx, m_part, l_part, acc, *_strides(q), *_strides(k), *_strides(v), *_strides(block_idx),
         tq, hq, hkv, n_slots, tk - tq, scale * LOG2E, b, GROUP=group, ROWS=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=d, BLOCK=block, BLOCK_N=bn, WINDOW=window, PRECISION=_precision(q.dtype, q.device), **extra)
-    out = torch.empty(b, tq, hq, d, dtype=q.dtype, device=q.device)
-    lse = torch.empty(b, tq, hq, dtype=torch.float32, device=q.device)
-    rows = b * tq * hq
-    _combine_kernel[(rows,)](m_part, l_part, acc, out, lse, parts, rows, *_strides(out), tq, hq,
-                             PARTS=max(2, triton.next_power_of_2(parts)), HEAD_DIM=d,
-                             **({"num_warps": 2} if q.device.type == "cuda" else {}))
-    return out, lse
+    return _combine_parts(m_part, l_part, acc, q)
 
 
 def selected_window_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: torch.Tensor, *, block: int,
@@ -155,4 +448,5 @@ def selected_window_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
         return selected_attention_reference(q, k, v, block_idx, block=block, scale=scale, window=window)
 
 
-__all__ = ["selected_window_decode", "selected_window_decode_triton"]
+__all__ = ["selected_window_decode", "selected_window_decode_triton", "union_token_decode_triton",
+           "token_decode_supported"]

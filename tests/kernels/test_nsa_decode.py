@@ -73,3 +73,45 @@ def test_cache_misuse_is_refused():
     cache.reset()
     out = nsa_decode(q[:, 39:], k, v, cache, **SMALL)  # a fresh cache catches up with the whole KV cache
     assert torch.allclose(out, nsa_attention(q, k, v, **SMALL)[:, 39:], atol=1e-6)
+
+
+@pytest.mark.parametrize("hq,hkv,d,tk,dtype,kw", [
+    (4, 2, 32, 150, torch.float32, dict(SMALL)),
+    (9, 3, 64, 300, torch.bfloat16, dict(block=32, top_n=4, window=40, cmp_block=16, cmp_stride=8, local_blocks=2)),
+    (6, 2, 32, 333, torch.float32, dict(SMALL, cmp_block=4, cmp_stride=4)),  # l = d: no spill into the next tile
+    (4, 1, 32, 400, torch.float16, dict(block=16, top_n=5, window=32, cmp_block=16, cmp_stride=8, local_blocks=0,
+                                        select_outside_window=True)),
+    (2, 2, 32, 37, torch.float32, dict(SMALL, top_n=8)),  # fewer visible blocks than top_n
+    (4, 2, 32, 200, torch.float32, dict(SMALL, window=0)),  # no window parts
+])
+def test_one_token_path_matches_the_oracle(monkeypatch, hq, hkv, d, tk, dtype, kw):
+    """One query per sequence without gradient takes the three-launch one-token kernels (counted here): same
+    blocks, importance, output and LSE as the oracle."""
+    from nsa_viz.kernels import nsa as nsa_module
+    from nsa_viz.kernels.nsa_ref import nsa_attention_reference
+    calls = []
+    real = nsa_module.union_token_decode_triton
+    monkeypatch.setattr(nsa_module, "union_token_decode_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    q, k, v = (torch.randn(2, t, h, d).to(dtype) for t, h in ((1, hq), (tk, hkv), (tk, hkv)))
+    with torch.no_grad():
+        out, aux = nsa_attention(q, k, v, **kw, backend="triton", return_aux=True)
+        want, want_aux = nsa_attention_reference(q, k, v, **kw, return_aux=True)
+    assert calls, "the one-token path was not taken"
+    assert torch.equal(aux["block_idx"], want_aux["block_idx"])
+    assert torch.equal(aux["block_count"], want_aux["block_count"])
+    assert rel_err(aux["importance"], want_aux["importance"]) < 1e-5
+    assert rel_err(out, want) < TOLERANCE[dtype]
+    assert rel_err(aux["lse"], want_aux["lse"]) < 1e-5
+
+
+def test_one_token_path_breaks_ties_like_the_oracle():
+    # a zero query scores every compressed key alike: the ranking is decided by ties (lower block wins) and by
+    # the eq. 9 weights of the partly covered last blocks
+    from nsa_viz.kernels.nsa_ref import nsa_attention_reference
+    q = torch.zeros(1, 1, 4, 32)
+    k, v = torch.randn(1, 200, 2, 32), torch.randn(1, 200, 2, 32)
+    for kw in (dict(SMALL, top_n=6), dict(SMALL, top_n=6, local_blocks=0, select_outside_window=True)):
+        with torch.no_grad():
+            _, aux = nsa_attention(q, k, v, **kw, backend="triton", return_aux=True)
+            _, want_aux = nsa_attention_reference(q, k, v, **kw, return_aux=True)
+        assert torch.equal(aux["block_idx"], want_aux["block_idx"]), kw

@@ -1,0 +1,148 @@
+"""Decoding one token with NSA against dense SDPA decoding (issue 3's decode target), on a GPU.
+
+For each GQA shape and cache length T: the step through ``nsa_decode`` with its ``NSACache`` (union, per-token
+selection, n=16, l'=64, w=512, compression 32/16), checked against the oracle first (identical blocks, output
+error), then timed eager and captured in one CUDA graph; the general decode chain (the one-token path switched
+off) beside it; dense SDPA decoding with each backend, eager and in a CUDA graph (the best is the baseline).
+At the longest T, the kernels of one eager step (torch.profiler).
+
+    python benchmarks/bench_nsa_decode.py [--smoke] [--lengths 8192 65536] [--configs 64/4/128 9/3/64]
+
+Writes benchmarks/results/nsa_decode_<gpu>.json (and $OUT) and prints a table last.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from common import ROOT, bench_ms, capture_graph, environment, gpu_slug, rel_err, write_rows
+from nsa_viz.kernels import nsa_decode_kernels
+from nsa_viz.kernels.nsa_decode import NSACache, nsa_decode
+from nsa_viz.kernels.nsa_ref import nsa_attention_reference
+from profile_nsa import kernel_table, show
+
+PARAMS = dict(block=64, top_n=16, window=512, cmp_block=32, cmp_stride=16, combine="union", granularity="token")
+
+
+def dense_steps(q1, kc, vc):
+    """{backend name: step} of dense SDPA decoding one query over the whole cache."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    qt, kt, vt = q1.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2)
+    steps = {}
+    for name, be in (("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa_flash", SDPBackend.FLASH_ATTENTION),
+                     ("sdpa_efficient", SDPBackend.EFFICIENT_ATTENTION)):
+        def step(be=be):
+            with sdpa_kernel([be]):
+                return F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True)
+        steps[name] = step
+    return steps
+
+
+def timed(step, graph: bool) -> float:
+    if not graph:
+        return bench_ms(step)
+    g = capture_graph(step)
+    return bench_ms(g.replay)
+
+
+def sweep_launches(step, rows: list, base: dict) -> None:
+    """Graph time of the one-token step per (warps, stages) of its two main kernels, one changed at a time."""
+    for name, options in (("scores", [(2, 1), (4, 1), (8, 1)]), ("select", [(2, 1), (4, 1), (4, 2), (8, 1)])):
+        for warps, stages in options:
+            nsa_decode_kernels.TOKEN_DECODE_LAUNCH[name] = (warps, stages)
+            try:
+                ms = timed(step, graph=True)
+            finally:
+                nsa_decode_kernels.TOKEN_DECODE_LAUNCH.clear()
+            rows.append(dict(base, impl="nsa_viz_token_decode", mode="graph", sweep=name, warps=warps, stages=stages,
+                             ms=ms))
+            print(f"  sweep {name} warps={warps} stages={stages}: {ms * 1e3:.1f} us", flush=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="toy sizes on the CPU (TRITON_INTERPRET=1): checks only")
+    ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768, 65536])
+    ap.add_argument("--configs", nargs="+", default=["64/4/128", "32/8/128", "9/3/64"], help="HQ/HKV/D")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--sweep", action="store_true", help="also time launch settings of the one-token kernels "
+                    "(first config, longest T)")
+    args = ap.parse_args()
+    device = torch.device("cpu" if args.smoke else "cuda")
+    dtype = torch.float32 if args.smoke else torch.bfloat16
+    lengths = [700, 1500] if args.smoke else args.lengths
+    configs = ["4/2/32"] if args.smoke else args.configs
+    env = environment(device)
+    rows, table = [], []
+    for config in configs:
+        hq, hkv, d = (int(x) for x in config.split("/"))
+        for t in lengths:
+            torch.manual_seed(t)
+            kc, vc = (torch.randn(args.batch, t, hkv, d, device=device, dtype=dtype) for _ in range(2))
+            q1 = torch.randn(args.batch, 1, hq, d, device=device, dtype=dtype)
+            cache = NSACache(PARAMS["cmp_block"], PARAMS["cmp_stride"])
+            cache.update(kc, vc)  # what the prefill and the earlier steps left: all complete blocks compressed
+            cache.queries_until = t - 1
+            step = lambda: nsa_decode(q1, kc, vc, cache, **PARAMS)
+            base = dict(env, op="decode", config=config, HQ=hq, HKV=hkv, D=d, T=t, B=args.batch, dtype=str(dtype),
+                        **{k: v for k, v in PARAMS.items()})
+            with torch.no_grad():
+                got, aux = nsa_decode(q1, kc, vc, cache, **PARAMS, return_aux=True)
+                want, want_aux = nsa_attention_reference(q1, kc, vc, **PARAMS, return_aux=True)
+                err = rel_err(got, want)
+                same = float((aux["block_idx"] == want_aux["block_idx"]).all(-1).float().mean())
+                print(f"{config} T={t}: one-token path vs oracle rel err {err:.1e}, rows with identical blocks "
+                      f"{same:.3f}", flush=True)
+                if device.type != "cuda":
+                    assert same == 1.0 and err < 1e-4
+                    continue
+                line = {"config": config, "T": t}
+                for graph in (False, True):
+                    kind = "graph" if graph else "eager"
+                    ms = timed(step, graph)
+                    rows.append(dict(base, impl="nsa_viz_token_decode", mode=kind, ms=ms, rel_err_vs_oracle=err,
+                                     identical_block_rows=same))
+                    line[f"nsa {kind}"] = ms
+                    keep = nsa_decode_kernels.TOKEN_DECODE_MAX_BLOCKS
+                    nsa_decode_kernels.TOKEN_DECODE_MAX_BLOCKS = 0  # the general decode chain
+                    try:
+                        ms = timed(step, graph)
+                    finally:
+                        nsa_decode_kernels.TOKEN_DECODE_MAX_BLOCKS = keep
+                    rows.append(dict(base, impl="nsa_viz_general_decode", mode=kind, ms=ms))
+                    line[f"chain {kind}"] = ms
+                    for name, dense in dense_steps(q1, kc, vc).items():
+                        try:
+                            ms = timed(dense, graph)
+                        except Exception as exc:  # a backend may refuse the shape or the capture
+                            print(f"  {name} {kind}: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
+                            continue
+                        rows.append(dict(base, impl=name, mode=kind, ms=ms))
+                        line[f"{name} {kind}"] = ms
+                dense_best = min(v for k, v in line.items() if k.startswith("sdpa"))
+                line["dense best"] = dense_best
+                line["speedup (graph vs best dense)"] = dense_best / line["nsa graph"]
+                table.append(line)
+                print("  " + ", ".join(f"{k} {v * 1e3:.1f} us" if isinstance(v, float) and "speedup" not in k
+                                       else f"{k} {v}" for k, v in line.items()), flush=True)
+                if args.sweep and t == max(lengths) and config == configs[0]:
+                    sweep_launches(step, rows, base)
+                if t == max(lengths):
+                    kernels = kernel_table(step, device)
+                    show(f"{config} T={t}: kernels of one eager step", kernels)
+                    rows.append(dict(base, impl="nsa_viz_token_decode", mode="kernels", kernels=kernels))
+    if device.type == "cuda":
+        path = ROOT / "benchmarks" / "results" / f"nsa_decode_{gpu_slug(device)}.json"
+        write_rows(rows, path)
+        print("\nconfig, T, NSA graph us, general chain graph us, best dense us (graph or eager), speedup")
+        for line in table:
+            print(f"{line['config']}, {line['T']}, {line['nsa graph'] * 1e3:.1f}, {line['chain graph'] * 1e3:.1f}, "
+                  f"{line['dense best'] * 1e3:.1f}, {line['speedup (graph vs best dense)']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
