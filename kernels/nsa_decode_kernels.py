@@ -9,8 +9,18 @@ programs (flash-decoding) so that one token is limited by bytes, not by a handfu
   writes its partial (max, sum, unnormalised output); ``_combine_kernel`` merges them per (token, head).
   With n = 16, w = 512, l' = 64 that is 24 parts × HKV programs of one 64-key tile each, instead of the
   prefill kernel's HKV programs walking 16 blocks serially (plus a block-sparse window launch).
-- The compressed side has its decode forms in ``nsa_compressed``: ``compressed_lse(..., splits=S)`` and
-  ``selection_importance`` (its default splits the output columns when there are few query rows).
+- ``union_token_decode_triton``: the whole union/per-token step for ONE new query per sequence in three
+  launches (``nsa.nsa_from_compressed`` takes it when it can). (1) ``_token_scores_window_kernel``: the
+  compressed keys split into tiles, one program each, rows = the group's heads; each writes its tile's
+  partial LSE (max, sum) and each head's eq. 9 mass of the tile's selection blocks relative to that max,
+  so the compressed keys are read once (no separate LSE pass); beside them, the window's parts. (2)
+  ``_token_select_attend_kernel``: one program per selected slot merges the LSE, rescales and sums the
+  masses over heads, finds the top-n (``nsa_topk.top_n_mask``) and attends to its slot's block. (3)
+  ``_combine_kernel``. The general decode chain took about ten launches, several of them one serial
+  program per head (122 us at 64k on an H200, benchmarks/NOTES.md run 8).
+- The compressed side of the general chain has its decode forms in ``nsa_compressed``:
+  ``compressed_lse(..., splits=S)`` and ``selection_importance`` (its default splits the output columns
+  when there are few query rows).
 """
 from __future__ import annotations
 
@@ -24,6 +34,7 @@ from . import resolve_backend
 from .block_sparse import LOG2E, _mm, _precision, _strides
 from .nsa_compressed import _importance_tiling, _overlap_weights, _visible_count
 from .nsa_selected_ref import check_selected_inputs, selected_attention_reference
+from .nsa_topk import ranking_keys, top_n_mask
 
 
 @triton.jit
@@ -243,37 +254,13 @@ def _token_top_blocks(M_SPLIT, L_SPLIT, MASS, IMP, CHOSEN, bh, part, nsel, nsel_
     """The block in ascending slot ``part`` of the query's top-n (-1: none); slot 0's program also writes the
     importance row and the chosen blocks. Same rule as ``nsa_topk``: candidates ``s <= last_cand``, the first
     init_blocks and the local_blocks ending at last_cand forced, the rest by importance, ties to the lower
-    block. The n-th largest ranking key is found by a 4-way search on the float bits: each pass counts the
-    keys above three thresholds in one packed int64 sum (17 passes over the row held in registers, instead of
-    n serial arg-max steps per chunk of columns)."""
+    block (``nsa_topk.top_n_mask`` on the row held in registers)."""
     imp = _token_importance(M_SPLIT, L_SPLIT, MASS, bh, nsel, nsel_pad, n_splits, GROUP, GROUP_P, NUM_SEL, NSEL_P,
                             SPLITS_P, HEADS_AT_ONCE)
     cols = tl.arange(0, NSEL_P)
     valid = cols < nsel
-    # a non-negative float orders like its bit pattern; forced blocks get +inf's, non-candidates -1
-    cand = valid & (cols <= last_cand)
-    forced = cand & ((cols < init_blocks) | (cols > last_cand - local_blocks))
-    key = tl.where(forced, 0x7F800000, (imp + 0.0).to(tl.int32, bitcast=True))
-    key = tl.where(cand, key, -1).to(tl.int64)
-    lo = tl.full([], 0, tl.int64)  # invariant: at least TOP_N keys >= lo, or lo = 0
-    hi = tl.full([], 0x7F800001, tl.int64)  # fewer than TOP_N keys >= hi
-    for _ in range(17):  # each pass leaves at most a quarter (rounded up) of [lo, hi): 2^31 -> 1 in 16
-        r = hi - lo
-        t1 = lo + r // 4
-        t2 = lo + r // 2
-        t3 = lo + (3 * r) // 4
-        counts = tl.sum((key >= t1).to(tl.int64) + ((key >= t2).to(tl.int64) << 16)
-                        + ((key >= t3).to(tl.int64) << 32), 0)  # three counts <= 4096 in 16-bit fields
-        ok1 = (counts & 0xFFFF) >= TOP_N
-        ok2 = ((counts >> 16) & 0xFFFF) >= TOP_N
-        ok3 = (counts >> 32) >= TOP_N
-        new_lo = tl.where(ok3, t3, tl.where(ok2, t2, tl.where(ok1, t1, lo)))
-        hi = tl.where(ok3, hi, tl.where(ok2, t3, tl.where(ok1, t2, t1)))
-        lo = new_lo
-    above = key > lo
-    tied = key == lo
-    need = TOP_N - tl.sum(above.to(tl.int32), 0)
-    chosen = above | (tied & (tl.cumsum(tied.to(tl.int32), 0) <= need))
+    key = ranking_keys(imp[None, :], cols, tl.full([1], last_cand, tl.int32), init_blocks, local_blocks)
+    chosen = tl.reshape(top_n_mask(tl.where(valid[None, :], key, -1), TOP_N), [NSEL_P])
     order = tl.cumsum(chosen.to(tl.int32), 0) - 1
     here = chosen & (order == part)
     blk = tl.where(tl.sum(here.to(tl.int32), 0) > 0, tl.sum(tl.where(here, cols, 0), 0), -1)

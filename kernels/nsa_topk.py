@@ -15,6 +15,12 @@ order and every list entry comes from an earlier chunk (a lower block index), so
 the list and, within the list, by the earlier position: the lower index, as the oracle. A chunk
 whose best score cannot enter any row's list is skipped. Columns past a row's own block are never
 read (half the tensor under the causal mask).
+
+``top_n_mask`` / ``ranking_keys`` are the same rule for rows held whole in registers (the one-token
+decode kernels): a 4-way search over the key values finds each row's n-th largest key in 17 counting
+passes. As a forward top-n kernel (8 rows of 1024 columns per program) it was slower than the chunked
+merge on an H200 at 64k (5.7 vs 5.1 ms: every pass visits all columns, the merge skips most chunks), so
+the forward keeps the merge (benchmarks/NOTES.md run 9).
 """
 from __future__ import annotations
 
@@ -112,6 +118,47 @@ def _topn_kernel(
             run_i = tl.where(run_i == m[:, None], NONE, run_i)
         out = tl.where(out == NONE, -1, out)
         tl.store(OUT + o_offs, out, mask=rmask[:, None] & (pos_p[None, :] < TOP_N))
+
+
+@triton.jit
+def top_n_mask(key, TOP_N: tl.constexpr):
+    """Each row's top-n of ``key [R, C]`` (int64 ranking keys: the bit pattern of a non-negative float32 score,
+    0x7F800000 (+inf) for a forced block, -1 for a column that is not a candidate) as a bool mask; equal keys
+    go to the lower column; a row with fewer than TOP_N candidates keeps them all.
+
+    The n-th largest key of each row is found by a 4-way search on the key values: each pass counts the keys
+    at or above three thresholds in one packed int64 sum (three counts < 2^16 in 16-bit fields) and keeps the
+    quarter of [lo, hi) that holds it, so 17 passes cover the 31-bit range, whatever C is."""
+    R: tl.constexpr = key.shape[0]
+    lo = tl.zeros([R], tl.int64)  # per row: at least TOP_N keys >= lo, or lo = 0
+    hi = tl.full([R], 0x7F800001, tl.int64)  # fewer than TOP_N keys >= hi
+    for _ in range(17):  # each pass leaves at most a quarter (rounded up) of [lo, hi): 2^31 -> 1 in 16
+        r = hi - lo
+        t1 = (lo + r // 4)[:, None]
+        t2 = (lo + r // 2)[:, None]
+        t3 = (lo + (3 * r) // 4)[:, None]
+        counts = tl.sum((key >= t1).to(tl.int64) + ((key >= t2).to(tl.int64) << 16)
+                        + ((key >= t3).to(tl.int64) << 32), 1)
+        ok1 = (counts & 0xFFFF) >= TOP_N
+        ok2 = ((counts >> 16) & 0xFFFF) >= TOP_N
+        ok3 = (counts >> 32) >= TOP_N
+        new_lo = tl.where(ok3, t3.reshape([R]), tl.where(ok2, t2.reshape([R]), tl.where(ok1, t1.reshape([R]), lo)))
+        hi = tl.where(ok3, hi, tl.where(ok2, t3.reshape([R]), tl.where(ok1, t2.reshape([R]), t1.reshape([R]))))
+        lo = new_lo
+    above = key > lo[:, None]
+    tied = key == lo[:, None]
+    need = TOP_N - tl.sum(above.to(tl.int32), 1)
+    return above | (tied & (tl.cumsum(tied.to(tl.int32), 1) <= need[:, None]))
+
+
+@triton.jit
+def ranking_keys(scores, cols, last, init_blocks, local_blocks):
+    """int64 ranking keys of ``scores [R, C]`` (float32 >= 0 where visible) for rows whose last candidate block
+    is ``last [R]`` (see ``top_n_mask``): forced initial and local blocks, -1 past the row's last block."""
+    cand = cols[None, :] <= last[:, None]
+    forced = cand & ((cols[None, :] < init_blocks) | (cols[None, :] > last[:, None] - local_blocks))
+    key = tl.where(forced, 0x7F800000, (scores + 0.0).to(tl.int32, bitcast=True))  # + 0.0: -0.0 becomes +0.0
+    return tl.where(cand, key, -1).to(tl.int64)
 
 
 # Benchmarks may change these (rows per program, columns per chunk, warps).
