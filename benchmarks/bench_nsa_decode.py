@@ -1,14 +1,14 @@
 """Decoding one token with NSA against dense SDPA decoding (issue 3's decode target), on a GPU.
 
-For each GQA shape and cache length T: the step through ``nsa_decode`` with its ``NSACache`` (union, per-token
-selection, n=16, l'=64, w=512, compression 32/16), checked against the oracle first (identical blocks, output
+For each GQA shape and cache length T: the step through ``nsa_decode`` with its ``NSACache`` (union and gated,
+per-token selection, n=16, l'=64, w=512, compression 32/16), checked against the oracle first (identical blocks, output
 error), then timed eager and captured in one CUDA graph; the general decode chain (the one-token path switched
 off) beside it; dense SDPA decoding with each backend, eager and in a CUDA graph (the best is the baseline).
 At the longest T, the kernels of one eager step (torch.profiler).
 
     python benchmarks/bench_nsa_decode.py [--smoke] [--lengths 8192 65536] [--configs 64/4/128 9/3/64]
 
-Writes benchmarks/results/nsa_decode_<gpu>.json (and $OUT) and prints a table last.
+Writes benchmarks/results/nsa_decode_<gpu>[_b<batch>].json (and $OUT) and prints a table last.
 """
 from __future__ import annotations
 
@@ -62,14 +62,26 @@ def sweep_launches(step, rows: list, base: dict) -> None:
             print(f"  sweep {name} warps={warps} stages={stages}: {ms * 1e3:.1f} us", flush=True)
 
 
+def time_nsa(step, graph: bool) -> tuple:
+    """(one-token path ms, general decode chain ms) of the same step."""
+    fast = timed(step, graph)
+    keep = nsa_decode_kernels.TOKEN_DECODE_MAX_BLOCKS
+    nsa_decode_kernels.TOKEN_DECODE_MAX_BLOCKS = 0  # the general decode chain
+    try:
+        return fast, timed(step, graph)
+    finally:
+        nsa_decode_kernels.TOKEN_DECODE_MAX_BLOCKS = keep
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="toy sizes on the CPU (TRITON_INTERPRET=1): checks only")
     ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768, 65536])
     ap.add_argument("--configs", nargs="+", default=["64/4/128", "32/8/128", "9/3/64"], help="HQ/HKV/D")
+    ap.add_argument("--combines", nargs="+", default=["union", "gated"], choices=["union", "gated"])
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--sweep", action="store_true", help="also time launch settings of the one-token kernels "
-                    "(first config, longest T)")
+                    "(first config and combine, longest T)")
     args = ap.parse_args()
     device = torch.device("cpu" if args.smoke else "cuda")
     dtype = torch.float32 if args.smoke else torch.bfloat16
@@ -83,64 +95,63 @@ def main() -> int:
             torch.manual_seed(t)
             kc, vc = (torch.randn(args.batch, t, hkv, d, device=device, dtype=dtype) for _ in range(2))
             q1 = torch.randn(args.batch, 1, hq, d, device=device, dtype=dtype)
-            cache = NSACache(PARAMS["cmp_block"], PARAMS["cmp_stride"])
-            cache.update(kc, vc)  # what the prefill and the earlier steps left: all complete blocks compressed
-            cache.queries_until = t - 1
-            step = lambda: nsa_decode(q1, kc, vc, cache, **PARAMS)
-            base = dict(env, op="decode", config=config, HQ=hq, HKV=hkv, D=d, T=t, B=args.batch, dtype=str(dtype),
-                        **{k: v for k, v in PARAMS.items()})
-            with torch.no_grad():
-                got, aux = nsa_decode(q1, kc, vc, cache, **PARAMS, return_aux=True)
-                want, want_aux = nsa_attention_reference(q1, kc, vc, **PARAMS, return_aux=True)
-                err = rel_err(got, want)
-                same = float((aux["block_idx"] == want_aux["block_idx"]).all(-1).float().mean())
-                print(f"{config} T={t}: one-token path vs oracle rel err {err:.1e}, rows with identical blocks "
-                      f"{same:.3f}", flush=True)
-                if device.type != "cuda":
-                    assert same == 1.0 and err < 1e-4
-                    continue
-                line = {"config": config, "T": t}
-                for graph in (False, True):
-                    kind = "graph" if graph else "eager"
-                    ms = timed(step, graph)
-                    rows.append(dict(base, impl="nsa_viz_token_decode", mode=kind, ms=ms, rel_err_vs_oracle=err,
-                                     identical_block_rows=same))
-                    line[f"nsa {kind}"] = ms
-                    keep = nsa_decode_kernels.TOKEN_DECODE_MAX_BLOCKS
-                    nsa_decode_kernels.TOKEN_DECODE_MAX_BLOCKS = 0  # the general decode chain
-                    try:
-                        ms = timed(step, graph)
-                    finally:
-                        nsa_decode_kernels.TOKEN_DECODE_MAX_BLOCKS = keep
-                    rows.append(dict(base, impl="nsa_viz_general_decode", mode=kind, ms=ms))
-                    line[f"chain {kind}"] = ms
-                    for name, dense in dense_steps(q1, kc, vc).items():
-                        try:
-                            ms = timed(dense, graph)
-                        except Exception as exc:  # a backend may refuse the shape or the capture
-                            print(f"  {name} {kind}: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
-                            continue
-                        rows.append(dict(base, impl=name, mode=kind, ms=ms))
-                        line[f"{name} {kind}"] = ms
-                dense_best = min(v for k, v in line.items() if k.startswith("sdpa"))
-                line["dense best"] = dense_best
-                line["speedup (graph vs best dense)"] = dense_best / line["nsa graph"]
-                table.append(line)
-                print("  " + ", ".join(f"{k} {v * 1e3:.1f} us" if isinstance(v, float) and "speedup" not in k
-                                       else f"{k} {v}" for k, v in line.items()), flush=True)
-                if args.sweep and t == max(lengths) and config == configs[0]:
-                    sweep_launches(step, rows, base)
-                if t == max(lengths):
-                    kernels = kernel_table(step, device)
-                    show(f"{config} T={t}: kernels of one eager step", kernels)
-                    rows.append(dict(base, impl="nsa_viz_token_decode", mode="kernels", kernels=kernels))
+            dense = {}
+            for combine in args.combines:
+                params = dict(PARAMS, combine=combine,
+                              gates=torch.rand(args.batch, 1, hq, 3, device=device) if combine == "gated" else None)
+                cache = NSACache(PARAMS["cmp_block"], PARAMS["cmp_stride"])
+                cache.update(kc, vc)  # what the prefill and the earlier steps left: all complete blocks compressed
+                cache.queries_until = t - 1
+                step = lambda: nsa_decode(q1, kc, vc, cache, **params)
+                base = dict(env, op="decode", config=config, HQ=hq, HKV=hkv, D=d, T=t, B=args.batch, dtype=str(dtype),
+                            **{k: v for k, v in params.items() if k != "gates"})
+                with torch.no_grad():
+                    got, aux = nsa_decode(q1, kc, vc, cache, **params, return_aux=True)
+                    want, want_aux = nsa_attention_reference(q1, kc, vc, **params, return_aux=True)
+                    err = rel_err(got, want)
+                    same = float((aux["block_idx"] == want_aux["block_idx"]).all(-1).float().mean())
+                    print(f"{config} T={t} {combine}: one-token path vs oracle rel err {err:.1e}, rows with identical "
+                          f"blocks {same:.3f}", flush=True)
+                    if device.type != "cuda":
+                        assert same == 1.0 and err < 1e-4
+                        continue
+                    line = {"config": config, "T": t, "combine": combine}
+                    for graph in (False, True):
+                        kind = "graph" if graph else "eager"
+                        fast, chain = time_nsa(step, graph)
+                        rows.append(dict(base, impl="nsa_viz_token_decode", mode=kind, ms=fast, rel_err_vs_oracle=err,
+                                         identical_block_rows=same))
+                        rows.append(dict(base, impl="nsa_viz_general_decode", mode=kind, ms=chain))
+                        line[f"nsa {kind}"], line[f"chain {kind}"] = fast, chain
+                        for name, dense_step in dense_steps(q1, kc, vc).items():
+                            if (name, kind) not in dense:
+                                try:
+                                    dense[name, kind] = timed(dense_step, graph)
+                                except Exception as exc:  # a backend may refuse the shape or the capture
+                                    print(f"  {name} {kind}: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
+                                    dense[name, kind] = None
+                                if dense[name, kind] is not None:
+                                    rows.append(dict(base, impl=name, mode=kind, ms=dense[name, kind], combine=None))
+                            if dense[name, kind] is not None:
+                                line[f"{name} {kind}"] = dense[name, kind]
+                    line["dense best"] = min(v for k, v in line.items() if k.startswith("sdpa"))
+                    line["speedup"] = line["dense best"] / line["nsa graph"]
+                    table.append(line)
+                    print("  " + ", ".join(f"{k} {v * 1e3:.1f} us" if isinstance(v, float) and k != "speedup"
+                                           else f"{k} {v}" for k, v in line.items()), flush=True)
+                    if args.sweep and t == max(lengths) and config == configs[0] and combine == args.combines[0]:
+                        sweep_launches(step, rows, base)
+                    if t == max(lengths):
+                        kernels = kernel_table(step, device)
+                        show(f"{config} T={t} {combine}: kernels of one eager step", kernels)
+                        rows.append(dict(base, impl="nsa_viz_token_decode", mode="kernels", kernels=kernels))
     if device.type == "cuda":
-        path = ROOT / "benchmarks" / "results" / f"nsa_decode_{gpu_slug(device)}.json"
-        write_rows(rows, path)
-        print("\nconfig, T, NSA graph us, general chain graph us, best dense us (graph or eager), speedup")
+        suffix = "" if args.batch == 1 else f"_b{args.batch}"
+        write_rows(rows, ROOT / "benchmarks" / "results" / f"nsa_decode_{gpu_slug(device)}{suffix}.json")
+        print("\nconfig, T, combine, NSA graph us, general chain graph us, best dense us (graph or eager), speedup")
         for line in table:
-            print(f"{line['config']}, {line['T']}, {line['nsa graph'] * 1e3:.1f}, {line['chain graph'] * 1e3:.1f}, "
-                  f"{line['dense best'] * 1e3:.1f}, {line['speedup (graph vs best dense)']:.2f}x")
+            print(f"{line['config']}, {line['T']}, {line['combine']}, {line['nsa graph'] * 1e3:.1f}, "
+                  f"{line['chain graph'] * 1e3:.1f}, {line['dense best'] * 1e3:.1f}, {line['speedup']:.2f}x")
     return 0
 
 

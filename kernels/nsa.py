@@ -37,7 +37,7 @@ from .layout import EMPTY, BlockLayout, TokenRule, layout_from_rule
 from .nsa_compressed import compressed_attention, compressed_importance, selection_importance
 from .nsa_ref import (GRANULARITIES, check_compressed, check_gates, check_nsa_params, num_compressed_blocks,
                       split_compress)
-from .nsa_decode_kernels import selected_window_decode, token_decode_supported, union_token_decode_triton
+from .nsa_decode_kernels import selected_window_decode, token_decode_supported, token_decode_triton
 from .nsa_selected import selected_attention, window_layout
 from .nsa_topk import pick_top_blocks
 
@@ -384,13 +384,15 @@ def nsa_from_compressed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cmp
     # the per-token kernels with HKV programs walking all its keys serially
     few_queries = tq <= DECODE_MAX_QUERIES and not (torch.is_grad_enabled() and any(
         t.requires_grad for t in (q, k, v)))
-    if (few_queries and backend == "triton" and combine == "union" and granularity == "token"
+    # one token and nothing to differentiate (gates and a learned compression included): three launches
+    no_grad = not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, k_cmp, v_cmp,
+                                                                                             gates)))
+    if (no_grad and backend == "triton" and granularity == "token"
             and token_decode_supported(q, k_cmp, block=block, cmp_block=cmp_block, cmp_stride=cmp_stride, kv_len=tk)):
-        out, lse, importance, chosen = union_token_decode_triton(
-            q, k, v, k_cmp, block=block, top_n=top_n, window=window, cmp_block=cmp_block, cmp_stride=cmp_stride,
-            init_blocks=init_blocks, local_blocks=local_blocks, select_outside_window=select_outside_window,
-            scale=scale)
-        return out, {"importance": importance, "chosen": chosen, "lse": lse}
+        return token_decode_triton(q, k, v, k_cmp, v_cmp, block=block, top_n=top_n, window=window,
+                                   cmp_block=cmp_block, cmp_stride=cmp_stride, init_blocks=init_blocks,
+                                   local_blocks=local_blocks, select_outside_window=select_outside_window, scale=scale,
+                                   combine=combine, gates=gates)
     if combine == "union":  # the compressed branch only scores blocks here: its LSE is found and used in place
         importance = compressed_importance(q.detach(), k_cmp.detach(), block=block, **kw)
     else:

@@ -11,9 +11,9 @@ the block before it.
 ``nsa_attention`` over the whole sequence (``k_cache``/``v_cache`` include the new tokens), provided
 every query of the sequence went through ``nsa_decode`` with this cache (a prefill is simply a call
 whose queries are the whole prompt). It runs ``nsa.nsa_from_compressed`` on the cached compressed
-keys with ``Tq = Tnew``. One new token per sequence (union, per-token selection) takes
-``nsa_decode_kernels.union_token_decode_triton``: three launches (scores of the compressed keys split
-over programs beside the window, selection and selected blocks one program per slot, the merge). Up to
+keys with ``Tq = Tnew``. One new token per sequence (per-token selection, union or gated) takes
+``nsa_decode_kernels.token_decode_triton``: three launches (scores of the compressed keys split over
+programs beside the window, selection and selected blocks one program per slot, the merge). Up to
 ``nsa.DECODE_MAX_QUERIES`` queries otherwise take the decode-shaped chain (flash-decoding:
 ``nsa_decode_kernels.selected_window_decode`` splits the selected blocks and window over programs; the
 importance and top-n kernels split their columns when few rows run), so a step's cost is bound by the

@@ -9,14 +9,16 @@ programs (flash-decoding) so that one token is limited by bytes, not by a handfu
   writes its partial (max, sum, unnormalised output); ``_combine_kernel`` merges them per (token, head).
   With n = 16, w = 512, l' = 64 that is 24 parts × HKV programs of one 64-key tile each, instead of the
   prefill kernel's HKV programs walking 16 blocks serially (plus a block-sparse window launch).
-- ``union_token_decode_triton``: the whole union/per-token step for ONE new query per sequence in three
+- ``token_decode_triton``: the whole per-token-selection step for ONE new query per sequence in three
   launches (``nsa.nsa_from_compressed`` takes it when it can). (1) ``_token_scores_window_kernel``: the
   compressed keys split into tiles, one program each, rows = the group's heads; each writes its tile's
   partial LSE (max, sum) and each head's eq. 9 mass of the tile's selection blocks relative to that max,
   so the compressed keys are read once (no separate LSE pass); beside them, the window's parts. (2)
   ``_token_select_attend_kernel``: one program per selected slot merges the LSE, rescales and sums the
   masses over heads, finds the top-n (``nsa_topk.top_n_mask``) and attends to its slot's block. (3)
-  ``_combine_kernel``. The general decode chain took about ten launches, several of them one serial
+  ``_combine_kernel`` (union: one softmax over all parts) or ``_gated_token_combine_kernel`` (gated: the
+  compressed branch from the scoring splits, which then also carry P·V, the selected and window branches
+  from their parts, and the gates). The general decode chain took about ten launches, several of them one serial
   program per head (122 us at 64k on an H200, benchmarks/NOTES.md run 8).
 - The compressed side of the general chain has its decode forms in ``nsa_compressed``:
   ``compressed_lse(..., splits=S)`` and ``selection_importance`` (its default splits the output columns
@@ -111,46 +113,101 @@ def _store_part(M_PART, L_PART, ACC, row, rmask, m_i, l_i, acc, HEAD_DIM: tl.con
 
 
 @triton.jit
+def _merge_parts(M, L, ACC, n, stride, acc_stride, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr):
+    """Merge ``n`` partial softmaxes (max in log2 units at ``M + i*stride``, sum at ``L + i*stride``, unnormalised
+    output at ``ACC + i*acc_stride``) of one row, CHUNK at a time: ``(out [HEAD_DIM] float32, lse)`` (natural log;
+    0 and -inf when nothing was seen)."""
+    offs = tl.arange(0, CHUNK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m_run = tl.full([], float("-inf"), tl.float32)
+    l_run = tl.zeros([], tl.float32)
+    acc_run = tl.zeros([HEAD_DIM], tl.float32)
+    for c0 in range(0, n, CHUNK):
+        idx = (c0 + offs).to(tl.int64)
+        mask = idx < n
+        m = tl.load(M + idx * stride, mask=mask, other=float("-inf"))
+        l = tl.load(L + idx * stride, mask=mask, other=0.0)
+        acc = tl.load(ACC + idx[:, None] * acc_stride + offs_d[None, :], mask=mask[:, None], other=0.0)
+        m_new = tl.maximum(m_run, tl.max(m, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        w = tl.math.exp2(m - m_safe)
+        alpha = tl.math.exp2(m_run - m_safe)
+        l_run = l_run * alpha + tl.sum(w * l, 0)
+        acc_run = acc_run * alpha + tl.sum(acc * w[:, None], 0)
+        m_run = m_new
+    t_safe = tl.where(l_run == 0.0, 1.0, l_run)
+    m_safe = tl.where(m_run == float("-inf"), 0.0, m_run)
+    lse = tl.where(l_run == 0.0, float("-inf"), (m_safe + tl.math.log2(t_safe)) * 0.6931471805599453)
+    return acc_run / t_safe, lse
+
+
+@triton.jit
 def _combine_kernel(M_PART, L_PART, ACC, O, LSE, n_parts, n_rows, sob, sot, soh, sod, q_len, num_q_heads,
                     PARTS: tl.constexpr, HEAD_DIM: tl.constexpr):
     """One program per (b, t, hq) row: merge the parts' partial softmaxes into the output and LSE."""
     r = tl.program_id(0)
-    offs_p = tl.arange(0, PARTS)
-    offs_d = tl.arange(0, HEAD_DIM)
-    pmask = offs_p < n_parts
-    idx = offs_p.to(tl.int64) * n_rows + r
-    m = tl.load(M_PART + idx, mask=pmask, other=float("-inf"))
-    l = tl.load(L_PART + idx, mask=pmask, other=0.0)
-    mx = tl.max(m, 0)
-    mx = tl.where(mx == float("-inf"), 0.0, mx)
-    w = tl.math.exp2(m - mx)
-    total = tl.sum(w * l, 0)
-    acc = tl.load(ACC + idx[:, None] * HEAD_DIM + offs_d[None, :], mask=pmask[:, None], other=0.0)
-    out = tl.sum(acc * w[:, None], 0)
-    t_safe = tl.where(total == 0.0, 1.0, total)
-    out = out / t_safe
-    lse = tl.where(total == 0.0, float("-inf"), (mx + tl.math.log2(t_safe)) * 0.6931471805599453)
+    out, lse = _merge_parts(M_PART + r, L_PART + r, ACC + r.to(tl.int64) * HEAD_DIM, n_parts, n_rows,
+                            n_rows * HEAD_DIM, HEAD_DIM, PARTS)
     h = r % num_q_heads
     bt = r // num_q_heads
     t = bt % q_len
     b = bt // q_len
-    tl.store(O + b.to(tl.int64) * sob + t.to(tl.int64) * sot + h * soh + offs_d * sod, out.to(O.dtype.element_ty))
+    tl.store(O + b.to(tl.int64) * sob + t.to(tl.int64) * sot + h * soh + tl.arange(0, HEAD_DIM) * sod,
+             out.to(O.dtype.element_ty))
     tl.store(LSE + r, lse)
+
+
+@triton.jit
+def _gated_token_combine_kernel(
+    M_PART, L_PART, ACC, M_SPLIT, L_SPLIT, ACC_CMP, G, O, O_BRANCH, LSE_BRANCH,
+    sgb, sgh, sgc, n_rows, n_splits, num_q_heads, num_kv_heads,
+    GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, TOP_N: tl.constexpr, N_WIN: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    """One program per (b, hq) row of one decode token: the three branches' softmaxes merged from their parts
+    (compressed: the scoring splits; selected: the slots; window: the window chunks), then
+    ``g_cmp*o_cmp + g_slc*o_slc + g_win*o_win`` in float32. O_BRANCH [3, B*HQ, D] and LSE_BRANCH [3, B*HQ] keep
+    the branches (cmp, slc, win) for aux."""
+    r = tl.program_id(0)
+    b = r // num_q_heads
+    h = r % num_q_heads
+    bh = b * num_kv_heads + h // GROUP
+    at_cmp = bh.to(tl.int64) * n_splits * GROUP_P + h % GROUP
+    o_cmp, lse_cmp = _merge_parts(M_SPLIT + at_cmp, L_SPLIT + at_cmp, ACC_CMP + at_cmp * HEAD_DIM, n_splits, GROUP_P,
+                                  GROUP_P * HEAD_DIM, HEAD_DIM, CHUNK)
+    o_slc, lse_slc = _merge_parts(M_PART + r, L_PART + r, ACC + r.to(tl.int64) * HEAD_DIM, TOP_N, n_rows,
+                                  n_rows * HEAD_DIM, HEAD_DIM, CHUNK)
+    at_win = TOP_N * n_rows + r.to(tl.int64)
+    o_win, lse_win = _merge_parts(M_PART + at_win, L_PART + at_win, ACC + at_win * HEAD_DIM, N_WIN, n_rows,
+                                  n_rows * HEAD_DIM, HEAD_DIM, CHUNK)
+    g = G + b.to(tl.int64) * sgb + h * sgh
+    out = (tl.load(g).to(tl.float32) * o_cmp + tl.load(g + sgc).to(tl.float32) * o_slc
+           + tl.load(g + 2 * sgc).to(tl.float32) * o_win)
+    offs_d = tl.arange(0, HEAD_DIM)
+    tl.store(O + r.to(tl.int64) * HEAD_DIM + offs_d, out.to(O.dtype.element_ty))
+    row = r.to(tl.int64) * HEAD_DIM + offs_d
+    tl.store(O_BRANCH + row, o_cmp.to(O_BRANCH.dtype.element_ty))
+    tl.store(O_BRANCH + n_rows * HEAD_DIM + row, o_slc.to(O_BRANCH.dtype.element_ty))
+    tl.store(O_BRANCH + 2 * n_rows * HEAD_DIM + row, o_win.to(O_BRANCH.dtype.element_ty))
+    tl.store(LSE_BRANCH + r, lse_cmp)
+    tl.store(LSE_BRANCH + n_rows + r, lse_slc)
+    tl.store(LSE_BRANCH + 2 * n_rows + r, lse_win)
 
 
 # ----------------------------------------------------------------------------- one token, union, in three launches
 @triton.jit
-def _token_scores(Q, KC, M_SPLIT, L_SPLIT, MASS, b, hk, bh, split, sqb, sqh, sqd, skb, skt, skh, skd, num_cmp, pos,
-                  qk_scale_log2, n_splits, nsel_pad, GROUP: tl.constexpr, GROUP_P: tl.constexpr,
-                  HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SEL: tl.constexpr, SPILL_P: tl.constexpr,
-                  CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SEL_BLOCK: tl.constexpr,
-                  PRECISION: tl.constexpr):
+def _token_scores(Q, KC, VC, M_SPLIT, L_SPLIT, MASS, ACC_CMP, b, hk, bh, split, sqb, sqh, sqd, skb, skt, skh, skd,
+                  svb, svt, svh, svd, num_cmp, pos, qk_scale_log2, n_splits, nsel_pad, GROUP: tl.constexpr,
+                  GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SEL: tl.constexpr,
+                  SPILL_P: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SEL_BLOCK: tl.constexpr,
+                  PRECISION: tl.constexpr, GATED: tl.constexpr):
     """Split ``split`` scores compressed key tile ``split`` (keys [split*BLOCK_N, +BLOCK_N), which start in selection
     blocks [split*NUM_SEL, +NUM_SEL)) and the SPILL_P keys before it (the previous tile's last keys reach into
     these blocks when l > d), rows = the group's heads, against one reference m per head. It writes m, the
     tile's own sum of exp2(s - m) (a partial of the compressed LSE) and each head's eq. 9 mass of its NUM_SEL
     blocks relative to m; the selection rescales the masses by exp2(m - lse) once the LSE is known. One pass
-    over the compressed keys, instead of an LSE pass and a scoring pass."""
+    over the compressed keys, instead of an LSE pass and a scoring pass. GATED: also the tile's unnormalised
+    compressed-branch output (P·V over the compressed values), merged by ``_gated_token_combine_kernel``."""
     offs_g = tl.arange(0, GROUP_P)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_s = tl.arange(0, NUM_SEL)
@@ -181,28 +238,33 @@ def _token_scores(Q, KC, M_SPLIT, L_SPLIT, MASS, b, hk, bh, split, sqb, sqh, sqd
     tl.store(M_SPLIT + at, m)
     tl.store(L_SPLIT + at, tl.sum(p, 1))
     tl.store(MASS + (bh.to(tl.int64) * GROUP_P + offs_g[:, None]) * nsel_pad + split * NUM_SEL + offs_s[None, :], mass)
+    if GATED:
+        v = tl.load(VC + b.to(tl.int64) * svb + hk * svh + offs_k[:, None].to(tl.int64) * svt + offs_d[None, :] * svd,
+                    mask=own[:, None], other=0.0)
+        tl.store(ACC_CMP + at[:, None] * HEAD_DIM + offs_d[None, :], _mm(p.to(v.dtype), v, PRECISION))
 
 
 @triton.jit
 def _token_scores_window_kernel(
-    Q, KC, K, V, M_SPLIT, L_SPLIT, MASS, M_PART, L_PART, ACC,
-    sqb, sqh, sqd, skcb, skct, skch, skcd, skb, skt, skh, skd, svb, svt, svh, svd,
+    Q, KC, VC, K, V, M_SPLIT, L_SPLIT, MASS, ACC_CMP, M_PART, L_PART, ACC,
+    sqb, sqh, sqd, skcb, skct, skch, skcd, svcb, svct, svch, svcd, skb, skt, skh, skd, svb, svt, svh, svd,
     num_cmp, num_q_heads, num_kv_heads, pos, qk_scale_log2, n_splits, nsel_pad, batch,
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SEL: tl.constexpr,
     SPILL_P: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SEL_BLOCK: tl.constexpr,
-    TOP_N: tl.constexpr, WINDOW: tl.constexpr, WIN_N: tl.constexpr, PRECISION: tl.constexpr,
+    TOP_N: tl.constexpr, WINDOW: tl.constexpr, WIN_N: tl.constexpr, PRECISION: tl.constexpr, GATED: tl.constexpr,
 ):
     """One program per (split or window chunk, sequence × kv head): the first n_splits programs score the
     compressed keys (``_token_scores``); the others attend to WIN_N keys each of the window, which needs no
-    selection, so it runs beside the scoring (its partials are parts TOP_N.. of ``_combine_kernel``)."""
+    selection, so it runs beside the scoring (its partials are parts TOP_N.. of the combine; the window branch
+    alone when GATED)."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // num_kv_heads
     hk = bh % num_kv_heads
     if pid < n_splits:
-        _token_scores(Q, KC, M_SPLIT, L_SPLIT, MASS, b, hk, bh, pid, sqb, sqh, sqd, skcb, skct, skch, skcd, num_cmp, pos,
-                      qk_scale_log2, n_splits, nsel_pad, GROUP, GROUP_P, HEAD_DIM, BLOCK_N, NUM_SEL, SPILL_P,
-                      CMP_BLOCK, CMP_STRIDE, SEL_BLOCK, PRECISION)
+        _token_scores(Q, KC, VC, M_SPLIT, L_SPLIT, MASS, ACC_CMP, b, hk, bh, pid, sqb, sqh, sqd, skcb, skct, skch, skcd,
+                      svcb, svct, svch, svcd, num_cmp, pos, qk_scale_log2, n_splits, nsel_pad, GROUP, GROUP_P, HEAD_DIM,
+                      BLOCK_N, NUM_SEL, SPILL_P, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK, PRECISION, GATED)
     else:
         chunk = pid - n_splits
         offs_g = tl.arange(0, GROUP_P)
@@ -282,11 +344,12 @@ def _token_select_attend_kernel(
     batch,
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
     NUM_SEL: tl.constexpr, NSEL_P: tl.constexpr, SPLITS_P: tl.constexpr, HEADS_AT_ONCE: tl.constexpr,
-    TOP_N: tl.constexpr, TOP_N_P: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr,
+    TOP_N: tl.constexpr, TOP_N_P: tl.constexpr, SLOT_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One program per (selected slot, sequence × kv head): the slot's program finds the top-n itself
     (``_token_top_blocks``: the TOP_N programs do it side by side instead of in extra launches) and attends to
-    its block's keys before the window (later ones are the window's); partials go to ``_combine_kernel``."""
+    its block's keys up to pos - SLOT_WINDOW (union: later keys are the window's; gated: SLOT_WINDOW = 0, the
+    selected branch is its own softmax); partials go to the combine."""
     part = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // num_kv_heads
@@ -299,7 +362,7 @@ def _token_select_attend_kernel(
                             TOP_N, TOP_N_P)
     q_ptr = Q + b.to(tl.int64) * sqb + heads[:, None] * sqh + tl.arange(0, HEAD_DIM)[None, :] * sqd
     m_i, l_i, acc = _attend_span(q_ptr, gmask, K + b.to(tl.int64) * skb + hk * skh, V + b.to(tl.int64) * svb + hk * svh,
-                                 tl.where(blk >= 0, blk * BLOCK, pos + 1), pos - WINDOW, BLOCK // BLOCK_N, skt, skd,
+                                 tl.where(blk >= 0, blk * BLOCK, pos + 1), pos - SLOT_WINDOW, BLOCK // BLOCK_N, skt, skd,
                                  svt, svd, qk_scale_log2, GROUP_P, HEAD_DIM, BLOCK_N, PRECISION)
     _store_part(M_PART, L_PART, ACC, (part.to(tl.int64) * batch + b) * num_q_heads + heads, gmask, m_i, l_i, acc,
                 HEAD_DIM)
@@ -313,8 +376,8 @@ TOKEN_DECODE_LAUNCH: dict = {}
 
 
 def token_decode_supported(q, k_cmp, *, block: int, cmp_block: int, cmp_stride: int, kv_len: int) -> bool:
-    """Whether ``union_token_decode_triton`` takes this step: one query per sequence, a tiled eq. 9 mapping and
-    a row that fits in registers."""
+    """Whether ``token_decode_triton`` takes this step: one query per sequence, a tiled eq. 9 mapping and a row
+    that fits in registers."""
     nsel = -(-kv_len // block)
     return (q.shape[1] == 1 and _importance_tiling(cmp_block, cmp_stride, block) is not None
             and nsel <= TOKEN_DECODE_MAX_BLOCKS and k_cmp.shape[1] > 0)
@@ -329,16 +392,19 @@ def _launch(name: str, default: tuple, device) -> dict:
 
 @torch.compiler.disable
 @torch.no_grad()
-def union_token_decode_triton(q, k, v, k_cmp, *, block: int, top_n: int, window: int, cmp_block: int,
-                              cmp_stride: int, init_blocks: int, local_blocks: int, select_outside_window: bool,
-                              scale: float):
-    """NSA union with per-token selection for one new query per sequence (``q [B, 1, HQ, D]`` at position
-    ``Tk - 1``) in three launches: the compressed keys' scores (split over programs) beside the window's parts;
-    the selection and the selected blocks (one program per slot); the merge of the parts. Returns ``(out, lse,
-    importance [B, HKV, 1, NSEL], chosen [B, HKV, 1, top_n])``, as ``nsa_from_compressed`` computes them
-    (arguments checked by the caller; ``token_decode_supported`` must hold)."""
+def token_decode_triton(q, k, v, k_cmp, v_cmp, *, block: int, top_n: int, window: int, cmp_block: int,
+                        cmp_stride: int, init_blocks: int, local_blocks: int, select_outside_window: bool,
+                        scale: float, combine: str = "union", gates: Optional[torch.Tensor] = None):
+    """NSA with per-token selection for one new query per sequence (``q [B, 1, HQ, D]`` at position ``Tk - 1``)
+    in three launches: the compressed keys' scores (split over programs) beside the window's parts; the
+    selection and the selected blocks (one program per slot); the merge of the parts (``union``: one softmax;
+    ``gated``: three, combined with ``gates [B, 1, HQ, 3]``). Returns ``(out, parts)`` with the ``parts`` of
+    ``nsa.nsa_from_compressed``: ``importance [B, HKV, 1, NSEL]``, ``chosen [B, HKV, 1, top_n]`` and ``lse``
+    (union) or the branch outputs and LSEs (gated). Arguments are checked by the caller;
+    ``token_decode_supported`` must hold."""
     b, _, hq, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
+    gated = combine == "gated"
     group = hq // hkv
     group_p = max(16, triton.next_power_of_2(group))
     pos = tk - 1
@@ -355,18 +421,19 @@ def union_token_decode_triton(q, k, v, k_cmp, *, block: int, top_n: int, window:
     m_split = torch.empty(b * hkv, n_splits, group_p, **f32)
     l_split = torch.empty_like(m_split)
     mass = torch.empty(b * hkv, group_p, nsel_pad, **f32)
+    acc_cmp = torch.empty(b * hkv, n_splits, group_p, d, **f32) if gated else m_split
     m_part = torch.empty(parts, b, 1, hq, **f32)
     l_part = torch.empty_like(m_part)
     acc = torch.empty(parts, b, 1, hq, d, **f32)
     precision = _precision(q.dtype, q.device)
     q_strides = (q.stride(0), q.stride(2), q.stride(3))
-    common = dict(GROUP=group, GROUP_P=group_p, HEAD_DIM=d, NUM_SEL=num_sel, TOP_N=top_n, WINDOW=window,
-                  PRECISION=precision)
+    common = dict(GROUP=group, GROUP_P=group_p, HEAD_DIM=d, NUM_SEL=num_sel, TOP_N=top_n, PRECISION=precision)
     _token_scores_window_kernel[(n_splits + n_win, b * hkv)](
-        q, k_cmp, k, v, m_split, l_split, mass, m_part, l_part, acc, *q_strides, *_strides(k_cmp), *_strides(k),
-        *_strides(v), k_cmp.shape[1], hq, hkv, pos, scale * LOG2E, n_splits, nsel_pad, b, BLOCK_N=block_n,
-        SPILL_P=0 if spill == 0 else max(16, triton.next_power_of_2(spill)), CMP_BLOCK=cmp_block,
-        CMP_STRIDE=cmp_stride, SEL_BLOCK=block, WIN_N=bn, **common, **_launch("scores", (4, 1), q.device))
+        q, k_cmp, v_cmp, k, v, m_split, l_split, mass, acc_cmp, m_part, l_part, acc, *q_strides, *_strides(k_cmp),
+        *_strides(v_cmp), *_strides(k), *_strides(v), k_cmp.shape[1], hq, hkv, pos, scale * LOG2E, n_splits, nsel_pad,
+        b, BLOCK_N=block_n, SPILL_P=0 if spill == 0 else max(16, triton.next_power_of_2(spill)), CMP_BLOCK=cmp_block,
+        CMP_STRIDE=cmp_stride, SEL_BLOCK=block, WINDOW=window, WIN_N=bn, GATED=gated, **common,
+        **_launch("scores", (4, 1), q.device))
     if select_outside_window:
         last_cand, local_blocks = (pos - window) // block, 0
     else:
@@ -377,10 +444,23 @@ def union_token_decode_triton(q, k, v, k_cmp, *, block: int, top_n: int, window:
         q, k, v, m_split, l_split, mass, importance, chosen, m_part, l_part, acc, *q_strides, *_strides(k),
         *_strides(v), hq, hkv, pos, nsel, nsel_pad, n_splits, last_cand, init_blocks, local_blocks, scale * LOG2E, b,
         BLOCK=block, BLOCK_N=bn, NSEL_P=nsel_p, SPLITS_P=max(2, triton.next_power_of_2(n_splits)),
-        HEADS_AT_ONCE=max(1, min(group_p, 4096 // nsel_p)), TOP_N_P=max(2, triton.next_power_of_2(top_n)), **common,
-        **_launch("select", (4, 2), q.device))
-    out, lse = _combine_parts(m_part, l_part, acc, q)
-    return out, lse, importance, chosen
+        HEADS_AT_ONCE=max(1, min(group_p, 4096 // nsel_p)), TOP_N_P=max(2, triton.next_power_of_2(top_n)),
+        SLOT_WINDOW=0 if gated else window, **common, **_launch("select", (4, 2), q.device))
+    found = {"importance": importance, "chosen": chosen}
+    if not gated:
+        out, found["lse"] = _combine_parts(m_part, l_part, acc, q)
+        return out, found
+    rows = b * hq
+    out = torch.empty(b, 1, hq, d, dtype=q.dtype, device=q.device)
+    branches = torch.empty(3, b, 1, hq, d, dtype=q.dtype, device=q.device)
+    lses = torch.empty(3, b, 1, hq, **f32)
+    _gated_token_combine_kernel[(rows,)](
+        m_part, l_part, acc, m_split, l_split, acc_cmp, gates, out, branches, lses, gates.stride(0), gates.stride(2),
+        gates.stride(3), rows, n_splits, hq, hkv, GROUP=group, GROUP_P=group_p, HEAD_DIM=d, TOP_N=top_n, N_WIN=n_win,
+        CHUNK=16, **({"num_warps": 2} if q.device.type == "cuda" else {}))
+    found.update(o_cmp=branches[0], o_slc=branches[1], o_win=branches[2], lse_cmp=lses[0], lse_slc=lses[1],
+                 lse_win=lses[2])
+    return out, found
 
 
 def _combine_parts(m_part, l_part, acc, q):
@@ -435,5 +515,5 @@ def selected_window_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
         return selected_attention_reference(q, k, v, block_idx, block=block, scale=scale, window=window)
 
 
-__all__ = ["selected_window_decode", "selected_window_decode_triton", "union_token_decode_triton",
+__all__ = ["selected_window_decode", "selected_window_decode_triton", "token_decode_triton",
            "token_decode_supported"]

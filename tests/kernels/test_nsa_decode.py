@@ -75,6 +75,7 @@ def test_cache_misuse_is_refused():
     assert torch.allclose(out, nsa_attention(q, k, v, **SMALL)[:, 39:], atol=1e-6)
 
 
+@pytest.mark.parametrize("combine", ["union", "gated"])
 @pytest.mark.parametrize("hq,hkv,d,tk,dtype,kw", [
     (4, 2, 32, 150, torch.float32, dict(SMALL)),
     (9, 3, 64, 300, torch.bfloat16, dict(block=32, top_n=4, window=40, cmp_block=16, cmp_stride=8, local_blocks=2)),
@@ -84,15 +85,16 @@ def test_cache_misuse_is_refused():
     (2, 2, 32, 37, torch.float32, dict(SMALL, top_n=8)),  # fewer visible blocks than top_n
     (4, 2, 32, 200, torch.float32, dict(SMALL, window=0)),  # no window parts
 ])
-def test_one_token_path_matches_the_oracle(monkeypatch, hq, hkv, d, tk, dtype, kw):
+def test_one_token_path_matches_the_oracle(monkeypatch, hq, hkv, d, tk, dtype, kw, combine):
     """One query per sequence without gradient takes the three-launch one-token kernels (counted here): same
-    blocks, importance, output and LSE as the oracle."""
+    blocks, importance, output and LSEs (and, gated, branch outputs) as the oracle."""
     from nsa_viz.kernels import nsa as nsa_module
     from nsa_viz.kernels.nsa_ref import nsa_attention_reference
     calls = []
-    real = nsa_module.union_token_decode_triton
-    monkeypatch.setattr(nsa_module, "union_token_decode_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = nsa_module.token_decode_triton
+    monkeypatch.setattr(nsa_module, "token_decode_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
     q, k, v = (torch.randn(2, t, h, d).to(dtype) for t, h in ((1, hq), (tk, hkv), (tk, hkv)))
+    kw = dict(kw, combine=combine, gates=torch.rand(2, 1, hq, 3) if combine == "gated" else None)
     with torch.no_grad():
         out, aux = nsa_attention(q, k, v, **kw, backend="triton", return_aux=True)
         want, want_aux = nsa_attention_reference(q, k, v, **kw, return_aux=True)
@@ -100,8 +102,13 @@ def test_one_token_path_matches_the_oracle(monkeypatch, hq, hkv, d, tk, dtype, k
     assert torch.equal(aux["block_idx"], want_aux["block_idx"])
     assert torch.equal(aux["block_count"], want_aux["block_count"])
     assert rel_err(aux["importance"], want_aux["importance"]) < 1e-5
-    assert rel_err(out, want) < TOLERANCE[dtype]
-    assert rel_err(aux["lse"], want_aux["lse"]) < 1e-5
+    assert out.dtype == want.dtype and rel_err(out, want) < TOLERANCE[dtype]
+    assert set(aux) == set(want_aux)
+    for name in [name for name in aux if name.startswith("o_")]:
+        assert aux[name].shape == want_aux[name].shape and rel_err(aux[name], want_aux[name]) < TOLERANCE[dtype], name
+    for name in [name for name in aux if name.startswith("lse")]:
+        assert torch.equal(aux[name] == float("-inf"), want_aux[name] == float("-inf")), name
+        assert rel_err(aux[name], want_aux[name]) < 1e-5, name
 
 
 def test_one_token_path_breaks_ties_like_the_oracle():
