@@ -40,17 +40,17 @@ from .nsa_topk import ranking_keys, top_n_mask
 
 
 @triton.jit
-def _attend_span(q_ptr, rmask, k_base, v_base, start, last, n_sub, skt, skd, svt, svd, qk_scale_log2,
+def _attend_span(q, k_base, v_base, start, last, n_sub, skt, skd, svt, svd, qk_scale_log2,
                  ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    """Partial softmax (max in log2 units, sum, unnormalised output) of the query rows at ``q_ptr`` over the keys
-    ``start .. last`` (at most ``n_sub`` tiles of BLOCK_N from ``start``); (-inf, 0, 0) when the span is empty."""
+    """Partial softmax (max in log2 units, sum, unnormalised output) of the query rows ``q [ROWS, HEAD_DIM]`` over
+    the keys ``start .. last`` (at most ``n_sub`` tiles of BLOCK_N from ``start``); (-inf, 0, 0) when the span is
+    empty. The caller loads q, so that its latency overlaps whatever comes before (the top-n in decode)."""
     offs_d = tl.arange(0, HEAD_DIM)
     offs_n = tl.arange(0, BLOCK_N)
     m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([ROWS], dtype=tl.float32)
     acc = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
     if start <= last:
-        q = tl.load(q_ptr, mask=rmask[:, None], other=0.0)
         for c in range(0, n_sub):
             offs_k = start + c * BLOCK_N + offs_n
             kmask = (offs_k <= last) & (offs_k >= 0)
@@ -95,8 +95,9 @@ def _sel_win_part_kernel(
     start = tl.where(is_slot, slot_start, pos - WINDOW + 1 + (part - n_slots) * BLOCK_N)
     last = tl.where(is_slot, pos - WINDOW, pos)
     n_sub = tl.where(is_slot, BLOCK // BLOCK_N, 1)
-    q_ptr = Q + b.to(tl.int64) * sqb + i.to(tl.int64) * sqt + heads[:, None] * sqh + offs_d[None, :] * sqd
-    m_i, l_i, acc = _attend_span(q_ptr, rmask, K + b.to(tl.int64) * skb + hk * skh, V + b.to(tl.int64) * svb + hk * svh,
+    q = tl.load(Q + b.to(tl.int64) * sqb + i.to(tl.int64) * sqt + heads[:, None] * sqh + offs_d[None, :] * sqd,
+                mask=rmask[:, None], other=0.0)
+    m_i, l_i, acc = _attend_span(q, K + b.to(tl.int64) * skb + hk * skh, V + b.to(tl.int64) * svb + hk * svh,
                                  start, last, n_sub, skt, skd, svt, svd, qk_scale_log2, ROWS, HEAD_DIM, BLOCK_N,
                                  PRECISION)
     _store_part(M_PART, L_PART, ACC, ((part.to(tl.int64) * batch + b) * q_len + i) * num_q_heads + heads, rmask,
@@ -270,8 +271,9 @@ def _token_scores_window_kernel(
         offs_g = tl.arange(0, GROUP_P)
         gmask = offs_g < GROUP
         heads = hk * GROUP + offs_g
-        q_ptr = Q + b.to(tl.int64) * sqb + heads[:, None] * sqh + tl.arange(0, HEAD_DIM)[None, :] * sqd
-        m_i, l_i, acc = _attend_span(q_ptr, gmask, K + b.to(tl.int64) * skb + hk * skh,
+        q = tl.load(Q + b.to(tl.int64) * sqb + heads[:, None] * sqh + tl.arange(0, HEAD_DIM)[None, :] * sqd,
+                    mask=gmask[:, None], other=0.0)
+        m_i, l_i, acc = _attend_span(q, K + b.to(tl.int64) * skb + hk * skh,
                                      V + b.to(tl.int64) * svb + hk * svh, pos - WINDOW + 1 + chunk * WIN_N, pos, 1,
                                      skt, skd, svt, svd, qk_scale_log2, GROUP_P, HEAD_DIM, WIN_N, PRECISION)
         _store_part(M_PART, L_PART, ACC, ((TOP_N + chunk).to(tl.int64) * batch + b) * num_q_heads + heads, gmask,
@@ -357,11 +359,12 @@ def _token_select_attend_kernel(
     offs_g = tl.arange(0, GROUP_P)
     gmask = offs_g < GROUP
     heads = hk * GROUP + offs_g
+    q = tl.load(Q + b.to(tl.int64) * sqb + heads[:, None] * sqh + tl.arange(0, HEAD_DIM)[None, :] * sqd,
+                mask=gmask[:, None], other=0.0)
     blk = _token_top_blocks(M_SPLIT, L_SPLIT, MASS, IMP, CHOSEN, bh, part, nsel, nsel_pad, n_splits, last_cand,
                             init_blocks, local_blocks, GROUP, GROUP_P, NUM_SEL, NSEL_P, SPLITS_P, HEADS_AT_ONCE,
                             TOP_N, TOP_N_P)
-    q_ptr = Q + b.to(tl.int64) * sqb + heads[:, None] * sqh + tl.arange(0, HEAD_DIM)[None, :] * sqd
-    m_i, l_i, acc = _attend_span(q_ptr, gmask, K + b.to(tl.int64) * skb + hk * skh, V + b.to(tl.int64) * svb + hk * svh,
+    m_i, l_i, acc = _attend_span(q, K + b.to(tl.int64) * skb + hk * skh, V + b.to(tl.int64) * svb + hk * svh,
                                  tl.where(blk >= 0, blk * BLOCK, pos + 1), pos - SLOT_WINDOW, BLOCK // BLOCK_N, skt, skd,
                                  svt, svd, qk_scale_log2, GROUP_P, HEAD_DIM, BLOCK_N, PRECISION)
     _store_part(M_PART, L_PART, ACC, (part.to(tl.int64) * batch + b) * num_q_heads + heads, gmask, m_i, l_i, acc,
