@@ -282,45 +282,45 @@ def _token_scores_window_kernel(
 
 @triton.jit
 def _token_importance(M_SPLIT, L_SPLIT, MASS, bh, nsel, nsel_pad, n_splits, GROUP: tl.constexpr,
-                      GROUP_P: tl.constexpr, NUM_SEL: tl.constexpr, NSEL_P: tl.constexpr, SPLITS_P: tl.constexpr,
+                      GROUP_P: tl.constexpr, NUM_SEL: tl.constexpr, NSEL_P: tl.constexpr,
                       HEADS_AT_ONCE: tl.constexpr):
     """[NSEL_P] eq. 9 importance (group's heads summed) from the splits' masses: each head's compressed LSE is
-    merged from the splits' (m, sum), then mass * exp2(m_split - lse) is summed over the heads, HEADS_AT_ONCE
-    at a time (independent loads in flight rather than one head's chain of loads after another's)."""
-    cols = tl.arange(0, NSEL_P)
-    valid = cols < nsel
+    merged from the splits' (m, sum), then mass * exp2(m_split - lse) is summed over the heads, HEADS_AT_ONCE at
+    a time, the masses seen as [heads, split, block of the split] so that the factor of a (head, split) is
+    broadcast rather than gathered per column (NSEL_P = splits * NUM_SEL)."""
+    SPLITS_P: tl.constexpr = NSEL_P // NUM_SEL
     offs_sp = tl.arange(0, SPLITS_P)
-    imp = tl.zeros([NSEL_P], tl.float32)
+    offs_s = tl.arange(0, NUM_SEL)
+    imp = tl.zeros([SPLITS_P, NUM_SEL], tl.float32)
     for h0 in tl.static_range(0, GROUP, HEADS_AT_ONCE):
         hh = h0 + tl.arange(0, HEADS_AT_ONCE)
-        hmask = hh < GROUP
-        at = (bh.to(tl.int64) * n_splits + offs_sp[:, None]) * GROUP_P + hh[None, :]
-        sp_mask = (offs_sp[:, None] < n_splits) & hmask[None, :]
-        m_sp = tl.load(M_SPLIT + at, mask=sp_mask, other=float("-inf"))
+        at = (bh.to(tl.int64) * n_splits + offs_sp[None, :]) * GROUP_P + hh[:, None]
+        sp_mask = (offs_sp[None, :] < n_splits) & (hh < GROUP)[:, None]
+        m_sp = tl.load(M_SPLIT + at, mask=sp_mask, other=float("-inf"))  # [heads, splits]
         l_sp = tl.load(L_SPLIT + at, mask=sp_mask, other=0.0)
-        m_col = tl.load(M_SPLIT + (bh.to(tl.int64) * n_splits + cols[None, :] // NUM_SEL) * GROUP_P + hh[:, None],
-                        mask=valid[None, :] & hmask[:, None], other=float("-inf"))
-        mass = tl.load(MASS + (bh.to(tl.int64) * GROUP_P + hh[:, None]) * nsel_pad + cols[None, :],
-                       mask=valid[None, :] & hmask[:, None], other=0.0)
-        mx = tl.max(m_sp, 0)
+        cols = offs_sp[None, :, None] * NUM_SEL + offs_s[None, None, :]
+        mass = tl.load(MASS + (bh.to(tl.int64) * GROUP_P + hh[:, None, None]) * nsel_pad + cols,
+                       mask=sp_mask[:, :, None] & (cols < nsel), other=0.0)  # [heads, splits, NUM_SEL]
+        mx = tl.max(m_sp, 1)
         mx = tl.where(mx == float("-inf"), 0.0, mx)
-        total = tl.sum(tl.where(m_sp == float("-inf"), 0.0, l_sp * tl.math.exp2(m_sp - mx[None, :])), 0)
+        total = tl.sum(tl.where(m_sp == float("-inf"), 0.0, l_sp * tl.math.exp2(m_sp - mx[:, None])), 1)
         lse2 = tl.where(total > 0, mx + tl.math.log2(tl.where(total > 0, total, 1.0)), float("inf"))
-        imp += tl.sum(tl.where(m_col == float("-inf"), 0.0, mass * tl.math.exp2(m_col - lse2[:, None])), 0)
-    return imp
+        factor = tl.where(m_sp == float("-inf"), 0.0, tl.math.exp2(m_sp - lse2[:, None]))
+        imp += tl.sum(mass * factor[:, :, None], 0)
+    return tl.reshape(imp, [NSEL_P])
 
 
 @triton.jit
 def _token_top_blocks(M_SPLIT, L_SPLIT, MASS, IMP, CHOSEN, bh, part, nsel, nsel_pad, n_splits, last_cand,
                       init_blocks, local_blocks, GROUP: tl.constexpr, GROUP_P: tl.constexpr, NUM_SEL: tl.constexpr,
-                      NSEL_P: tl.constexpr, SPLITS_P: tl.constexpr, HEADS_AT_ONCE: tl.constexpr,
+                      NSEL_P: tl.constexpr, HEADS_AT_ONCE: tl.constexpr,
                       TOP_N: tl.constexpr, TOP_N_P: tl.constexpr):
     """The block in ascending slot ``part`` of the query's top-n (-1: none); slot 0's program also writes the
     importance row and the chosen blocks. Same rule as ``nsa_topk``: candidates ``s <= last_cand``, the first
     init_blocks and the local_blocks ending at last_cand forced, the rest by importance, ties to the lower
     block (``nsa_topk.top_n_mask`` on the row held in registers)."""
     imp = _token_importance(M_SPLIT, L_SPLIT, MASS, bh, nsel, nsel_pad, n_splits, GROUP, GROUP_P, NUM_SEL, NSEL_P,
-                            SPLITS_P, HEADS_AT_ONCE)
+                            HEADS_AT_ONCE)
     cols = tl.arange(0, NSEL_P)
     valid = cols < nsel
     key = ranking_keys(imp[None, :], cols, tl.full([1], last_cand, tl.int32), init_blocks, local_blocks)
@@ -345,7 +345,7 @@ def _token_select_attend_kernel(
     num_q_heads, num_kv_heads, pos, nsel, nsel_pad, n_splits, last_cand, init_blocks, local_blocks, qk_scale_log2,
     batch,
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
-    NUM_SEL: tl.constexpr, NSEL_P: tl.constexpr, SPLITS_P: tl.constexpr, HEADS_AT_ONCE: tl.constexpr,
+    NUM_SEL: tl.constexpr, NSEL_P: tl.constexpr, HEADS_AT_ONCE: tl.constexpr,
     TOP_N: tl.constexpr, TOP_N_P: tl.constexpr, SLOT_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One program per (selected slot, sequence × kv head): the slot's program finds the top-n itself
@@ -362,8 +362,7 @@ def _token_select_attend_kernel(
     q = tl.load(Q + b.to(tl.int64) * sqb + heads[:, None] * sqh + tl.arange(0, HEAD_DIM)[None, :] * sqd,
                 mask=gmask[:, None], other=0.0)
     blk = _token_top_blocks(M_SPLIT, L_SPLIT, MASS, IMP, CHOSEN, bh, part, nsel, nsel_pad, n_splits, last_cand,
-                            init_blocks, local_blocks, GROUP, GROUP_P, NUM_SEL, NSEL_P, SPLITS_P, HEADS_AT_ONCE,
-                            TOP_N, TOP_N_P)
+                            init_blocks, local_blocks, GROUP, GROUP_P, NUM_SEL, NSEL_P, HEADS_AT_ONCE, TOP_N, TOP_N_P)
     m_i, l_i, acc = _attend_span(q, K + b.to(tl.int64) * skb + hk * skh, V + b.to(tl.int64) * svb + hk * svh,
                                  tl.where(blk >= 0, blk * BLOCK, pos + 1), pos - SLOT_WINDOW, BLOCK // BLOCK_N, skt, skd,
                                  svt, svd, qk_scale_log2, GROUP_P, HEAD_DIM, BLOCK_N, PRECISION)
@@ -416,7 +415,7 @@ def token_decode_triton(q, k, v, k_cmp, v_cmp, *, block: int, top_n: int, window
     spill = cmp_block // cmp_stride - 1  # keys of a tile that reach into the next tile's blocks
     n_splits = triton.cdiv(nsel, num_sel)
     nsel_pad = n_splits * num_sel
-    nsel_p = max(16, triton.next_power_of_2(nsel))
+    nsel_p = max(num_sel, triton.next_power_of_2(nsel))  # a whole number of splits
     bn = _key_tile(block, d)
     n_win = triton.cdiv(window, bn)
     parts = top_n + n_win
@@ -446,8 +445,7 @@ def token_decode_triton(q, k, v, k_cmp, v_cmp, *, block: int, top_n: int, window
     _token_select_attend_kernel[(top_n, b * hkv)](
         q, k, v, m_split, l_split, mass, importance, chosen, m_part, l_part, acc, *q_strides, *_strides(k),
         *_strides(v), hq, hkv, pos, nsel, nsel_pad, n_splits, last_cand, init_blocks, local_blocks, scale * LOG2E, b,
-        BLOCK=block, BLOCK_N=bn, NSEL_P=nsel_p, SPLITS_P=max(2, triton.next_power_of_2(n_splits)),
-        HEADS_AT_ONCE=max(1, min(group_p, 4096 // nsel_p)), TOP_N_P=max(2, triton.next_power_of_2(top_n)),
+        BLOCK=block, BLOCK_N=bn, NSEL_P=nsel_p, HEADS_AT_ONCE=max(1, min(group_p, 4096 // nsel_p)), TOP_N_P=max(2, triton.next_power_of_2(top_n)),
         SLOT_WINDOW=0 if gated else window, **common, **_launch("select", (4, 2), q.device))
     found = {"importance": importance, "chosen": chosen}
     if not gated:

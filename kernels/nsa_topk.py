@@ -17,10 +17,10 @@ whose best score cannot enter any row's list is skipped. Columns past a row's ow
 read (half the tensor under the causal mask).
 
 ``top_n_mask`` / ``ranking_keys`` are the same rule for rows held whole in registers (the one-token
-decode kernels): a 4-way search over the key values finds each row's n-th largest key in 17 counting
-passes. As a forward top-n kernel (8 rows of 1024 columns per program) it was slower than the chunked
-merge on an H200 at 64k (5.7 vs 5.1 ms: every pass visits all columns, the merge skips most chunks), so
-the forward keeps the merge (benchmarks/NOTES.md run 9).
+decode kernels): a 3-way search over the key values finds each row's n-th largest key in 20 counting
+passes. As a forward top-n kernel (8 rows of 1024 columns per program, in its first, int64 4-way form)
+it was slower than the chunked merge on an H200 at 64k (5.7 vs 5.1 ms: every pass visits all columns,
+the merge skips most chunks), so the forward keeps the merge (benchmarks/NOTES.md run 9).
 """
 from __future__ import annotations
 
@@ -122,28 +122,27 @@ def _topn_kernel(
 
 @triton.jit
 def top_n_mask(key, TOP_N: tl.constexpr):
-    """Each row's top-n of ``key [R, C]`` (int64 ranking keys: the bit pattern of a non-negative float32 score,
+    """Each row's top-n of ``key [R, C]`` (int32 ranking keys: the bit pattern of a non-negative float32 score,
     0x7F800000 (+inf) for a forced block, -1 for a column that is not a candidate) as a bool mask; equal keys
-    go to the lower column; a row with fewer than TOP_N candidates keeps them all.
+    go to the lower column; a row with fewer than TOP_N candidates keeps them all (C < 2^16).
 
-    The n-th largest key of each row is found by a 4-way search on the key values: each pass counts the keys
-    at or above three thresholds in one packed int64 sum (three counts < 2^16 in 16-bit fields) and keeps the
-    quarter of [lo, hi) that holds it, so 17 passes cover the 31-bit range, whatever C is."""
+    The n-th largest key of each row is found by a 3-way search on the key values: each pass counts the keys
+    at or above two thresholds in one packed int32 sum (two counts < 2^16 in 16-bit fields) and keeps the
+    third of [lo, hi) that holds it, so 20 passes cover the 31-bit range, whatever C is. (The first form, a
+    4-way search with int64 counts in 17 passes, took about 7 of the 15.5 us of the decode selection kernel
+    at 64k on an H200: int64 compares, adds and shuffles cost about twice their int32 forms.)"""
     R: tl.constexpr = key.shape[0]
-    lo = tl.zeros([R], tl.int64)  # per row: at least TOP_N keys >= lo, or lo = 0
-    hi = tl.full([R], 0x7F800001, tl.int64)  # fewer than TOP_N keys >= hi
-    for _ in range(17):  # each pass leaves at most a quarter (rounded up) of [lo, hi): 2^31 -> 1 in 16
-        r = hi - lo
-        t1 = (lo + r // 4)[:, None]
-        t2 = (lo + r // 2)[:, None]
-        t3 = (lo + (3 * r) // 4)[:, None]
-        counts = tl.sum((key >= t1).to(tl.int64) + ((key >= t2).to(tl.int64) << 16)
-                        + ((key >= t3).to(tl.int64) << 32), 1)
+    lo = tl.zeros([R], tl.int32)  # per row: at least TOP_N keys >= lo, or lo = 0
+    hi = tl.full([R], 0x7F800001, tl.int32)  # fewer than TOP_N keys >= hi
+    for _ in range(20):  # each pass leaves at most a third (rounded up) of [lo, hi): 3^20 > 2^31
+        r = (hi - lo).to(tl.int64)
+        t1 = lo + ((r + 2) // 3).to(tl.int32)
+        t2 = lo + ((2 * r + 2) // 3).to(tl.int32)
+        counts = tl.sum((key >= t1[:, None]).to(tl.int32) + ((key >= t2[:, None]).to(tl.int32) << 16), 1)
         ok1 = (counts & 0xFFFF) >= TOP_N
-        ok2 = ((counts >> 16) & 0xFFFF) >= TOP_N
-        ok3 = (counts >> 32) >= TOP_N
-        new_lo = tl.where(ok3, t3.reshape([R]), tl.where(ok2, t2.reshape([R]), tl.where(ok1, t1.reshape([R]), lo)))
-        hi = tl.where(ok3, hi, tl.where(ok2, t3.reshape([R]), tl.where(ok1, t2.reshape([R]), t1.reshape([R]))))
+        ok2 = (counts >> 16) >= TOP_N
+        new_lo = tl.where(ok2, t2, tl.where(ok1, t1, lo))
+        hi = tl.where(ok2, hi, tl.where(ok1, t2, t1))
         lo = new_lo
     above = key > lo[:, None]
     tied = key == lo[:, None]
@@ -153,12 +152,12 @@ def top_n_mask(key, TOP_N: tl.constexpr):
 
 @triton.jit
 def ranking_keys(scores, cols, last, init_blocks, local_blocks):
-    """int64 ranking keys of ``scores [R, C]`` (float32 >= 0 where visible) for rows whose last candidate block
+    """int32 ranking keys of ``scores [R, C]`` (float32 >= 0 where visible) for rows whose last candidate block
     is ``last [R]`` (see ``top_n_mask``): forced initial and local blocks, -1 past the row's last block."""
     cand = cols[None, :] <= last[:, None]
     forced = cand & ((cols[None, :] < init_blocks) | (cols[None, :] > last[:, None] - local_blocks))
     key = tl.where(forced, 0x7F800000, (scores + 0.0).to(tl.int32, bitcast=True))  # + 0.0: -0.0 becomes +0.0
-    return tl.where(cand, key, -1).to(tl.int64)
+    return tl.where(cand, key, -1)
 
 
 # Benchmarks may change these (rows per program, columns per chunk, warps).
