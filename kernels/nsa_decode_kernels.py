@@ -458,7 +458,7 @@ def token_decode_triton(q, k, v, k_cmp, v_cmp, *, block: int, top_n: int, window
     _gated_token_combine_kernel[(rows,)](
         m_part, l_part, acc, m_split, l_split, acc_cmp, gates, out, branches, lses, gates.stride(0), gates.stride(2),
         gates.stride(3), rows, n_splits, hq, hkv, GROUP=group, GROUP_P=group_p, HEAD_DIM=d, TOP_N=top_n, N_WIN=n_win,
-        CHUNK=16, **({"num_warps": 2} if q.device.type == "cuda" else {}))
+        CHUNK=32, **({"num_warps": 4} if q.device.type == "cuda" else {}))  # 64 splits at 64k: two rounds of loads
     found.update(o_cmp=branches[0], o_slc=branches[1], o_win=branches[2], lse_cmp=lses[0], lse_slc=lses[1],
                  lse_win=lses[2])
     return out, found
