@@ -35,6 +35,7 @@ import triton.language as tl
 from . import resolve_backend
 from .block_sparse import LOG2E, _mm, _precision, _strides
 from .nsa_compressed import _importance_tiling, _overlap_weights, _visible_count
+from .nsa_compressed_ref import check_compressed_inputs
 from .nsa_selected_ref import check_selected_inputs, selected_attention_reference
 from .nsa_topk import ranking_keys, top_n_mask
 
@@ -89,7 +90,8 @@ def _sel_win_part_kernel(
     # a selected slot owns its block's keys up to p - window (later ones are the window's, or the future);
     # a window chunk owns BLOCK_N of the keys p - window < t <= p
     is_slot = part < n_slots
-    blk = tl.load(IDX + b.to(tl.int64) * sib + hk * sih + i.to(tl.int64) * sit + tl.minimum(part, n_slots - 1) * sin)
+    blk = tl.load(IDX + b.to(tl.int64) * sib + hk.to(tl.int64) * sih + i.to(tl.int64) * sit
+                  + tl.minimum(part, n_slots - 1) * sin)
     blk = blk.to(tl.int32)
     slot_start = tl.where(blk >= 0, blk * BLOCK, pos + 1)  # an unused slot sees nothing
     start = tl.where(is_slot, slot_start, pos - WINDOW + 1 + (part - n_slots) * BLOCK_N)
@@ -97,9 +99,9 @@ def _sel_win_part_kernel(
     n_sub = tl.where(is_slot, BLOCK // BLOCK_N, 1)
     q = tl.load(Q + b.to(tl.int64) * sqb + i.to(tl.int64) * sqt + heads[:, None] * sqh + offs_d[None, :] * sqd,
                 mask=rmask[:, None], other=0.0)
-    m_i, l_i, acc = _attend_span(q, K + b.to(tl.int64) * skb + hk * skh, V + b.to(tl.int64) * svb + hk * svh,
-                                 start, last, n_sub, skt, skd, svt, svd, qk_scale_log2, ROWS, HEAD_DIM, BLOCK_N,
-                                 PRECISION)
+    m_i, l_i, acc = _attend_span(q, K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh,
+                                 V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh, start, last, n_sub, skt, skd, svt,
+                                 svd, qk_scale_log2, ROWS, HEAD_DIM, BLOCK_N, PRECISION)
     _store_part(M_PART, L_PART, ACC, ((part.to(tl.int64) * batch + b) * q_len + i) * num_q_heads + heads, rmask,
                 m_i, l_i, acc, HEAD_DIM)
 
@@ -215,7 +217,7 @@ def _token_scores(Q, KC, VC, M_SPLIT, L_SPLIT, MASS, ACC_CMP, b, hk, bh, split, 
     q = tl.load(Q + b.to(tl.int64) * sqb + (hk * GROUP + offs_g)[:, None] * sqh + offs_d[None, :] * sqd,
                 mask=(offs_g < GROUP)[:, None], other=0.0)
     n_vis = tl.minimum(_visible_count(pos, CMP_BLOCK, CMP_STRIDE), num_cmp)
-    k_base = KC + b.to(tl.int64) * skb + hk * skh
+    k_base = KC + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
     offs_k = split * BLOCK_N + tl.arange(0, BLOCK_N)
     own = offs_k < n_vis
     k = tl.load(k_base + offs_k[None, :].to(tl.int64) * skt + offs_d[:, None] * skd, mask=own[None, :], other=0.0)
@@ -240,8 +242,8 @@ def _token_scores(Q, KC, VC, M_SPLIT, L_SPLIT, MASS, ACC_CMP, b, hk, bh, split, 
     tl.store(L_SPLIT + at, tl.sum(p, 1))
     tl.store(MASS + (bh.to(tl.int64) * GROUP_P + offs_g[:, None]) * nsel_pad + split * NUM_SEL + offs_s[None, :], mass)
     if GATED:
-        v = tl.load(VC + b.to(tl.int64) * svb + hk * svh + offs_k[:, None].to(tl.int64) * svt + offs_d[None, :] * svd,
-                    mask=own[:, None], other=0.0)
+        v = tl.load(VC + b.to(tl.int64) * svb + hk.to(tl.int64) * svh + offs_k[:, None].to(tl.int64) * svt
+                    + offs_d[None, :] * svd, mask=own[:, None], other=0.0)
         tl.store(ACC_CMP + at[:, None] * HEAD_DIM + offs_d[None, :], _mm(p.to(v.dtype), v, PRECISION))
 
 
@@ -273,8 +275,9 @@ def _token_scores_window_kernel(
         heads = hk * GROUP + offs_g
         q = tl.load(Q + b.to(tl.int64) * sqb + heads[:, None] * sqh + tl.arange(0, HEAD_DIM)[None, :] * sqd,
                     mask=gmask[:, None], other=0.0)
-        m_i, l_i, acc = _attend_span(q, K + b.to(tl.int64) * skb + hk * skh,
-                                     V + b.to(tl.int64) * svb + hk * svh, pos - WINDOW + 1 + chunk * WIN_N, pos, 1,
+        m_i, l_i, acc = _attend_span(q, K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh,
+                                     V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh,
+                                     pos - WINDOW + 1 + chunk * WIN_N, pos, 1,
                                      skt, skd, svt, svd, qk_scale_log2, GROUP_P, HEAD_DIM, WIN_N, PRECISION)
         _store_part(M_PART, L_PART, ACC, ((TOP_N + chunk).to(tl.int64) * batch + b) * num_q_heads + heads, gmask,
                     m_i, l_i, acc, HEAD_DIM)
@@ -363,9 +366,10 @@ def _token_select_attend_kernel(
                 mask=gmask[:, None], other=0.0)
     blk = _token_top_blocks(M_SPLIT, L_SPLIT, MASS, IMP, CHOSEN, bh, part, nsel, nsel_pad, n_splits, last_cand,
                             init_blocks, local_blocks, GROUP, GROUP_P, NUM_SEL, NSEL_P, HEADS_AT_ONCE, TOP_N, TOP_N_P)
-    m_i, l_i, acc = _attend_span(q, K + b.to(tl.int64) * skb + hk * skh, V + b.to(tl.int64) * svb + hk * svh,
-                                 tl.where(blk >= 0, blk * BLOCK, pos + 1), pos - SLOT_WINDOW, BLOCK // BLOCK_N, skt, skd,
-                                 svt, svd, qk_scale_log2, GROUP_P, HEAD_DIM, BLOCK_N, PRECISION)
+    m_i, l_i, acc = _attend_span(q, K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh,
+                                 V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh,
+                                 tl.where(blk >= 0, blk * BLOCK, pos + 1), pos - SLOT_WINDOW, BLOCK // BLOCK_N, skt,
+                                 skd, svt, svd, qk_scale_log2, GROUP_P, HEAD_DIM, BLOCK_N, PRECISION)
     _store_part(M_PART, L_PART, ACC, (part.to(tl.int64) * batch + b) * num_q_heads + heads, gmask, m_i, l_i, acc,
                 HEAD_DIM)
 
@@ -373,6 +377,8 @@ def _token_select_attend_kernel(
 # The one-token path holds a query's importance row in registers: up to this many selection blocks (256k
 # tokens at l' = 64); longer caches take the general decode chain.
 TOKEN_DECODE_MAX_BLOCKS = 4096
+# The selection sums the heads' masses over [heads, NSEL_P] tiles of at most this many elements.
+TOKEN_IMPORTANCE_ELEMENTS = 4096
 # Benchmarks may pin launch settings: {"scores": (warps, stages), "select": (warps, stages)}.
 TOKEN_DECODE_LAUNCH: dict = {}
 
@@ -404,6 +410,7 @@ def token_decode_triton(q, k, v, k_cmp, v_cmp, *, block: int, top_n: int, window
     ``nsa.nsa_from_compressed``: ``importance [B, HKV, 1, NSEL]``, ``chosen [B, HKV, 1, top_n]`` and ``lse``
     (union) or the branch outputs and LSEs (gated). Arguments are checked by the caller;
     ``token_decode_supported`` must hold."""
+    check_compressed_inputs(q, k_cmp, v_cmp, cmp_block, cmp_stride, scale, k.shape[1])  # as the general chain does
     b, _, hq, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
     gated = combine == "gated"
@@ -445,7 +452,8 @@ def token_decode_triton(q, k, v, k_cmp, v_cmp, *, block: int, top_n: int, window
     _token_select_attend_kernel[(top_n, b * hkv)](
         q, k, v, m_split, l_split, mass, importance, chosen, m_part, l_part, acc, *q_strides, *_strides(k),
         *_strides(v), hq, hkv, pos, nsel, nsel_pad, n_splits, last_cand, init_blocks, local_blocks, scale * LOG2E, b,
-        BLOCK=block, BLOCK_N=bn, NSEL_P=nsel_p, HEADS_AT_ONCE=max(1, min(group_p, 4096 // nsel_p)), TOP_N_P=max(2, triton.next_power_of_2(top_n)),
+        BLOCK=block, BLOCK_N=bn, NSEL_P=nsel_p, HEADS_AT_ONCE=max(1, min(group_p, TOKEN_IMPORTANCE_ELEMENTS // nsel_p)),
+        TOP_N_P=max(2, triton.next_power_of_2(top_n)),
         SLOT_WINDOW=0 if gated else window, **common, **_launch("select", (4, 2), q.device))
     found = {"importance": importance, "chosen": chosen}
     if not gated:

@@ -122,3 +122,31 @@ def test_one_token_path_breaks_ties_like_the_oracle():
             _, aux = nsa_attention(q, k, v, **kw, backend="triton", return_aux=True)
             _, want_aux = nsa_attention_reference(q, k, v, **kw, return_aux=True)
         assert torch.equal(aux["block_idx"], want_aux["block_idx"]), kw
+
+
+@pytest.mark.parametrize("combine", ["union", "gated"])
+def test_one_token_path_over_many_tiles(monkeypatch, combine):
+    """34 tiles of compressed keys (the spill crosses tile boundaries; the gated merge of the compressed branch
+    takes two rounds of 32 tiles), with the group's 8 heads summed one at a time."""
+    from nsa_viz.kernels import nsa_decode_kernels
+    from nsa_viz.kernels.nsa_ref import nsa_attention_reference
+    monkeypatch.setattr(nsa_decode_kernels, "TOKEN_IMPORTANCE_ELEMENTS", 1024)
+    torch.manual_seed(5)
+    q, k, v = (torch.randn(1, t, h, 32) for t, h in ((1, 8), (8500, 1), (8500, 1)))
+    kw = dict(SMALL, top_n=6, combine=combine, gates=torch.rand(1, 1, 8, 3) if combine == "gated" else None)
+    with torch.no_grad():
+        out, aux = nsa_attention(q, k, v, **kw, backend="triton", return_aux=True)
+        want, want_aux = nsa_attention_reference(q, k, v, **kw, return_aux=True)
+    assert torch.equal(aux["block_idx"], want_aux["block_idx"])
+    assert rel_err(aux["importance"], want_aux["importance"]) < 1e-5
+    assert rel_err(out, want) < TOLERANCE[torch.float32]
+    for name in [name for name in aux if name.startswith(("o_", "lse"))]:
+        assert rel_err(aux[name], want_aux[name]) < TOLERANCE[torch.float32], name
+
+
+def test_one_token_path_checks_the_compressed_keys():
+    q = torch.randn(1, 1, 4, 32, dtype=torch.float16)
+    k, v = (torch.randn(1, 100, 2, 32, dtype=torch.float16) for _ in range(2))
+    wrong_dtype = lambda x: compress_mean(x.float(), 8, 4)  # float32 compressed keys for float16 queries
+    with torch.no_grad(), pytest.raises(ValueError, match="dtype"):
+        nsa_attention(q, k, v, **SMALL, compress=wrong_dtype, backend="triton")
