@@ -33,6 +33,16 @@ def _mm(a, b, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _masked_softmax_step(m_i, s):
+    """One key tile of an online softmax whose rows may have seen nothing yet (log2 units, masked scores at
+    -inf): ``(m_new, p, alpha)``, the new running max, the tile's probabilities relative to it and the factor
+    that rescales the earlier sums; a row that has seen nothing gets p = alpha = 0 (no -inf - -inf NaN)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return m_new, tl.math.exp2(s - m_safe[:, None]), tl.math.exp2(m_i - m_safe)
+
+
+@triton.jit
 def _token_visible(q_pos, k_pos, q_idx, q_len, kv_len, glob_ptr, tile_bits_ptr, tile_id,
                    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SINK: tl.constexpr, DIL_BLOCK: tl.constexpr,
                    DIL_STRIDE: tl.constexpr, HAS_GLOBAL: tl.constexpr, HAS_BITS: tl.constexpr,
@@ -127,10 +137,7 @@ def _fwd_kernel(
                              CAUSAL, WINDOW, SINK, DIL_BLOCK, DIL_STRIDE, HAS_GLOBAL, HAS_BITS, BLOCK_Q, BLOCK_KV,
                              tl.arange(0, BLOCK_Q)[:, None], offs_n[None, :])
         s = tl.where(vis, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
+        m_new, p, alpha = _masked_softmax_step(m_i, s)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + offs_k[:, None].to(tl.int64) * svt + offs_d[None, :] * svd, mask=kmask[:, None], other=0.0)
         acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PRECISION)

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from . import resolve_backend
-from .block_sparse import LOG2E, _bwd_delta_kernel, _mm, _precision, _strides
+from .block_sparse import LOG2E, _bwd_delta_kernel, _masked_softmax_step, _mm, _precision, _strides
 from .nsa_compressed_ref import (check_compressed_inputs, check_importance_inputs, compressed_attention_reference,
                                  compressed_importance_reference, compressed_lse_reference,
                                  selection_importance_reference)
@@ -87,10 +87,7 @@ def _cmp_fwd_kernel(
         k = tl.load(k_base + offs_k[None, :].to(tl.int64) * skt + offs_d[:, None] * skd, mask=kmask[None, :], other=0.0)
         s = _mm(q, k, PRECISION) * qk_scale_log2
         s = tl.where(offs_k[None, :] < n_vis[:, None], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
+        m_new, p, alpha = _masked_softmax_step(m_i, s)
         l_i = l_i * alpha + tl.sum(p, 1)
         if WITH_OUT:
             v = tl.load(v_base + offs_k[:, None].to(tl.int64) * svt + offs_d[None, :] * svd, mask=kmask[:, None],
@@ -297,9 +294,8 @@ def _importance_kernel(
 def _running_lse_step(m_i, l_i, s):
     """One key tile of a running log-sum-exp without values (log2 units, masked scores at -inf): the new
     (max, sum) of each row; a row that has seen nothing keeps (-inf, 0)."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    return m_new, l_i * tl.math.exp2(m_i - m_safe) + tl.sum(tl.math.exp2(s - m_safe[:, None]), 1)
+    m_new, p, alpha = _masked_softmax_step(m_i, s)
+    return m_new, l_i * alpha + tl.sum(p, 1)
 
 
 @triton.jit

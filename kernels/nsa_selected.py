@@ -27,7 +27,8 @@ import triton
 import triton.language as tl
 
 from . import preferred_block_sizes, resolve_backend
-from .block_sparse import LOG2E, _bwd_delta_kernel, _mm, _precision, _strides, block_sparse_backward, block_sparse_forward
+from .block_sparse import (LOG2E, _bwd_delta_kernel, _masked_softmax_step, _mm, _precision, _strides,
+                           block_sparse_backward, block_sparse_forward)
 from .layout import TokenRule, layout_from_rule
 from .nsa_selected_ref import check_selected_inputs, selected_attention_reference
 
@@ -71,10 +72,7 @@ def _sel_fwd_kernel(
                 k = tl.load(k_base + offs_k[None, :].to(tl.int64) * skt + offs_d[:, None] * skd, mask=kmask[None, :], other=0.0)
                 s = _mm(q, k, PRECISION) * qk_scale_log2
                 s = tl.where(kmask[None, :], s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                p = tl.math.exp2(s - m_safe[:, None])
-                alpha = tl.math.exp2(m_i - m_safe)
+                m_new, p, alpha = _masked_softmax_step(m_i, s)
                 l_i = l_i * alpha + tl.sum(p, 1)
                 v = tl.load(v_base + offs_k[:, None].to(tl.int64) * svt + offs_d[None, :] * svd, mask=kmask[:, None], other=0.0)
                 acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PRECISION)
