@@ -135,19 +135,24 @@ def _pick_in_chunks(scores: torch.Tensor, cur_block: torch.Tensor, top_n: int, i
                                      local_blocks) for r0 in range(0, rows, step)], dim=2)
 
 
+def _candidates(first_positions, *, block: int, window: int, select_outside_window: bool, local_blocks: int):
+    """``(last candidate block, local blocks to force)`` of rows whose first position is ``first_positions``
+    (a tensor, or one int: the query's, or its query block's first query). Candidates are the blocks up to the
+    row's own; with ``select_outside_window`` only those starting before the row's window,
+    ``s*block <= position - window`` (floor division: negative when none), none forced as local (the window
+    holds them): the ranking kernels see a lower last block."""
+    if select_outside_window:
+        return (first_positions - window) // block, 0
+    return first_positions // block, local_blocks
+
+
 def _pick_rows(scores: torch.Tensor, first_positions: torch.Tensor, *, block: int, window: int,
                select_outside_window: bool, top_n: int, init_blocks: int, local_blocks: int,
                backend: str) -> torch.Tensor:
-    """``pick_top_blocks`` for rows whose first position is ``first_positions`` (the query's, or its query
-    block's first query). Candidates are the blocks up to the row's own; with ``select_outside_window`` only
-    those starting before the row's window, ``s*block <= position - window`` (floor division: negative when
-    none), none forced as local (the window holds them): the ranking kernels see a lower last block."""
-    if select_outside_window:
-        last, local_blocks = torch.div(first_positions - window, block, rounding_mode="floor"), 0
-    else:
-        last = first_positions // block
-    return pick_top_blocks(scores, last, top_n=top_n, init_blocks=init_blocks, local_blocks=local_blocks,
-                           backend=backend)
+    """``pick_top_blocks`` for rows whose first position is ``first_positions`` (see ``_candidates``)."""
+    last, local = _candidates(first_positions, block=block, window=window, select_outside_window=select_outside_window,
+                              local_blocks=local_blocks)
+    return pick_top_blocks(scores, last, top_n=top_n, init_blocks=init_blocks, local_blocks=local, backend=backend)
 
 
 def query_block_importance(importance: torch.Tensor, q_start: int, block: int,
@@ -380,19 +385,16 @@ def nsa_from_compressed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cmp
     tq, tk = q.shape[1], k.shape[1]
     kw = dict(cmp_block=cmp_block, cmp_stride=cmp_stride, scale=scale, kv_len=tk, backend=backend)
     parts = {}
-    # a few queries with no gradient (decoding) take the split-key kernels: one token alone would leave
-    # the per-token kernels with HKV programs walking all its keys serially
-    few_queries = tq <= DECODE_MAX_QUERIES and not (torch.is_grad_enabled() and any(
-        t.requires_grad for t in (q, k, v)))
     # one token and nothing to differentiate (gates and a learned compression included): three launches
     no_grad = not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, k_cmp, v_cmp,
                                                                                              gates)))
     if (no_grad and backend == "triton" and granularity == "token"
             and token_decode_supported(q, k_cmp, block=block, cmp_block=cmp_block, cmp_stride=cmp_stride, kv_len=tk)):
+        last, local = _candidates(tk - 1, block=block, window=window, select_outside_window=select_outside_window,
+                                  local_blocks=local_blocks)
         return token_decode_triton(q, k, v, k_cmp, v_cmp, block=block, top_n=top_n, window=window,
                                    cmp_block=cmp_block, cmp_stride=cmp_stride, init_blocks=init_blocks,
-                                   local_blocks=local_blocks, select_outside_window=select_outside_window, scale=scale,
-                                   combine=combine, gates=gates)
+                                   last_candidate=last, local_blocks=local, scale=scale, combine=combine, gates=gates)
     if combine == "union":  # the compressed branch only scores blocks here: its LSE is found and used in place
         importance = compressed_importance(q.detach(), k_cmp.detach(), block=block, **kw)
     else:
@@ -401,6 +403,10 @@ def nsa_from_compressed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cmp
     parts["importance"] = importance
 
     q_start = tk - tq
+    # a few queries with no gradient (decoding) take the split-key kernels: one token alone would leave
+    # the per-token kernels with HKV programs walking all its keys serially
+    few_queries = tq <= DECODE_MAX_QUERIES and not (torch.is_grad_enabled() and any(
+        t.requires_grad for t in (q, k, v)))
     by_layout = not few_queries and _layout_expresses(granularity, combine, block, window, tq, tk)
     pick = dict(block=block, window=window, select_outside_window=select_outside_window, top_n=top_n,
                 init_blocks=init_blocks, local_blocks=local_blocks, backend=backend)

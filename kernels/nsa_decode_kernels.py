@@ -194,7 +194,7 @@ def _gated_token_combine_kernel(
     tl.store(LSE_BRANCH + 2 * n_rows + r, lse_win)
 
 
-# ----------------------------------------------------------------------------- one token, union, in three launches
+# ----------------------------------------------------------------------------- one token in three launches
 @triton.jit
 def _token_scores(Q, KC, VC, M_SPLIT, L_SPLIT, MASS, ACC_CMP, b, hk, bh, split, sqb, sqh, sqd, skb, skt, skh, skd,
                   svb, svt, svh, svd, num_cmp, pos, qk_scale_log2, n_splits, nsel_pad, GROUP: tl.constexpr,
@@ -398,14 +398,15 @@ def _launch(name: str, default: tuple, device) -> dict:
 @torch.compiler.disable
 @torch.no_grad()
 def token_decode_triton(q, k, v, k_cmp, v_cmp, *, block: int, top_n: int, window: int, cmp_block: int,
-                        cmp_stride: int, init_blocks: int, local_blocks: int, select_outside_window: bool,
-                        scale: float, combine: str = "union", gates: Optional[torch.Tensor] = None):
+                        cmp_stride: int, init_blocks: int, last_candidate: int, local_blocks: int, scale: float,
+                        combine: str = "union", gates: Optional[torch.Tensor] = None):
     """NSA with per-token selection for one new query per sequence (``q [B, 1, HQ, D]`` at position ``Tk - 1``)
     in three launches: the compressed keys' scores (split over programs) beside the window's parts; the
     selection and the selected blocks (one program per slot); the merge of the parts (``union``: one softmax;
     ``gated``: three, combined with ``gates [B, 1, HQ, 3]``). Returns ``(out, parts)`` with the ``parts`` of
     ``nsa.nsa_from_compressed``: ``importance [B, HKV, 1, NSEL]``, ``chosen [B, HKV, 1, top_n]`` and ``lse``
-    (union) or the branch outputs and LSEs (gated). Arguments are checked by the caller;
+    (union) or the branch outputs and LSEs (gated). The candidates are the blocks up to ``last_candidate``, the
+    last ``local_blocks`` of them forced (``nsa._candidates``). Arguments are checked by the caller;
     ``token_decode_supported`` must hold."""
     check_compressed_inputs(q, k_cmp, v_cmp, cmp_block, cmp_stride, scale, k.shape[1])  # as the general chain does
     b, _, hq, d = q.shape
@@ -440,15 +441,12 @@ def token_decode_triton(q, k, v, k_cmp, v_cmp, *, block: int, top_n: int, window
         b, BLOCK_N=block_n, SPILL_P=0 if spill == 0 else max(16, triton.next_power_of_2(spill)), CMP_BLOCK=cmp_block,
         CMP_STRIDE=cmp_stride, SEL_BLOCK=block, WINDOW=window, WIN_N=bn, GATED=gated, **common,
         **_launch("scores", (4, 1), q.device))
-    if select_outside_window:
-        last_cand, local_blocks = (pos - window) // block, 0
-    else:
-        last_cand = pos // block
     importance = torch.empty(b, hkv, 1, nsel, **f32)
     chosen = torch.empty(b, hkv, 1, top_n, dtype=torch.int32, device=q.device)
     _token_select_attend_kernel[(top_n, b * hkv)](
         q, k, v, m_split, l_split, mass, importance, chosen, m_part, l_part, acc, *q_strides, *_strides(k),
-        *_strides(v), hq, hkv, pos, nsel, nsel_pad, n_splits, last_cand, init_blocks, local_blocks, scale * LOG2E, b,
+        *_strides(v), hq, hkv, pos, nsel, nsel_pad, n_splits, last_candidate, init_blocks, local_blocks,
+        scale * LOG2E, b,
         BLOCK=block, BLOCK_N=bn, NSEL_P=nsel_p, HEADS_AT_ONCE=max(1, min(group_p, TOKEN_IMPORTANCE_ELEMENTS // nsel_p)),
         TOP_N_P=max(2, triton.next_power_of_2(top_n)),
         SLOT_WINDOW=0 if gated else window, **common, **_launch("select", (4, 2), q.device))
