@@ -62,9 +62,11 @@ def sweep_launches(step, rows: list, base: dict) -> None:
             print(f"  sweep {name} warps={warps} stages={stages}: {ms * 1e3:.1f} us", flush=True)
 
 
-def time_nsa(step, graph: bool) -> tuple:
-    """(one-token path ms, general decode chain ms) of the same step."""
+def time_nsa(step, graph: bool, chain: bool = True) -> tuple:
+    """(one-token path ms, general decode chain ms or None) of the same step."""
     fast = timed(step, graph)
+    if not chain:
+        return fast, None
     keep = nsa_decode_kernels.TOKEN_DECODE_MAX_BLOCKS
     nsa_decode_kernels.TOKEN_DECODE_MAX_BLOCKS = 0  # the general decode chain
     try:
@@ -80,6 +82,7 @@ def main() -> int:
     ap.add_argument("--configs", nargs="+", default=["64/4/128", "32/8/128", "9/3/64"], help="HQ/HKV/D")
     ap.add_argument("--combines", nargs="+", default=["union", "gated"], choices=["union", "gated"])
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--skip-chain", action="store_true", help="do not time the general decode chain")
     ap.add_argument("--sweep", action="store_true", help="also time launch settings of the one-token kernels "
                     "(first config and combine, longest T)")
     args = ap.parse_args()
@@ -118,10 +121,11 @@ def main() -> int:
                     line = {"config": config, "T": t, "combine": combine}
                     for graph in (False, True):
                         kind = "graph" if graph else "eager"
-                        fast, chain = time_nsa(step, graph)
+                        fast, chain = time_nsa(step, graph, chain=not args.skip_chain)
                         rows.append(dict(base, impl="nsa_viz_token_decode", mode=kind, ms=fast, rel_err_vs_oracle=err,
                                          identical_block_rows=same))
-                        rows.append(dict(base, impl="nsa_viz_general_decode", mode=kind, ms=chain))
+                        if chain is not None:
+                            rows.append(dict(base, impl="nsa_viz_general_decode", mode=kind, ms=chain))
                         line[f"nsa {kind}"], line[f"chain {kind}"] = fast, chain
                         for name, dense_step in dense_steps(q1, kc, vc).items():
                             if (name, kind) not in dense:
@@ -138,20 +142,22 @@ def main() -> int:
                     line["speedup"] = line["dense best"] / line["nsa graph"]
                     table.append(line)
                     print("  " + ", ".join(f"{k} {v * 1e3:.1f} us" if isinstance(v, float) and k != "speedup"
-                                           else f"{k} {v}" for k, v in line.items()), flush=True)
+                                           else f"{k} {v}" for k, v in line.items() if v is not None), flush=True)
                     if args.sweep and t == max(lengths) and config == configs[0] and combine == args.combines[0]:
                         sweep_launches(step, rows, base)
                     if t == max(lengths):
                         kernels = kernel_table(step, device)
                         show(f"{config} T={t} {combine}: kernels of one eager step", kernels)
                         rows.append(dict(base, impl="nsa_viz_token_decode", mode="kernels", kernels=kernels))
+            if device.type == "cuda":  # after every length: a run cut short keeps what it measured
+                suffix = "" if args.batch == 1 else f"_b{args.batch}"
+                write_rows(rows, ROOT / "benchmarks" / "results" / f"nsa_decode_{gpu_slug(device)}{suffix}.json")
     if device.type == "cuda":
-        suffix = "" if args.batch == 1 else f"_b{args.batch}"
-        write_rows(rows, ROOT / "benchmarks" / "results" / f"nsa_decode_{gpu_slug(device)}{suffix}.json")
         print("\nconfig, T, combine, NSA graph us, general chain graph us, best dense us (graph or eager), speedup")
         for line in table:
-            print(f"{line['config']}, {line['T']}, {line['combine']}, {line['nsa graph'] * 1e3:.1f}, "
-                  f"{line['chain graph'] * 1e3:.1f}, {line['dense best'] * 1e3:.1f}, {line['speedup']:.2f}x")
+            chain = "-" if line["chain graph"] is None else f"{line['chain graph'] * 1e3:.1f}"
+            print(f"{line['config']}, {line['T']}, {line['combine']}, {line['nsa graph'] * 1e3:.1f}, {chain}, "
+                  f"{line['dense best'] * 1e3:.1f}, {line['speedup']:.2f}x")
     return 0
 
 
