@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import ROOT, bench_ms, capture_graph, environment, peak_mb, rel_err, write_rows
+from common import ROOT, bench_ms, capture_graph, dense_decode_steps, environment, peak_mb, rel_err, write_rows
 from nsa_viz.kernels.nsa_compressed import compressed_attention, compressed_importance, selection_importance
 from nsa_viz.kernels.nsa_compressed_ref import num_compressed
 from nsa_viz.kernels.nsa_selected import selected_attention
@@ -428,13 +428,7 @@ def main():
                 got = step()
                 err = rel_err(got, want) if want is not None else float("nan")
             if device.type == "cuda":
-                from torch.nn.attention import SDPBackend, sdpa_kernel
-                qt, kt, vt = q1.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2)
-                for name, be in (("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa_flash", SDPBackend.FLASH_ATTENTION),
-                                 ("sdpa_efficient", SDPBackend.EFFICIENT_ATTENTION)):
-                    def dense(be=be):
-                        with sdpa_kernel([be]):
-                            return F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True)
+                for name, dense in dense_decode_steps(q1, kc, vc).items():
                     attempt(f"decode {name}", lambda name=name, dense=dense: row("decode", name, t, "decode", bench_ms(dense)))
             with torch.no_grad():
                 row("decode", "nsa_viz", t, "decode", bench_ms(step), note=f"nsa_decode with NSACache, eager; rel err vs nsa_attention {err:.1e}")

@@ -16,29 +16,14 @@ import argparse
 import sys
 
 import torch
-import torch.nn.functional as F
 
-from common import ROOT, bench_ms, capture_graph, environment, gpu_slug, rel_err, write_rows
+from common import ROOT, bench_ms, capture_graph, dense_decode_steps, environment, gpu_slug, rel_err, write_rows
 from nsa_viz.kernels import nsa_decode_kernels
 from nsa_viz.kernels.nsa_decode import NSACache, nsa_decode
 from nsa_viz.kernels.nsa_ref import nsa_attention_reference
 from profile_nsa import kernel_table, show
 
 PARAMS = dict(block=64, top_n=16, window=512, cmp_block=32, cmp_stride=16, combine="union", granularity="token")
-
-
-def dense_steps(q1, kc, vc):
-    """{backend name: step} of dense SDPA decoding one query over the whole cache."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    qt, kt, vt = q1.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2)
-    steps = {}
-    for name, be in (("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa_flash", SDPBackend.FLASH_ATTENTION),
-                     ("sdpa_efficient", SDPBackend.EFFICIENT_ATTENTION)):
-        def step(be=be):
-            with sdpa_kernel([be]):
-                return F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True)
-        steps[name] = step
-    return steps
 
 
 def timed(step, graph: bool) -> float:
@@ -127,7 +112,7 @@ def main() -> int:
                         if chain is not None:
                             rows.append(dict(base, impl="nsa_viz_general_decode", mode=kind, ms=chain))
                         line[f"nsa {kind}"], line[f"chain {kind}"] = fast, chain
-                        for name, dense_step in dense_steps(q1, kc, vc).items():
+                        for name, dense_step in dense_decode_steps(q1, kc, vc).items():
                             if (name, kind) not in dense:
                                 try:
                                     dense[name, kind] = timed(dense_step, graph)

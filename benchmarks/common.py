@@ -40,3 +40,19 @@ def gpu_slug(device) -> str:
         return "cpu_smoke"
     name = torch.cuda.get_device_name(device).lower()
     return next((w for w in name.replace("-", " ").split() if w[:1] in "abhl" and w[1:].isdigit()), "gpu")
+
+
+def dense_decode_steps(q1, kc, vc) -> dict:
+    """{backend name: step} of dense SDPA decoding the queries ``q1 [B, Tq, HQ, D]`` over the whole cache
+    ``kc``/``vc [B, T, HKV, D]`` (GQA expanded by SDPA), one per backend: a backend may refuse the shape."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    qt, kt, vt = q1.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2)
+    steps = {}
+    for name, backend in (("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa_flash", SDPBackend.FLASH_ATTENTION),
+                          ("sdpa_efficient", SDPBackend.EFFICIENT_ATTENTION)):
+        def step(backend=backend):
+            with sdpa_kernel([backend]):
+                return F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True)
+        steps[name] = step
+    return steps
