@@ -57,7 +57,7 @@ import torch
 try:
     import nsa_viz  # noqa: F401  (installed, or the device's /tmp/nsa_viz_pkg on PYTHONPATH)
 except ImportError:  # a bare checkout: the repository root (a plain nsa_viz/ there must not shadow the above)
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+    sys.path.append(os.path.join(os.path.dirname(__file__), ".."))  # last: see common.py on `kernels`
 
 from nsa_viz import NSA, Dense, GlobalLocal, SlidingWindow, load_model  # noqa: E402
 from nsa_viz.accuracy import compare_hidden, default_filler, passkey_table, perplexity_table  # noqa: E402

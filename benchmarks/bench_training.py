@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.append(str(ROOT))  # last: the root's kernels/ must not shadow Hugging Face's `kernels` (common.py)
 
 from nsa_viz.patterns import NSA  # noqa: E402
 from nsa_viz.tradeoffs import environment  # noqa: E402

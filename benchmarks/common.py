@@ -7,7 +7,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run as a script from a bare checkout too
+# run as a script from a bare checkout too; last on the path, so that the root's `kernels/` folder (imported
+# as nsa_viz.kernels) cannot shadow Hugging Face's `kernels` package, which transformers >= 5.25 imports
+sys.path.append(str(ROOT))
 
 # The generic parts (environment facts, warm-up + median timing, peak memory, result rows) live in the
 # package so that `nsa-viz bench` and these scripts measure the same way.

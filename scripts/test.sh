@@ -13,7 +13,7 @@ if [ ! -x /usr/bin/chromium ]; then
 fi
 . .venv/bin/activate
 set +e
-python -m pytest "$@"
+python -P -m pytest "$@"  # -P: not the working directory first on sys.path (see pyproject)
 rc=$?
 set -e
 if [ "$rc" = 5 ]; then
