@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import datetime
 import gc
+import inspect
 import json
 import math
 import os
@@ -892,16 +893,24 @@ def _prefill(model, ids):
         return model(input_ids=ids, use_cache=True, logits_to_keep=1)
 
 
+def _kv_cache(out):
+    """The KV cache a forward returned: ``cache`` from transformers 5.25 on (``past_key_values`` before)."""
+    cache = getattr(out, "cache", None)
+    return out.past_key_values if cache is None else cache
+
+
 def _decode_ms(model, ids, new_tokens: int, device) -> float:
     """Prefill ``ids`` (untimed), then ``new_tokens`` greedy decode steps with the KV cache: ms per step."""
     out = _prefill(model, ids)
-    cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    cache, nxt = _kv_cache(out), out.logits[:, -1:].argmax(-1)
+    # transformers 5.25 renamed the argument (the old name warns, and goes in 5.40)
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     synchronize(device)
     t0 = time.perf_counter()
     with torch.no_grad():
         for _ in range(new_tokens):
-            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
-            cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            out = model(input_ids=nxt, use_cache=True, **{cache_arg: cache})
+            cache, nxt = _kv_cache(out), out.logits[:, -1:].argmax(-1)
     synchronize(device)
     return (time.perf_counter() - t0) * 1e3 / new_tokens
 
