@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .checks import check_layout, check_qkv
+from .checks import check_layout, check_qkv, needs_grad
 from .layout import BlockLayout
 
 DEFAULT_MAX_BYTES = 256 * 2**20
@@ -49,7 +49,7 @@ def block_sparse_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     check_layout(layout, q, k)
     b, tq, hq, _ = q.shape
     step = rows_per_chunk(b, hq, k.shape[1], max_bytes)
-    need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    need_grad = needs_grad(q, k, v)
     outs, lses = [], []
     for r0 in range(0, tq, step):
         r1 = min(r0 + step, tq)

@@ -70,3 +70,9 @@ def check_layout(layout, q: torch.Tensor, k: torch.Tensor) -> None:
         raise ValueError(f"layout head dimension must be 1 or the number of key/value heads {hkv}, got {lh}")
     if layout.device != q.device:
         raise ValueError(f"layout is on {layout.device} but q is on {q.device}: use layout.to(q.device)")
+
+
+def needs_grad(*tensors) -> bool:
+    """Whether autograd will want a gradient of any of ``tensors`` (anything not a tensor, e.g. None, is
+    skipped): the references then keep the graph, and the Triton paths that have no backward step aside."""
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from . import block_sparse_attention, resolve_backend
-from .checks import check_qkv
+from .checks import check_qkv, needs_grad
 from .layout import EMPTY, BlockLayout, TokenRule, layout_from_rule
 from .nsa_compressed import compressed_attention, compressed_importance, selection_importance
 from .nsa_ref import (GRANULARITIES, check_compressed, check_gates, check_nsa_params, num_compressed_blocks,
@@ -386,9 +386,7 @@ def nsa_from_compressed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cmp
     kw = dict(cmp_block=cmp_block, cmp_stride=cmp_stride, scale=scale, kv_len=tk, backend=backend)
     parts = {}
     # one token and nothing to differentiate (gates and a learned compression included): three launches
-    no_grad = not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, k_cmp, v_cmp,
-                                                                                             gates)))
-    if (no_grad and backend == "triton" and granularity == "token"
+    if (not needs_grad(q, k, v, k_cmp, v_cmp, gates) and backend == "triton" and granularity == "token"
             and token_decode_supported(q, k_cmp, block=block, cmp_block=cmp_block, cmp_stride=cmp_stride, kv_len=tk)):
         last, local = _candidates(tk - 1, block=block, window=window, select_outside_window=select_outside_window,
                                   local_blocks=local_blocks)
@@ -405,8 +403,7 @@ def nsa_from_compressed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cmp
     q_start = tk - tq
     # a few queries with no gradient (decoding) take the split-key kernels: one token alone would leave
     # the per-token kernels with HKV programs walking all its keys serially
-    few_queries = tq <= DECODE_MAX_QUERIES and not (torch.is_grad_enabled() and any(
-        t.requires_grad for t in (q, k, v)))
+    few_queries = tq <= DECODE_MAX_QUERIES and not needs_grad(q, k, v)
     by_layout = not few_queries and _layout_expresses(granularity, combine, block, window, tq, tk)
     pick = dict(block=block, window=window, select_outside_window=select_outside_window, top_n=top_n,
                 init_blocks=init_blocks, local_blocks=local_blocks, backend=backend)

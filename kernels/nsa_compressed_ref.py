@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from .block_sparse_ref import DEFAULT_MAX_BYTES, attend_masked, rows_per_chunk
-from .checks import check_heads, check_scale
+from .checks import check_heads, check_scale, needs_grad
 
 
 def _power_of_two(name: str, value) -> None:
@@ -97,7 +97,7 @@ def compressed_attention_reference(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: 
         return out, torch.full((b, tq, hq), float("-inf"), device=q.device)
     q_offset = kv_len - tq
     step = rows_per_chunk(b, hq, nc, max_bytes)
-    need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cmp, v_cmp))
+    need_grad = needs_grad(q, k_cmp, v_cmp)
     outs, lses = [], []
     for r0 in range(0, tq, step):
         r1 = min(r0 + step, tq)

@@ -44,7 +44,7 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .checks import check_qkv
+from .checks import check_qkv, needs_grad
 
 DEFAULT_MAX_BYTES = 256 * 2**20
 COMBINES = ("union", "gated")
@@ -341,8 +341,7 @@ def nsa_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
         block_idx = idx.contiguous()
 
     # ---- attention, chunk by chunk
-    need_grad = torch.is_grad_enabled() and any(
-        isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k, v, k_cmp, v_cmp, gates))
+    need_grad = needs_grad(q, k, v, k_cmp, v_cmp, gates)
     step = _chunk_rows(b, hq, tk, max_bytes)
     pieces = []
     for r0 in range(0, tq, step):

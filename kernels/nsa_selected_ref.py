@@ -14,7 +14,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from .block_sparse_ref import DEFAULT_MAX_BYTES, attend_masked, rows_per_chunk
-from .checks import check_qkv
+from .checks import check_qkv, needs_grad
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -77,7 +77,7 @@ def selected_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     check_index_values(block_idx, tk, block)
     q_offset = tk - tq
     step = rows_per_chunk(b, hq, tk, max_bytes)
-    need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    need_grad = needs_grad(q, k, v)
     outs, lses = [], []
     for r0 in range(0, tq, step):
         r1 = min(r0 + step, tq)
