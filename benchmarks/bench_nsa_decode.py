@@ -60,6 +60,27 @@ def time_nsa(step, graph: bool, chain: bool = True) -> tuple:
         nsa_decode_kernels.TOKEN_DECODE_MAX_BLOCKS = keep
 
 
+def stacked_layers(q1, kc, vc, params: dict, layers: int) -> dict:
+    """Per-layer graph time of ``layers`` decode steps captured in ONE graph, each over its own cache (the first
+    is ``kc``/``vc``, the others fresh random ones): how a model's whole token step runs (one graph for all
+    layers), so the graph launch is shared. {"nsa": ms, dense backend: ms}."""
+    stack = [(kc, vc)] + [(torch.randn_like(kc), torch.randn_like(vc)) for _ in range(layers - 1)]
+    caches = []
+    for k_l, v_l in stack:
+        caches.append(NSACache(PARAMS["cmp_block"], PARAMS["cmp_stride"]))
+        caches[-1].update(k_l, v_l)
+        caches[-1].queries_until = kc.shape[1] - 1
+    per_layer = {"nsa": timed(lambda: [nsa_decode(q1, k_l, v_l, cache, **params)
+                                       for (k_l, v_l), cache in zip(stack, caches)], graph=True) / layers}
+    dense = [dense_decode_steps(q1, k_l, v_l) for k_l, v_l in stack]
+    for name in dense[0]:
+        try:
+            per_layer[name] = timed(lambda: [steps[name]() for steps in dense], graph=True) / layers
+        except Exception as exc:  # a backend may refuse the shape or the capture
+            print(f"  {name} x{layers}: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
+    return per_layer
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="toy sizes on the CPU (TRITON_INTERPRET=1): checks only")
@@ -68,6 +89,8 @@ def main() -> int:
     ap.add_argument("--combines", nargs="+", default=["union", "gated"], choices=["union", "gated"])
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--skip-chain", action="store_true", help="do not time the general decode chain")
+    ap.add_argument("--layers", type=int, default=1, help="also time this many layers' steps in one graph (each "
+                    "over its own cache; per-layer time), as a model's token step runs")
     ap.add_argument("--sweep", action="store_true", help="also time launch settings of the one-token kernels "
                     "(first config and combine, longest T)")
     args = ap.parse_args()
@@ -125,9 +148,19 @@ def main() -> int:
                                 line[f"{name} {kind}"] = dense[name, kind]
                     line["dense best"] = min(v for k, v in line.items() if k.startswith("sdpa"))
                     line["speedup"] = line["dense best"] / line["nsa graph"]
+                    if args.layers > 1:
+                        stacked = stacked_layers(q1, kc, vc, params, args.layers)
+                        mode = f"graph_{args.layers}_layers_per_layer"
+                        for name, ms in stacked.items():
+                            rows.append(dict(base, impl="nsa_viz_token_decode" if name == "nsa" else name, mode=mode,
+                                             ms=ms, layers=args.layers, **({} if name == "nsa" else {"combine": None})))
+                        line[f"nsa x{args.layers}"] = stacked["nsa"]
+                        line[f"dense best x{args.layers}"] = min(v for k, v in stacked.items() if k != "nsa")
+                        line[f"speedup x{args.layers}"] = line[f"dense best x{args.layers}"] / stacked["nsa"]
                     table.append(line)
                     print("  " + ", ".join(f"{k} {v * 1e3:.1f} us" if isinstance(v, float) and k != "speedup"
-                                           else f"{k} {v}" for k, v in line.items() if v is not None), flush=True)
+                                           else f"{k} {v}" for k, v in line.items()
+                                           if v is not None and not k.startswith("speedup x")), flush=True)
                     if args.sweep and t == max(lengths) and config == configs[0] and combine == args.combines[0]:
                         sweep_launches(step, rows, base)
                     if t == max(lengths):
@@ -142,7 +175,10 @@ def main() -> int:
         for line in table:
             chain = "-" if line["chain graph"] is None else f"{line['chain graph'] * 1e3:.1f}"
             print(f"{line['config']}, {line['T']}, {line['combine']}, {line['nsa graph'] * 1e3:.1f}, {chain}, "
-                  f"{line['dense best'] * 1e3:.1f}, {line['speedup']:.2f}x")
+                  f"{line['dense best'] * 1e3:.1f}, {line['speedup']:.2f}x"
+                  + (f"; {args.layers} layers in one graph, per layer: NSA {line[f'nsa x{args.layers}'] * 1e3:.1f}, "
+                     f"dense {line[f'dense best x{args.layers}'] * 1e3:.1f}, {line[f'speedup x{args.layers}']:.2f}x"
+                     if args.layers > 1 else ""))
     return 0
 
 

@@ -34,6 +34,17 @@ from .nsa_selected_ref import check_selected_inputs, selected_attention_referenc
 
 
 @triton.jit
+def _selected_tile(q, k_base, v_base, offs_k, kmask, offs_d, m_i, l_i, acc, skt, skd, svt, svd, qk_scale_log2,
+                   PRECISION: tl.constexpr):
+    """One key tile of the online softmax over selected keys ``offs_k`` (masked keys: no load, no mass)."""
+    k = tl.load(k_base + offs_k[None, :].to(tl.int64) * skt + offs_d[:, None] * skd, mask=kmask[None, :], other=0.0)
+    s = tl.where(kmask[None, :], _mm(q, k, PRECISION) * qk_scale_log2, float("-inf"))
+    m_new, p, alpha = _masked_softmax_step(m_i, s)
+    v = tl.load(v_base + offs_k[:, None].to(tl.int64) * svt + offs_d[None, :] * svd, mask=kmask[:, None], other=0.0)
+    return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + _mm(p.to(v.dtype), v, PRECISION)
+
+
+@triton.jit
 def _sel_fwd_kernel(
     Q, K, V, IDX, O, LSE, OW, LSEW,
     sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, sob, sot, soh, sod,
@@ -62,21 +73,15 @@ def _sel_fwd_kernel(
     m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([ROWS], dtype=tl.float32)
     acc = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
+    # no branch on the slot: a skipped one (-1, or inside the window) is a tile of masked loads, and the loop
+    # stays one that Triton can software-pipeline (prefetching the next block while this one is computed:
+    # 20.2 -> 15.2 ms at 64k, benchmarks/NOTES.md run 12)
     for n in range(0, n_slots):
-        blk = tl.load(idx_base + n * sin).to(tl.int32)
-        start = blk * BLOCK
-        if (blk >= 0) & (start <= last):
-            for c in tl.static_range(0, BLOCK, BLOCK_N):
-                offs_k = start + c + offs_n
-                kmask = offs_k <= last
-                k = tl.load(k_base + offs_k[None, :].to(tl.int64) * skt + offs_d[:, None] * skd, mask=kmask[None, :], other=0.0)
-                s = _mm(q, k, PRECISION) * qk_scale_log2
-                s = tl.where(kmask[None, :], s, float("-inf"))
-                m_new, p, alpha = _masked_softmax_step(m_i, s)
-                l_i = l_i * alpha + tl.sum(p, 1)
-                v = tl.load(v_base + offs_k[:, None].to(tl.int64) * svt + offs_d[None, :] * svd, mask=kmask[:, None], other=0.0)
-                acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PRECISION)
-                m_i = m_new
+        start = tl.load(idx_base + n * sin).to(tl.int32) * BLOCK
+        for c in tl.static_range(0, BLOCK, BLOCK_N):
+            offs_k = start + c + offs_n
+            m_i, l_i, acc = _selected_tile(q, k_base, v_base, offs_k, (offs_k <= last) & (offs_k >= 0), offs_d, m_i,
+                                           l_i, acc, skt, skd, svt, svd, qk_scale_log2, PRECISION)
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -98,6 +103,18 @@ def _sel_fwd_kernel(
     tl.store(O + b.to(tl.int64) * sob + i.to(tl.int64) * sot + heads[:, None] * soh + offs_d[None, :] * sod,
              out.to(O.dtype.element_ty), mask=rmask[:, None])
     tl.store(stat, lse2 * 0.6931471805599453, mask=rmask)
+
+
+@triton.jit
+def _selected_dq_tile(q, do, lse, delta, dq, k_base, v_base, offs_k, kmask, offs_d, skt, skd, svt, svd, qk_scale_log2,
+                      PRECISION: tl.constexpr):
+    """dQ of one key tile of the selected part (masked keys: no load, no gradient)."""
+    k = tl.load(k_base + offs_k[:, None].to(tl.int64) * skt + offs_d[None, :] * skd, mask=kmask[:, None], other=0.0)
+    v = tl.load(v_base + offs_k[:, None].to(tl.int64) * svt + offs_d[None, :] * svd, mask=kmask[:, None], other=0.0)
+    s = _mm(q, tl.trans(k), PRECISION) * qk_scale_log2
+    p = tl.where(kmask[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
+    ds = p * (_mm(do, tl.trans(v), PRECISION) - delta[:, None])
+    return dq + _mm(ds.to(k.dtype), k, PRECISION)
 
 
 @triton.jit
@@ -133,21 +150,12 @@ def _sel_bwd_dq_kernel(
     idx_base = IDX + b.to(tl.int64) * sib + hk * sih + i.to(tl.int64) * sit
     last = q_offset + i - WINDOW
     dq = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
-    for n in range(0, n_slots):
-        blk = tl.load(idx_base + n * sin).to(tl.int32)
-        start = blk * BLOCK
-        if (blk >= 0) & (start <= last):
-            for c in tl.static_range(0, BLOCK, BLOCK_N):
-                offs_k = start + c + offs_n
-                kmask = offs_k <= last
-                k = tl.load(k_base + offs_k[:, None].to(tl.int64) * skt + offs_d[None, :] * skd, mask=kmask[:, None], other=0.0)
-                v = tl.load(v_base + offs_k[:, None].to(tl.int64) * svt + offs_d[None, :] * svd, mask=kmask[:, None], other=0.0)
-                s = _mm(q, tl.trans(k), PRECISION) * qk_scale_log2
-                p = tl.math.exp2(s - lse[:, None])
-                p = tl.where(kmask[None, :], p, 0.0)
-                dp = _mm(do, tl.trans(v), PRECISION)
-                ds = p * (dp - delta[:, None])
-                dq += _mm(ds.to(k.dtype), k, PRECISION)
+    for n in range(0, n_slots):  # branch-free, as in the forward
+        start = tl.load(idx_base + n * sin).to(tl.int32) * BLOCK
+        for c in tl.static_range(0, BLOCK, BLOCK_N):
+            offs_k = start + c + offs_n
+            dq = _selected_dq_tile(q, do, lse, delta, dq, k_base, v_base, offs_k, (offs_k <= last) & (offs_k >= 0),
+                                   offs_d, skt, skd, svt, svd, qk_scale_log2, PRECISION)
     dq = dq * sm_scale
     dq_ptrs = DQ + b.to(tl.int64) * sdb + i.to(tl.int64) * sdt + heads[:, None] * sdh + offs_d[None, :] * sdd
     if ACCUMULATE:
@@ -219,6 +227,8 @@ def _sel_bwd_dkdv_kernel(
 # ----------------------------------------------------------------------------- host side
 # Benchmarks may pin launch settings per kernel ("fwd", "dq", "dkdv") to sweep them: {"fwd": (warps, stages)}.
 LAUNCH_OVERRIDES: dict = {}
+# and the key tile (keys per tl.dot, at most the block) per kernel: {"fwd": 32}
+TILE_OVERRIDES: dict = {}
 # Tokens of one dK/dV work item, in tiles of ROWS // G tokens: a block chosen by more tokens is split
 # over several programs (benchmarks may change it).
 DKDV_TILES_PER_ITEM = 16
@@ -228,8 +238,8 @@ def _rows(group: int) -> int:
     return max(16, triton.next_power_of_2(group))
 
 
-def _key_tile(block: int, head_dim: int) -> int:
-    return min(block, 64 if head_dim <= 128 else 32)
+def _key_tile(block: int, head_dim: int, kernel: str) -> int:
+    return min(block, TILE_OVERRIDES.get(kernel, 64 if head_dim <= 128 else 32))
 
 
 def _tuning(kernel: str, device: torch.device) -> dict:
@@ -238,8 +248,9 @@ def _tuning(kernel: str, device: torch.device) -> dict:
     if kernel in LAUNCH_OVERRIDES:
         warps, stages = LAUNCH_OVERRIDES[kernel]
         return dict(num_warps=warps, num_stages=stages)
-    return dict(num_warps=4, num_stages=2)
-
+    # forward: 2 warps keep more programs (each a 16-row tile) in flight per SM: 15.2 ms against 16.4 for 4 warps
+    # at 64k on an H200 (NOTES run 12); 3 stages or 32-key tiles were slower (shared memory, occupancy)
+    return dict(num_warps=2 if kernel == "fwd" else 4, num_stages=2)
 
 _WINDOW_LAYOUTS: "OrderedDict[tuple, object]" = OrderedDict()
 
@@ -291,19 +302,25 @@ def inverse_index(block_idx: torch.Tensor, q_offset: int, kv_len: int, block: in
 
 def selected_forward(q, k, v, block_idx, block: int, scale: float, window: int):
     """Returns ``(out [B, Tq, HQ, D], lse [B, HQ, Tq] float32)`` of the merged softmax."""
-    b, tq, hq, d = q.shape
-    tk, hkv = k.shape[1], k.shape[2]
+    tq, tk, d = q.shape[1], k.shape[1], q.shape[3]
     if window > 0:
         o_win, lse_win = block_sparse_forward(q, k, v, window_layout(tq, tk, window, d, q.device), scale)
     else:
         o_win, lse_win = q, q  # unused (WINDOW=0 compiles the merge away)
+    return selected_part_forward(q, k, v, block_idx, o_win, lse_win, block, scale, window)
+
+
+def selected_part_forward(q, k, v, block_idx, o_win, lse_win, block: int, scale: float, window: int):
+    """The selected blocks' kernel alone, merging the window part's ``(o_win, lse_win)`` when ``window > 0``."""
+    b, tq, hq, d = q.shape
+    tk, hkv = k.shape[1], k.shape[2]
     out = torch.empty(b, tq, hq, d, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, hq, tq, dtype=torch.float32, device=q.device)
     _sel_fwd_kernel[(tq, b * hkv)](
         q, k, v, block_idx, out, lse, o_win, lse_win,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(block_idx), *_strides(o_win),
         tq, hq, hkv, block_idx.shape[3], tk - tq, scale * LOG2E,
-        GROUP=hq // hkv, ROWS=_rows(hq // hkv), HEAD_DIM=d, BLOCK=block, BLOCK_N=_key_tile(block, d), WINDOW=window,
+        GROUP=hq // hkv, ROWS=_rows(hq // hkv), HEAD_DIM=d, BLOCK=block, BLOCK_N=_key_tile(block, d, "fwd"), WINDOW=window,
         PRECISION=_precision(q.dtype, q.device), **_tuning("fwd", q.device))
     return out, lse
 
@@ -324,22 +341,24 @@ def selected_backward(do, q, k, v, block_idx, out, lse, block: int, scale: float
     delta = torch.empty(b, hq, tq, dtype=torch.float32, device=q.device)
     _bwd_delta_kernel[(triton.cdiv(tq, 64), b * hq)](out, do, delta, *_strides(out), *_strides(do), tq, hq,
                                                       HEAD_DIM=d, BLOCK=64)
-    common = dict(GROUP=group, ROWS=_rows(group), HEAD_DIM=d, BLOCK=block, BLOCK_N=_key_tile(block, d), WINDOW=window,
+    common = dict(GROUP=group, ROWS=_rows(group), HEAD_DIM=d, BLOCK=block, WINDOW=window,
                   PRECISION=_precision(q.dtype, q.device))
     _sel_bwd_dq_kernel[(tq, b * hkv)](
         q, k, v, block_idx, do, lse, delta, dq,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(block_idx), *_strides(dq),
         tq, hq, hkv, block_idx.shape[3], tk - tq, scale * LOG2E, scale, **common, ACCUMULATE=window > 0,
-        **_tuning("dq", q.device))
+        BLOCK_N=_key_tile(block, d, "dq"), **_tuning("dq", q.device))
     rows = max(64, _rows(group))
     tokens_per_item = DKDV_TILES_PER_ITEM * (rows // group)
     item_key, item_start, item_end, tokens = inverse_index(block_idx, tk - tq, tk, block, window, tokens_per_item)
     if item_key.numel():
         common["ROWS"] = rows
-        _sel_bwd_dkdv_kernel[(item_key.numel(), block // common["BLOCK_N"])](
+        block_n = _key_tile(block, d, "dkdv")
+        _sel_bwd_dkdv_kernel[(item_key.numel(), block // block_n)](
             q, k, v, do, lse, delta, dk_acc, dv_acc, item_key, item_start, item_end, tokens,
             *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk_acc), *_strides(dv_acc),
-            tq, tk, hq, hkv, -(-tk // block), tk - tq, scale * LOG2E, scale, **common, **_tuning("dkdv", q.device))
+            tq, tk, hq, hkv, -(-tk // block), tk - tq, scale * LOG2E, scale, **common, BLOCK_N=block_n,
+            **_tuning("dkdv", q.device))
     return dq, dk_acc.to(k.dtype), dv_acc.to(v.dtype)
 
 

@@ -1,0 +1,221 @@
+"""Hardware floors under our two missed targets (issue 3), measured the way the benchmarks time the kernels.
+
+1. Decode: what a step costs before it does any work. Near-empty Triton kernels in a CUDA graph: one empty
+   program; 256 programs that each load a 64 x 128 bf16 tile (one trip to memory); the same with ``rounds``
+   dependent loads in a row (each address depends on the value loaded before), what a chain of dependent
+   stages costs at least.
+2. Forward at token granularity: the selected branch's bytes. At T (default 64k), 64/4 heads, d=128, bf16,
+   on the blocks the real selection picks (union/token, paper settings): a kernel that only loads the K and V
+   tiles the selected-block kernel loads, in the same order (its time is the gather's floor on this GPU),
+   against the selected-block kernel itself over a few launch settings, the window part alone beside them,
+   the selected attention's forward+backward over dQ launch settings; then the whole NSA forward (and
+   forward+backward), dense cuDNN beside it.
+
+GPU only; writes benchmarks/results/floors_<gpu>.json.
+
+    python benchmarks/bench_floors.py [--length 65536] [--skip-launch]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from contextlib import contextmanager
+
+import torch
+import triton
+import triton.language as tl
+
+from common import ROOT, bench_ms, capture_graph, environment, gpu_slug, write_rows
+from nsa_viz.kernels import nsa_selected
+from nsa_viz.kernels.block_sparse import _strides, block_sparse_forward
+from nsa_viz.kernels.nsa import nsa_attention
+
+BLOCK, WINDOW = 64, 512
+
+
+@triton.jit
+def _empty_kernel(X):
+    pass
+
+
+@triton.jit
+def _chained_loads_kernel(X, OUT, rounds, N: tl.constexpr, D: tl.constexpr):
+    """Each program loads an [N, D] tile, then ``rounds - 1`` more whose offset depends on the last one's sum
+    (always 0 here, but the hardware cannot know): ``rounds`` trips to memory in series."""
+    pid = tl.program_id(0)
+    offs = tl.arange(0, N)[:, None] * D + tl.arange(0, D)[None, :]
+    shift = pid * N * D
+    total = tl.zeros([], tl.float32)
+    for _ in range(rounds):
+        x = tl.load(X + shift + offs).to(tl.float32)
+        total += tl.sum(x)
+        shift += (total * 0.0).to(tl.int32)
+    tl.store(OUT + pid, total)
+
+
+@triton.jit
+def _gather_selected_kernel(K, V, IDX, OUT, skb, skt, skh, skd, sib, sih, sit, sin, num_kv_heads, n_slots, q_offset,
+                            BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, WINDOW: tl.constexpr):
+    """The loads of ``_sel_fwd_kernel`` (same grid, same blocks, same keys) and nothing else: the K and V tiles
+    are summed so that they must be read."""
+    i = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // num_kv_heads
+    hk = bh % num_kv_heads
+    offs_n = tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    base = b.to(tl.int64) * skb + hk * skh
+    idx_base = IDX + b.to(tl.int64) * sib + hk * sih + i.to(tl.int64) * sit
+    last = q_offset + i - WINDOW
+    total = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
+    for n in range(0, n_slots):
+        blk = tl.load(idx_base + n * sin).to(tl.int32)
+        offs_k = blk * BLOCK + offs_n
+        kmask = (offs_k <= last) & (offs_k >= 0)  # slot -1: negative keys
+        ptrs = base + offs_k[:, None].to(tl.int64) * skt + offs_d[None, :] * skd
+        total += tl.load(K + ptrs, mask=kmask[:, None], other=0.0).to(tl.float32)
+        total += tl.load(V + ptrs, mask=kmask[:, None], other=0.0).to(tl.float32)
+    tl.store(OUT + bh * tl.num_programs(0) + i, tl.sum(total))
+
+
+def launch_rows(device, env) -> list:
+    programs, n, d = 256, 64, 128
+    x = torch.zeros(programs * n * d, device=device, dtype=torch.bfloat16)
+    out = torch.empty(programs, device=device)
+    steps = {"empty kernel, 1 program": lambda: _empty_kernel[(1,)](x)}
+    for rounds in (1, 2, 4, 8):
+        steps[f"{programs} programs, {rounds} dependent loads of 16 KB"] = (
+            lambda r=rounds: _chained_loads_kernel[(programs,)](x, out, r, N=n, D=d))
+    rows = []
+    for name, step in steps.items():
+        step()
+        eager = bench_ms(step) * 1e3
+        graph = bench_ms(capture_graph(step).replay) * 1e3
+        rows.append(dict(env, op="launch_floor", case=name, eager_us=eager, graph_us=graph))
+        print(f"{name}: eager {eager:.1f} us, graph {graph:.1f} us", flush=True)
+    return rows
+
+
+@contextmanager
+def launch_settings(kernel: str, warps: int, stages: int, tile: int):
+    """One selected-attention kernel's launch settings and key tile, restored afterwards."""
+    saved = nsa_selected.LAUNCH_OVERRIDES.get(kernel), nsa_selected.TILE_OVERRIDES.get(kernel)
+    nsa_selected.LAUNCH_OVERRIDES[kernel] = (warps, stages)
+    nsa_selected.TILE_OVERRIDES[kernel] = tile
+    try:
+        yield
+    finally:
+        for table, value in zip((nsa_selected.LAUNCH_OVERRIDES, nsa_selected.TILE_OVERRIDES), saved):
+            if value is None:
+                table.pop(kernel, None)
+            else:
+                table[kernel] = value
+
+
+def selected_rows(device, env, t: int, hq: int = 64, hkv: int = 4, d: int = 128) -> list:
+    torch.manual_seed(0)
+    q = torch.randn(1, t, hq, d, device=device, dtype=torch.bfloat16)
+    k, v = (torch.randn(1, t, hkv, d, device=device, dtype=torch.bfloat16) for _ in range(2))
+    scale = d ** -0.5
+    with torch.no_grad():
+        _, aux = nsa_attention(q, k, v, block=BLOCK, top_n=16, window=WINDOW, return_aux=True)
+    idx = aux["block_idx"]
+    del aux
+    # the bytes the selected part must move: keys of valid slots that lie before the window
+    last = torch.arange(t, device=device).view(1, 1, t, 1) - WINDOW
+    start = idx.long() * BLOCK
+    keys = torch.where(idx >= 0, (last - start + 1).clamp(0, BLOCK), 0)
+    gbytes = float(keys.sum()) * d * 2 * 2 / 1e9
+    base = dict(env, op="selected_floor", T=t, HQ=hq, HKV=hkv, D=d, block=BLOCK, window=WINDOW, gbytes=gbytes,
+                blocks_per_token=float((keys > 0).sum()) / (t * hkv))
+    print(f"T={t}: the selected part reads {gbytes:.1f} GB ({base['blocks_per_token']:.2f} blocks per token and "
+          f"kv head outside the window)", flush=True)
+    rows = []
+
+    def record(case, ms, **extra):
+        rows.append(dict(base, case=case, ms=ms, tb_per_s=gbytes / ms, **extra))
+        print(f"  {case}: {ms:.2f} ms, {gbytes / ms:.2f} TB/s", flush=True)
+
+    out = torch.empty(hkv, t, device=device)
+    gather = lambda: _gather_selected_kernel[(t, hkv)](k, v, idx, out, *_strides(k), *_strides(idx), hkv,
+                                                       idx.shape[3], 0, BLOCK=BLOCK, HEAD_DIM=d, WINDOW=WINDOW,
+                                                       num_warps=4, num_stages=2)
+    record("loads only (gather floor)", bench_ms(gather))
+    layout = nsa_selected.window_layout(t, t, WINDOW, d, device)
+    window = lambda: block_sparse_forward(q, k, v, layout, scale)
+    o_win, lse_win = window()
+    record("window part (block-sparse kernel), for reference", bench_ms(window))
+    reference = None
+    for warps, stages, tile in ((2, 2, 64), (4, 2, 64), (1, 2, 64), (2, 3, 64), (2, 2, 32)):
+        with launch_settings("fwd", warps, stages, tile):
+            step = lambda: nsa_selected.selected_part_forward(q, k, v, idx, o_win, lse_win, BLOCK, scale, WINDOW)
+            try:
+                got = step()[0]
+                same = reference is None or bool(torch.equal(got, reference))
+                reference = got if reference is None else reference
+                record(f"selected kernel, {warps} warps, {stages} stages, {tile}-key tiles", bench_ms(step),
+                       warps=warps, stages=stages, key_tile=tile, bit_equal_to_first=same)
+            except Exception as exc:  # e.g. out of shared memory
+                print(f"  {warps}/{stages}/{tile}: {type(exc).__name__}: {str(exc)[:160]}", flush=True)
+    # forward + backward of the whole selected attention (window part included) over dQ launch settings
+    qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
+    do = torch.randn_like(q)
+
+    def fwd_bwd():
+        out, _ = nsa_selected.selected_attention_triton(qg, kg, vg, idx, block=BLOCK, scale=scale, window=WINDOW)
+        return torch.autograd.grad(out, (qg, kg, vg), do)
+
+    first = None
+    for warps, stages in ((4, 2), (2, 2), (8, 2)):
+        with launch_settings("dq", warps, stages, 64):
+            got = fwd_bwd()
+            same = first is None or all(torch.equal(a, b) for a, b in zip(got, first))
+            first = got if first is None else first
+            ms = bench_ms(fwd_bwd)
+            rows.append(dict(base, case=f"selected attention fwd+bwd, dQ {warps} warps, {stages} stages", ms=ms,
+                             dq_warps=warps, dq_stages=stages, grads_bit_equal_to_first=same, fwd_bwd=True))
+            print(f"  {rows[-1]['case']}: {ms:.2f} ms", flush=True)
+    return rows
+
+
+def end_to_end_rows(device, env, t: int, hq: int = 64, hkv: int = 4, d: int = 128) -> list:
+    """NSA union/token forward and forward+backward (default launch settings), dense cuDNN beside them."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(1, t, h, d, device=device, dtype=torch.bfloat16, requires_grad=True)
+               for h in (hq, hkv, hkv))
+    do = torch.randn_like(q)
+    rows = []
+
+    def dense():
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                  is_causal=True, enable_gqa=True).transpose(1, 2)
+
+    steps = {"dense cuDNN": dense, "NSA union/token": lambda: nsa_attention(q, k, v, block=BLOCK, window=WINDOW)}
+    for name, step in steps.items():
+        with torch.no_grad():
+            fwd = bench_ms(step)
+        fwd_bwd = bench_ms(lambda: torch.autograd.grad(step(), (q, k, v), do))
+        rows.append(dict(env, op="end_to_end", case=name, T=t, HQ=hq, HKV=hkv, D=d, fwd_ms=fwd, fwd_bwd_ms=fwd_bwd))
+        print(f"  {name}: fwd {fwd:.2f} ms, fwd+bwd {fwd_bwd:.2f} ms", flush=True)
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--length", type=int, default=65536)
+    ap.add_argument("--skip-launch", action="store_true")
+    args = ap.parse_args()
+    device = torch.device("cuda")
+    env = environment(device)
+    rows = [] if args.skip_launch else launch_rows(device, env)
+    rows += selected_rows(device, env, args.length)
+    rows += end_to_end_rows(device, env, args.length)
+    write_rows(rows, ROOT / "benchmarks" / "results" / f"floors_{gpu_slug(device)}.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""Where the packed importance kernel's time goes (union/token scoring, the second-largest piece of the 64k
+forward): the kernel timed as it is and with one part of its work taken out at a time.
+
+Each variant is the kernel's own source (``nsa_compressed._packed_importance_kernel``) with one textual
+substitution, compiled from a temporary module and launched through ``nsa_compressed._packed_importance`` (so
+tiles and launch settings are the real ones). The variants compute wrong numbers on purpose; only their time
+matters. GPU only (or ``--smoke``: tiny sizes under TRITON_INTERPRET=1, to check that every variant still
+compiles); writes benchmarks/results/importance_ablation_<gpu>.json.
+
+    python benchmarks/bench_importance_ablation.py [--length 65536]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import inspect
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from common import ROOT, bench_ms, environment, gpu_slug, write_rows
+from nsa_viz.kernels import nsa_compressed
+from nsa_viz.kernels.nsa import compress_mean
+
+KERNEL = inspect.getsource(nsa_compressed._packed_importance_kernel.fn)
+IMPORTANCE_EXP = "tl.math.exp2(s - lse2[:, None])"
+LSE_STEP = "m_i, l_i = _running_lse_step(m_i, l_i, s)"
+MAPPING = ("own = tl.sum(psum[:, :, None] * w_own[None, :, :], 1) + carry",
+           "carry = tl.sum(psum[:, :, None] * w_next[None, :, :], 1)")
+# the second pass alone: the LSE comes from compressed_lse (timed on its own as well)
+GIVEN_LSE = "importance pass only (LSE given)"
+CHEAP_MAP = ("own = tl.sum(tl.reshape(psum, [TOKENS, NUM_SEL, BLOCK_N // NUM_SEL]), 2) + carry", "carry = own * 0.5")
+
+VARIANTS = {
+    "as is": [],
+    "importance pass without exp2": [(IMPORTANCE_EXP, "(s - lse2[:, None])")],
+    "LSE pass without exp2 (max and plain sum)": [
+        (LSE_STEP, "m_i = tl.maximum(m_i, tl.max(s, 1)); l_i += tl.sum(s, 1)")],
+    "no exp2 in either pass": [(IMPORTANCE_EXP, "(s - lse2[:, None])"),
+                               (LSE_STEP, "m_i = tl.maximum(m_i, tl.max(s, 1)); l_i += tl.sum(s, 1)")],
+    "eq. 9 mapping replaced by a reshape-sum": list(zip(MAPPING, CHEAP_MAP)),
+    "eq. 9 mapping as two tf32x3 tl.dot": list(zip(MAPPING, (
+        "own = tl.dot(psum, w_own, input_precision=\"tf32x3\") + carry",
+        "carry = tl.dot(psum, w_next, input_precision=\"tf32x3\")"))),
+    "eq. 9 mapping as two fp32 (ieee) tl.dot": list(zip(MAPPING, (
+        "own = tl.dot(psum, w_own, input_precision=\"ieee\") + carry",
+        "carry = tl.dot(psum, w_next, input_precision=\"ieee\")"))),
+    GIVEN_LSE: [],
+}
+# the kernel as it is under other launch settings: (rows per program, warps, stages)
+LAUNCHES = [(256, 8, 3), (256, 4, 2), (256, 16, 2), (128, 4, 2), (128, 8, 2)]
+
+
+def variant_kernel(name: str, subs: list, folder: Path):
+    source = KERNEL
+    for old, new in subs:
+        if old not in source:
+            raise RuntimeError(f"variant {name!r}: the kernel no longer contains {old!r}; update this benchmark")
+        source = source.replace(old, new)
+    module = folder / f"importance_variant_{abs(hash(name))}.py"
+    module.write_text("import triton\nimport triton.language as tl\n"
+                      "from nsa_viz.kernels.nsa_compressed import _visible_count, _overlap_weights, _running_lse_step\n"
+                      "from nsa_viz.kernels.block_sparse import _mm\n\n" + source)
+    spec = importlib.util.spec_from_file_location(module.stem, module)
+    loaded = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loaded)
+    return loaded._packed_importance_kernel
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--length", type=int, default=65536)
+    ap.add_argument("--smoke", action="store_true")
+    args = ap.parse_args()
+    device = torch.device("cpu" if args.smoke else "cuda")
+    t, hq, hkv, d = (600, 4, 2, 32) if args.smoke else (args.length, 64, 4, 128)
+    dtype = torch.float32 if args.smoke else torch.bfloat16
+    torch.manual_seed(0)
+    q = torch.randn(1, t, hq, d, device=device, dtype=dtype)
+    k_cmp = compress_mean(torch.randn(1, t, hkv, d, device=device, dtype=dtype), 32, 16)
+    block_n, num_sel = nsa_compressed._importance_tiling(32, 16, 64)
+    lse = nsa_compressed.compressed_lse_triton(q, k_cmp, cmp_block=32, cmp_stride=16, kv_len=t)
+    runs = {given: (lambda given=given: nsa_compressed._packed_importance(
+        q, k_cmp, lse if given else None, 32, 16, 64, d ** -0.5, t, block_n, num_sel)) for given in (False, True)}
+    env, rows = environment(device), []
+    if not args.smoke:
+        ms = bench_ms(lambda: nsa_compressed.compressed_lse_triton(q, k_cmp, cmp_block=32, cmp_stride=16, kv_len=t))
+        rows.append(dict(env, op="importance_ablation", variant="compressed_lse alone (for reference)", T=t, HQ=hq,
+                         HKV=hkv, D=d, ms=ms))
+        print(f"compressed_lse alone (for reference): {ms:.2f} ms", flush=True)
+    original, baseline = nsa_compressed._packed_importance_kernel, None
+    with tempfile.TemporaryDirectory() as folder:
+        sys.path.append(folder)
+        try:
+            for name, subs in VARIANTS.items():
+                nsa_compressed._packed_importance_kernel = variant_kernel(name, subs, Path(folder))
+                run = runs[name == GIVEN_LSE]
+                try:
+                    got = run()
+                    baseline = got if baseline is None else baseline
+                    diff = float(((got - baseline).abs().max() / baseline.abs().max()).item())
+                    ms = None if args.smoke else bench_ms(run)
+                finally:
+                    nsa_compressed._packed_importance_kernel = original
+                rows.append(dict(env, op="importance_ablation", variant=name, T=t, HQ=hq, HKV=hkv, D=d, ms=ms,
+                                 max_diff_vs_as_is=diff))
+                print(f"{name}: " + ("compiles and runs" if ms is None else f"{ms:.2f} ms") +
+                      f" (max |diff| / max |as is| {diff:.1e})", flush=True)
+        finally:
+            sys.path.remove(folder)
+    if not args.smoke:
+        rows_default = nsa_compressed.PACKED_ROWS
+        for rows_per_program, warps, stages in LAUNCHES:
+            nsa_compressed.PACKED_ROWS = rows_per_program
+            nsa_compressed.LAUNCH_OVERRIDES["packed_importance"] = (warps, stages)
+            try:
+                ms = bench_ms(runs[False])
+            except Exception as exc:  # e.g. out of shared memory
+                print(f"{rows_per_program} rows, {warps} warps, {stages} stages: {type(exc).__name__}", flush=True)
+                continue
+            finally:
+                nsa_compressed.PACKED_ROWS = rows_default
+                nsa_compressed.LAUNCH_OVERRIDES.pop("packed_importance", None)
+            rows.append(dict(env, op="importance_launch", rows_per_program=rows_per_program, warps=warps,
+                             stages=stages, T=t, HQ=hq, HKV=hkv, D=d, ms=ms))
+            print(f"as is, {rows_per_program} rows, {warps} warps, {stages} stages: {ms:.2f} ms", flush=True)
+        write_rows(rows, ROOT / "benchmarks" / "results" / f"importance_ablation_{gpu_slug(device)}.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
