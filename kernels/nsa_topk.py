@@ -160,12 +160,43 @@ def ranking_keys(scores, cols, last, init_blocks, local_blocks):
     return tl.where(cand, key, -1)
 
 
+@triton.jit
+def _topn_whole_rows_kernel(S, CUR, OUT, ssb, ssh, ssr, sss, sob, soh, sor, son, n_rows, num_sel, num_heads,
+                            init_blocks, local_blocks, TOP_N: tl.constexpr, NP: tl.constexpr, BLOCK_R: tl.constexpr,
+                            COLS: tl.constexpr):
+    """``_topn_kernel``'s result for rows held whole in registers (num_sel <= COLS): the ranking keys and the
+    counting search of ``top_n_mask``, then each row's chosen columns written in ascending order at their rank
+    among the chosen (a prefix count), the remaining slots -1."""
+    rb = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // num_heads
+    h = bh % num_heads
+    offs_r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = offs_r < n_rows
+    cur = tl.load(CUR + offs_r, mask=rmask, other=-1).to(tl.int32)  # -1: the row sees nothing
+    cols = tl.arange(0, COLS)
+    vis = (cols[None, :] <= cur[:, None]) & (cols[None, :] < num_sel) & rmask[:, None]
+    rows_in = b.to(tl.int64) * ssb + h.to(tl.int64) * ssh + offs_r[:, None].to(tl.int64) * ssr
+    x = tl.load(S + rows_in + cols[None, :].to(tl.int64) * sss, mask=vis, other=0.0).to(tl.float32)
+    chosen = top_n_mask(tl.where(vis, ranking_keys(x, cols, cur, init_blocks, local_blocks), -1), TOP_N)
+    rows_out = OUT + b.to(tl.int64) * sob + h.to(tl.int64) * soh + offs_r[:, None].to(tl.int64) * sor
+    rank = tl.cumsum(chosen.to(tl.int32), 1) - 1
+    tl.store(rows_out + rank * son, cols[None, :] + tl.zeros_like(rank), mask=chosen)
+    count = tl.sum(chosen.to(tl.int32), 1)
+    pos_p = tl.arange(0, NP)
+    tl.store(rows_out + pos_p[None, :] * son, tl.full([BLOCK_R, NP], -1, tl.int32),
+             mask=rmask[:, None] & (pos_p[None, :] >= count[:, None]) & (pos_p[None, :] < TOP_N))
+
+
 # Benchmarks may change these (rows per program, columns per chunk, warps).
 # With fewer programs than TOPN_SPLIT_BELOW_PROGRAMS (decode), columns are split into runs of about
 # TOPN_SPLIT_COLUMNS, each run's top-n found by its own program, then merged.
 TOPN_SPLIT_BELOW_PROGRAMS = 64
 TOPN_SPLIT_COLUMNS = 128
 TOPN_LAUNCH = {"block_r": 8, "chunk": 128, "num_warps": 4}  # H100 sweep at 16k: 0.50 ms vs 0.83 with 16 rows
+# Rows of at most this many columns (one program's rows held whole) take _topn_whole_rows_kernel.
+TOPN_WHOLE_ROW_MAX = 1024
+TOPN_WHOLE_ROW_LAUNCH = {"block_r": 8, "num_warps": 4}
 
 
 def _check(scores, cur_block, top_n, init_blocks, local_blocks):
@@ -205,6 +236,13 @@ def pick_top_blocks_triton(scores: torch.Tensor, cur_block: torch.Tensor, top_n:
         splits = triton.cdiv(nsel, TOPN_SPLIT_COLUMNS) if few else 1
     per_split = triton.cdiv(triton.cdiv(nsel, max(1, splits)), chunk) * chunk
     splits = triton.cdiv(nsel, per_split)
+    if splits == 1 and nsel <= TOPN_WHOLE_ROW_MAX:
+        block_r = TOPN_WHOLE_ROW_LAUNCH["block_r"]
+        _topn_whole_rows_kernel[(triton.cdiv(rows, block_r), b * h)](
+            scores, cur, out, *scores.stride(), *out.stride(), rows, nsel, h, init_blocks, local_blocks, TOP_N=top_n,
+            NP=np_, BLOCK_R=block_r, COLS=max(16, triton.next_power_of_2(nsel)),
+            **({"num_warps": TOPN_WHOLE_ROW_LAUNCH["num_warps"]} if scores.device.type == "cuda" else {}))
+        return out
     if splits == 1:
         _topn_kernel[(row_blocks, b * h, 1)](
             scores, cur, cur, out, out, *scores.stride(), *out.stride(), rows, nsel, h, init_blocks, local_blocks, nsel,

@@ -20,8 +20,10 @@ def both(scores, cur, **kw):
     ("random", 200, 37, 5, 0, 0),    # nothing forced, n not a power of two
     ("zeros", 70, 20, 4, 2, 1),      # all scores equal (+0.0 and -0.0): pure index order
 ])
-def test_matches_reference(kind, nsel, rows, top_n, init, local, monkeypatch):
+@pytest.mark.parametrize("whole_rows", [True, False], ids=["whole-rows", "chunk-merge"])
+def test_matches_reference(kind, nsel, rows, top_n, init, local, whole_rows, monkeypatch):
     monkeypatch.setitem(nsa_topk.TOPN_LAUNCH, "chunk", 32)
+    monkeypatch.setattr(nsa_topk, "TOPN_WHOLE_ROW_MAX", 1024 if whole_rows else 0)
     gen = torch.Generator().manual_seed(nsel + rows)
     shape = (2, 2, rows, nsel)
     if kind == "ties":
@@ -37,8 +39,10 @@ def test_matches_reference(kind, nsel, rows, top_n, init, local, monkeypatch):
     assert torch.equal(tri, ref)
 
 
-def test_end_to_end_equals_select_blocks():
+@pytest.mark.parametrize("whole_rows", [True, False], ids=["whole-rows", "chunk-merge"])
+def test_end_to_end_equals_select_blocks(whole_rows, monkeypatch):
     """select_blocks(selection_importance(...)) for token and block granularity, on a non-contiguous view."""
+    monkeypatch.setattr(nsa_topk, "TOPN_WHOLE_ROW_MAX", 1024 if whole_rows else 0)
     gen = torch.Generator().manual_seed(3)
     b, t, hq, hkv, d, block = 1, 150, 4, 2, 32, 16
     q = torch.randn(b, t, hq, d, generator=gen)

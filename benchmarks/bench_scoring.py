@@ -1,13 +1,18 @@
-"""Where the packed importance kernel's time goes (union/token scoring, the second-largest piece of the 64k
-forward): the kernel timed as it is and with one part of its work taken out at a time.
+"""Where the union/token scoring's time goes (the packed importance kernel and the top-n: after the selected
+branch, the largest pieces of the 64k forward).
 
-Each variant is the kernel's own source (``nsa_compressed._packed_importance_kernel``) with one textual
-substitution, compiled from a temporary module and launched through ``nsa_compressed._packed_importance`` (so
-tiles and launch settings are the real ones). The variants compute wrong numbers on purpose; only their time
-matters. GPU only (or ``--smoke``: tiny sizes under TRITON_INTERPRET=1, to check that every variant still
-compiles); writes benchmarks/results/importance_ablation_<gpu>.json.
+1. The packed importance kernel timed as it is and with one part of its work taken out at a time. Each variant
+   is the kernel's own source (``nsa_compressed._packed_importance_kernel``) with one textual substitution,
+   compiled from a temporary module and launched through ``nsa_compressed._packed_importance`` (so tiles and
+   launch settings are the real ones). The variants compute wrong numbers on purpose; only their time matters.
+   Then the kernel as it is under other launch settings.
+2. The top-n on that importance in both forms of ``nsa_topk.pick_top_blocks`` (the chunked merge, rows held
+   whole with the counting search) over a few launch settings; identical indices checked.
 
-    python benchmarks/bench_importance_ablation.py [--length 65536]
+GPU only (or ``--smoke``: tiny sizes under TRITON_INTERPRET=1, to check that every variant still compiles);
+writes benchmarks/results/scoring_<gpu>.json.
+
+    python benchmarks/bench_scoring.py [--length 65536]
 """
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ from pathlib import Path
 import torch
 
 from common import ROOT, bench_ms, environment, gpu_slug, write_rows
-from nsa_viz.kernels import nsa_compressed
+from nsa_viz.kernels import nsa_compressed, nsa_topk
 from nsa_viz.kernels.nsa import compress_mean
 
 KERNEL = inspect.getsource(nsa_compressed._packed_importance_kernel.fn)
@@ -67,6 +72,30 @@ def variant_kernel(name: str, subs: list, folder: Path):
     loaded = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(loaded)
     return loaded._packed_importance_kernel
+
+
+def top_n_rows(env, importance: torch.Tensor, t: int, hkv: int) -> list:
+    cur = torch.arange(t, device=importance.device) // 64
+    pick = lambda: nsa_topk.pick_top_blocks_triton(importance, cur, 16, 1, 2)
+    rows, want = [], None
+    settings = [(0, 8, 4)] + [(1024, block_r, warps) for block_r, warps in ((8, 4), (4, 4), (16, 8), (8, 8), (4, 2))]
+    for whole_max, block_r, warps in settings:
+        keep = nsa_topk.TOPN_WHOLE_ROW_MAX, dict(nsa_topk.TOPN_WHOLE_ROW_LAUNCH)
+        nsa_topk.TOPN_WHOLE_ROW_MAX = whole_max
+        nsa_topk.TOPN_WHOLE_ROW_LAUNCH.update(block_r=block_r, num_warps=warps)
+        try:
+            got = pick()
+            want = got if want is None else want
+            ms = bench_ms(pick)
+        finally:
+            nsa_topk.TOPN_WHOLE_ROW_MAX = keep[0]
+            nsa_topk.TOPN_WHOLE_ROW_LAUNCH.update(keep[1])
+        form = "whole rows" if whole_max else "chunked merge"
+        rows.append(dict(env, op="top_n", form=form, block_r=block_r if whole_max else nsa_topk.TOPN_LAUNCH["block_r"],
+                         warps=warps, T=t, HKV=hkv, ms=ms, identical_to_merge=bool(torch.equal(got, want))))
+        print(f"top-n, {form}" + (f", {block_r} rows, {warps} warps" if whole_max else "") +
+              f": {ms:.2f} ms, identical to the merge: {rows[-1]['identical_to_merge']}", flush=True)
+    return rows
 
 
 def main() -> int:
@@ -126,7 +155,8 @@ def main() -> int:
             rows.append(dict(env, op="importance_launch", rows_per_program=rows_per_program, warps=warps,
                              stages=stages, T=t, HQ=hq, HKV=hkv, D=d, ms=ms))
             print(f"as is, {rows_per_program} rows, {warps} warps, {stages} stages: {ms:.2f} ms", flush=True)
-        write_rows(rows, ROOT / "benchmarks" / "results" / f"importance_ablation_{gpu_slug(device)}.json")
+        rows += top_n_rows(env, runs[False](), t, hkv)
+        write_rows(rows, ROOT / "benchmarks" / "results" / f"scoring_{gpu_slug(device)}.json")
     return 0
 
 
