@@ -14,7 +14,7 @@
 ``--configs 64/4/128 32/8/128 9/3/64`` adds GQA shapes (dense cuDNN and ours; fla-core's kernel needs
 >= 16 query heads per key/value head and is skipped there, saying so).
 
-Rows go to benchmarks/results/nsa_<gpu>.json (schema in GPU.md); a table is printed last.
+Rows go to benchmarks/results/nsa_<gpu>.json (nsa_h100.json, nsa_h200.json) (schema in GPU.md); a table is printed last.
 
     python benchmarks/bench_nsa.py [--lengths 8192 16384 32768 65536] [--smoke]
 
@@ -34,7 +34,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import ROOT, bench_ms, capture_graph, dense_decode_steps, environment, peak_mb, rel_err, write_rows
+from common import (ROOT, bench_ms, capture_graph, dense_decode_steps, environment, gpu_slug, peak_mb, rel_err,
+                    write_rows)
 from nsa_viz.kernels.nsa_compressed import compressed_attention, compressed_importance, selection_importance
 from nsa_viz.kernels.nsa_compressed_ref import num_compressed
 from nsa_viz.kernels.nsa_selected import selected_attention
@@ -277,7 +278,7 @@ def main():
         configs = [tuple(int(x) for x in c.split("/")) for c in args.configs]
         lengths, block, top_n, window, l, s = args.lengths, 64, 16, 512, 32, 16
     params = dict(top_n=top_n, block=block, window=window, cmp_block=l, cmp_stride=s, init_blocks=1, local_blocks=2)
-    default = Path(tempfile.gettempdir()) / "nsa_smoke.json" if args.smoke else ROOT / "benchmarks" / "results" / "nsa_h100.json"
+    default = Path(tempfile.gettempdir()) / "nsa_smoke.json" if args.smoke else ROOT / "benchmarks" / "results" / f"nsa_{gpu_slug(device)}.json"
     out_path = args.out or default
     rows = []
 

@@ -1,14 +1,15 @@
 """Figures of the NSA GPU benchmark (issue 3) as self-contained SVG, with no plotting dependency.
 
-    python benchmarks/plot_nsa.py [--results benchmarks/results/nsa_h100.json] [--out docs]
+    python benchmarks/plot_nsa.py [--results benchmarks/results/nsa_h200.json] [--out docs]
 
-reads the rows that ``benchmarks/bench_nsa.py`` wrote and writes two figures:
+reads the rows that ``benchmarks/bench_nsa.py`` wrote and writes two figures named after the results file
+(``nsa_<gpu>.json`` gives ``nsa_<gpu>.svg`` and ``nsa_gqa_<gpu>.svg``):
 
-* ``nsa_h100.svg``: three log-log panels for one head shape (64/4/128 by default): forward time, and
+* ``nsa_<gpu>.svg``: three log-log panels for one head shape (64/4/128 by default): forward time, and
   forward+backward time against T for dense cuDNN, fla-core ``parallel_nsa``, our NSA (union/token,
   union/block, gated/token) and FlexAttention's 512-window as a dashed reference; decode time per token
   (microseconds) for dense cuDNN against our CUDA-graphed ``nsa_decode``.
-* ``nsa_gqa_h100.svg``: forward+backward speedup of our NSA over dense cuDNN against T, one line per
+* ``nsa_gqa_<gpu>.svg``: forward+backward speedup of our NSA over dense cuDNN against T, one line per
   head shape, a panel per selection granularity (union combine), with the break-even line at 1x.
 
 The SVG elements are written by hand (the machines that draw these have neither matplotlib nor
@@ -31,7 +32,7 @@ from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_RESULTS = ROOT / "benchmarks" / "results" / "nsa_h100.json"
+DEFAULT_RESULTS = ROOT / "benchmarks" / "results" / "nsa_h200.json"
 DEFAULT_OUT = ROOT / "docs"
 REQUIRED_FIELDS = ("op", "impl", "HQ", "HKV", "D", "T", "pass", "ms")
 NEWEST_RUN_TAG = "[run 5]"
@@ -443,10 +444,12 @@ def gqa_figure(chosen: dict[tuple, dict], heads_list=GQA_HEADS) -> str:
 
 
 def write_figures(results: Path, out: Path) -> list[Path]:
+    """The two figures, named after the results file: nsa_h200.json -> nsa_h200.svg and nsa_gqa_h200.svg."""
     chosen = pick_rows(load_rows(results))
     out.mkdir(parents=True, exist_ok=True)
+    gpu = results.stem.removeprefix("nsa_")
     written = []
-    for name, svg in (("nsa_h100.svg", time_figure(chosen)), ("nsa_gqa_h100.svg", gqa_figure(chosen))):
+    for name, svg in ((f"nsa_{gpu}.svg", time_figure(chosen)), (f"nsa_gqa_{gpu}.svg", gqa_figure(chosen))):
         (out / name).write_text(svg, encoding="utf-8")
         written.append(out / name)
     return written
@@ -455,7 +458,7 @@ def write_figures(results: Path, out: Path) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="rows from benchmarks/bench_nsa.py")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for nsa_h100.svg and nsa_gqa_h100.svg")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for nsa_<gpu>.svg and nsa_gqa_<gpu>.svg")
     args = parser.parse_args(argv)
     try:
         for path in write_figures(args.results, args.out):

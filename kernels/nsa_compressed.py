@@ -565,7 +565,8 @@ def compressed_lse_triton(q, k_cmp, *, cmp_block: int, cmp_stride: int, scale: O
 # heads); fewer (decode) the per-head kernel, whose output columns can be split over programs.
 PACKED_MIN_QUERIES = 16
 # Rows (tokens × padded group heads) per program of the packed importance kernel (H100 sweep at 16k, 64/4:
-# 256 rows/8 warps 1.24 ms, 64/4 1.25, 128/4 1.65, 128/8 2.28; the LSE + per-head chain 2.00).
+# 256 rows/8 warps 1.24 ms, 64/4 1.25, 128/4 1.65, 128/8 2.28; the LSE + per-head chain 2.00; H200 at 64k:
+# 256/4 15.3 ms, 256/8 17.8, 256/16 19.8, 128/4 24.1).
 PACKED_ROWS = 256
 
 
@@ -590,7 +591,8 @@ def _packed_importance(q, k_cmp, lse, cmp_block, cmp_stride, block, scale, kv_le
     rows = PACKED_ROWS if block_n <= 128 else max(16, PACKED_ROWS * 128 // block_n)
     tokens = max(1, rows // group_p)
     lse_args = _strides(lse) if lse is not None else (0, 0, 0)
-    warps, stages = LAUNCH_OVERRIDES.get("packed_importance", (8 if tokens * group_p >= 256 else 4, 2))
+    # 4 warps even for 256 rows: 15.3 ms against 17.8 with 8 warps at 64k, 64/4, on an H200 (NOTES run 12)
+    warps, stages = LAUNCH_OVERRIDES.get("packed_importance", (4, 2))
     _packed_importance_kernel[(triton.cdiv(tq, tokens), b * hkv)](
         q, k_cmp, lse if lse is not None else q, imp, *_strides(q), *_strides(k_cmp), *lse_args, *_strides(imp),
         tq, k_cmp.shape[1], imp.shape[-1], hkv, kv_len - tq, scale * LOG2E, GROUP=group, GROUP_P=group_p,

@@ -18,9 +18,10 @@ read (half the tensor under the causal mask).
 
 ``top_n_mask`` / ``ranking_keys`` are the same rule for rows held whole in registers (the one-token
 decode kernels): a 3-way search over the key values finds each row's n-th largest key in 20 counting
-passes. As a forward top-n kernel (8 rows of 1024 columns per program, in its first, int64 4-way form)
-it was slower than the chunked merge on an H200 at 64k (5.7 vs 5.1 ms: every pass visits all columns,
-the merge skips most chunks), so the forward keeps the merge (benchmarks/NOTES.md run 9).
+passes. ``_topn_whole_rows_kernel`` uses them for the forward when a row has at most
+``TOPN_WHOLE_ROW_MAX`` columns: in its first, int64 4-way form it was slower than the chunked merge on an
+H200 at 64k (5.7 vs 5.1 ms, NOTES run 9); in the int32 3-way form, with 4 rows and 2 warps per program,
+it takes 3.6 ms (run 12). Longer rows and decode's column splits keep the merge.
 """
 from __future__ import annotations
 
@@ -194,9 +195,10 @@ def _topn_whole_rows_kernel(S, CUR, OUT, ssb, ssh, ssr, sss, sob, soh, sor, son,
 TOPN_SPLIT_BELOW_PROGRAMS = 64
 TOPN_SPLIT_COLUMNS = 128
 TOPN_LAUNCH = {"block_r": 8, "chunk": 128, "num_warps": 4}  # H100 sweep at 16k: 0.50 ms vs 0.83 with 16 rows
-# Rows of at most this many columns (one program's rows held whole) take _topn_whole_rows_kernel.
+# Rows of at most this many columns (one program's rows held whole) take _topn_whole_rows_kernel: at 64k
+# (1024 columns) 3.6 ms with 4 rows / 2 warps against 5.1 for the chunked merge on an H200 (NOTES run 12).
 TOPN_WHOLE_ROW_MAX = 1024
-TOPN_WHOLE_ROW_LAUNCH = {"block_r": 8, "num_warps": 4}
+TOPN_WHOLE_ROW_LAUNCH = {"block_r": 4, "num_warps": 2}
 
 
 def _check(scores, cur_block, top_n, init_blocks, local_blocks):

@@ -48,13 +48,13 @@ def _parse(path: Path) -> ET.Element:
 
 
 def test_both_figures_from_six_rows(tmp_path):
-    results = tmp_path / "rows.json"
+    results = tmp_path / "nsa_made_up.json"  # the figures are named after it
     results.write_text(json.dumps(SIX_ROWS))
     done = subprocess.run([sys.executable, str(SCRIPT), "--results", str(results), "--out", str(tmp_path / "figs")],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
 
-    times = _parse(tmp_path / "figs" / "nsa_h100.svg")
+    times = _parse(tmp_path / "figs" / "nsa_made_up.svg")
     lines = times.iter(SVG + "polyline")
     # fwd panel: nothing; fwd+bwd: dense and union/token; decode: dense and CUDA graph
     assert sorted(p.get("data-label") for p in lines) == sorted(
@@ -64,7 +64,7 @@ def test_both_figures_from_six_rows(tmp_path):
     caption = " ".join(e.text for e in times.iter(SVG + "text") if e.get("class") == "caption")
     assert "Made-up GPU" in caption and "before its fix" in caption and "n=16" in caption and "w=512" in caption
 
-    gqa = _parse(tmp_path / "figs" / "nsa_gqa_h100.svg")
+    gqa = _parse(tmp_path / "figs" / "nsa_gqa_made_up.svg")
     (line,) = gqa.iter(SVG + "polyline")  # 64/4/128 union/token: dense / ours at 8k and 16k
     assert line.get("data-label") == "64/4/128" and len(line.get("points").split()) == 2
     assert len([e for e in gqa.iter(SVG + "line") if e.get("class") == "reference"]) == 2  # 1x in both panels
