@@ -56,6 +56,7 @@ VARIANTS = {
 }
 # the kernel as it is under other launch settings: (rows per program, warps, stages)
 LAUNCHES = [(256, 8, 3), (256, 4, 2), (256, 16, 2), (128, 4, 2), (128, 8, 2)]
+PARTS = ("mapping", "ablation", "launches", "top-n")
 
 
 def variant_kernel(name: str, subs: list, folder: Path):
@@ -102,6 +103,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--length", type=int, default=65536)
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--parts", nargs="+", default=list(PARTS), choices=list(PARTS))
     args = ap.parse_args()
     device = torch.device("cpu" if args.smoke else "cuda")
     t, hq, hkv, d = (600, 4, 2, 32) if args.smoke else (args.length, 64, 4, 128)
@@ -114,12 +116,49 @@ def main() -> int:
     runs = {given: (lambda given=given: nsa_compressed._packed_importance(
         q, k_cmp, lse if given else None, 32, 16, 64, d ** -0.5, t, block_n, num_sel)) for given in (False, True)}
     env, rows = environment(device), []
-    if not args.smoke:
+    if "mapping" in args.parts:
+        rows += mapping_rows(env, runs[False], t, hq, hkv, d, args.smoke)
+    if "ablation" in args.parts:
+        rows += ablation_rows(env, runs, q, k_cmp, t, hq, hkv, d, args.smoke)
+    if args.smoke:
+        return 0
+    if "launches" in args.parts:
+        rows += launch_rows(env, runs[False], t, hq, hkv, d)
+    if "top-n" in args.parts:
+        rows += top_n_rows(env, runs[False](), t, hkv)
+    write_rows(rows, ROOT / "benchmarks" / "results" / f"scoring_{gpu_slug(device)}.json")
+    return 0
+
+
+def mapping_rows(env, run, t, hq, hkv, d, smoke: bool) -> list:
+    """The eq. 9 mapping in its two forms (reshape-sums where no key passes the next block; general products)."""
+    rows, results = [], {}
+    for near in (False, True):
+        nsa_compressed.NEAR_MAPPING = near
+        try:
+            results[near] = run()
+            ms = None if smoke else bench_ms(run)
+        finally:
+            nsa_compressed.NEAR_MAPPING = True
+        diff = float(((results[near] - results[False]).abs().max() / results[False].abs().max()).item())
+        name = "near (reshape-sums)" if near else "general (products)"
+        rows.append(dict(env, op="importance_mapping", variant=name, T=t, HQ=hq, HKV=hkv, D=d, ms=ms,
+                         max_diff_vs_general=diff))
+        print(f"mapping {name}: " + ("runs" if ms is None else f"{ms:.2f} ms") + f" (max |diff| {diff:.1e})",
+              flush=True)
+    return rows
+
+
+def ablation_rows(env, runs, q, k_cmp, t, hq, hkv, d, smoke: bool) -> list:
+    """The kernel with one part of its work taken out at a time (general mapping form, as in run 12a)."""
+    rows = []
+    if not smoke:
         ms = bench_ms(lambda: nsa_compressed.compressed_lse_triton(q, k_cmp, cmp_block=32, cmp_stride=16, kv_len=t))
         rows.append(dict(env, op="importance_ablation", variant="compressed_lse alone (for reference)", T=t, HQ=hq,
                          HKV=hkv, D=d, ms=ms))
         print(f"compressed_lse alone (for reference): {ms:.2f} ms", flush=True)
     original, baseline = nsa_compressed._packed_importance_kernel, None
+    nsa_compressed.NEAR_MAPPING = False
     with tempfile.TemporaryDirectory() as folder:
         sys.path.append(folder)
         try:
@@ -130,7 +169,7 @@ def main() -> int:
                     got = run()
                     baseline = got if baseline is None else baseline
                     diff = float(((got - baseline).abs().max() / baseline.abs().max()).item())
-                    ms = None if args.smoke else bench_ms(run)
+                    ms = None if smoke else bench_ms(run)
                 finally:
                     nsa_compressed._packed_importance_kernel = original
                 rows.append(dict(env, op="importance_ablation", variant=name, T=t, HQ=hq, HKV=hkv, D=d, ms=ms,
@@ -139,25 +178,28 @@ def main() -> int:
                       f" (max |diff| / max |as is| {diff:.1e})", flush=True)
         finally:
             sys.path.remove(folder)
-    if not args.smoke:
-        rows_default = nsa_compressed.PACKED_ROWS
-        for rows_per_program, warps, stages in LAUNCHES:
-            nsa_compressed.PACKED_ROWS = rows_per_program
-            nsa_compressed.LAUNCH_OVERRIDES["packed_importance"] = (warps, stages)
-            try:
-                ms = bench_ms(runs[False])
-            except Exception as exc:  # e.g. out of shared memory
-                print(f"{rows_per_program} rows, {warps} warps, {stages} stages: {type(exc).__name__}", flush=True)
-                continue
-            finally:
-                nsa_compressed.PACKED_ROWS = rows_default
-                nsa_compressed.LAUNCH_OVERRIDES.pop("packed_importance", None)
-            rows.append(dict(env, op="importance_launch", rows_per_program=rows_per_program, warps=warps,
-                             stages=stages, T=t, HQ=hq, HKV=hkv, D=d, ms=ms))
-            print(f"as is, {rows_per_program} rows, {warps} warps, {stages} stages: {ms:.2f} ms", flush=True)
-        rows += top_n_rows(env, runs[False](), t, hkv)
-        write_rows(rows, ROOT / "benchmarks" / "results" / f"scoring_{gpu_slug(device)}.json")
-    return 0
+            nsa_compressed.NEAR_MAPPING = True
+    return rows
+
+
+def launch_rows(env, run, t, hq, hkv, d) -> list:
+    """The kernel as it is under other launch settings."""
+    rows, rows_default = [], nsa_compressed.PACKED_ROWS
+    for rows_per_program, warps, stages in LAUNCHES:
+        nsa_compressed.PACKED_ROWS = rows_per_program
+        nsa_compressed.LAUNCH_OVERRIDES["packed_importance"] = (warps, stages)
+        try:
+            ms = bench_ms(run)
+        except Exception as exc:  # e.g. out of shared memory
+            print(f"{rows_per_program} rows, {warps} warps, {stages} stages: {type(exc).__name__}", flush=True)
+            continue
+        finally:
+            nsa_compressed.PACKED_ROWS = rows_default
+            nsa_compressed.LAUNCH_OVERRIDES.pop("packed_importance", None)
+        rows.append(dict(env, op="importance_launch", rows_per_program=rows_per_program, warps=warps,
+                         stages=stages, T=t, HQ=hq, HKV=hkv, D=d, ms=ms))
+        print(f"as is, {rows_per_program} rows, {warps} warps, {stages} stages: {ms:.2f} ms", flush=True)
+    return rows
 
 
 if __name__ == "__main__":

@@ -137,6 +137,26 @@ def test_packed_importance_with_fine_compression():
     assert rel_err(got, want) < 1e-5
 
 
+@pytest.mark.parametrize("l, s, block", [
+    (32, 16, 64),   # the paper's: the last of each block's 4 keys spills half into the next block
+    (16, 8, 16),    # the second of each block's 2 keys spills; the last block's spill crosses into the next tile
+    (64, 16, 32),   # keys reach two blocks ahead: the general mapping only
+    (16, 16, 64),   # no key spills
+])
+@pytest.mark.parametrize("near", [True, False], ids=["near-mapping", "general-mapping"])
+def test_packed_importance_mappings(l, s, block, near, monkeypatch):
+    """Both forms of the packed kernel's eq. 9 mapping give the reference's importance."""
+    from nsa_viz.kernels import nsa_compressed
+    monkeypatch.setattr(nsa_compressed, "NEAR_MAPPING", near)
+    # 1300 keys: more than one tile of 64 compressed keys, so spills cross from tile to tile
+    q, kc, _ = random_cmp(1, 40, 1300, 4, 2, 32, l, s, torch.float32, seed=l + s + block)
+    q, kc = q.detach(), kc.detach()
+    ck = dict(cmp_block=l, cmp_stride=s, block=block, kv_len=1300)
+    got = compressed_importance(q, kc, backend="triton", **ck)
+    want = compressed_importance(q, kc, backend="reference", **ck)
+    assert got.shape == want.shape and rel_err(got, want) < 1e-5
+
+
 def test_no_complete_block_gives_zero_and_neg_inf():
     q, kc, vc = random_cmp(1, 20, 20, 2, 1, 32, 32, 16, torch.float32)
     assert kc.shape[1] == 0
