@@ -56,7 +56,7 @@ VARIANTS = {
 }
 # the kernel as it is under other launch settings: (rows per program, warps, stages)
 LAUNCHES = [(256, 8, 3), (256, 4, 2), (256, 16, 2), (128, 4, 2), (128, 8, 2)]
-PARTS = ("mapping", "ablation", "launches", "top-n")
+PARTS = ("ablation", "launches", "top-n")
 
 
 def variant_kernel(name: str, subs: list, folder: Path):
@@ -116,8 +116,6 @@ def main() -> int:
     runs = {given: (lambda given=given: nsa_compressed._packed_importance(
         q, k_cmp, lse if given else None, 32, 16, 64, d ** -0.5, t, block_n, num_sel)) for given in (False, True)}
     env, rows = environment(device), []
-    if "mapping" in args.parts:
-        rows += mapping_rows(env, runs[False], t, hq, hkv, d, args.smoke)
     if "ablation" in args.parts:
         rows += ablation_rows(env, runs, q, k_cmp, t, hq, hkv, d, args.smoke)
     if args.smoke:
@@ -130,27 +128,8 @@ def main() -> int:
     return 0
 
 
-def mapping_rows(env, run, t, hq, hkv, d, smoke: bool) -> list:
-    """The eq. 9 mapping in its two forms (reshape-sums where no key passes the next block; general products)."""
-    rows, results = [], {}
-    for near in (False, True):
-        nsa_compressed.NEAR_MAPPING = near
-        try:
-            results[near] = run()
-            ms = None if smoke else bench_ms(run)
-        finally:
-            nsa_compressed.NEAR_MAPPING = True
-        diff = float(((results[near] - results[False]).abs().max() / results[False].abs().max()).item())
-        name = "near (reshape-sums)" if near else "general (products)"
-        rows.append(dict(env, op="importance_mapping", variant=name, T=t, HQ=hq, HKV=hkv, D=d, ms=ms,
-                         max_diff_vs_general=diff))
-        print(f"mapping {name}: " + ("runs" if ms is None else f"{ms:.2f} ms") + f" (max |diff| {diff:.1e})",
-              flush=True)
-    return rows
-
-
 def ablation_rows(env, runs, q, k_cmp, t, hq, hkv, d, smoke: bool) -> list:
-    """The kernel with one part of its work taken out at a time (general mapping form, as in run 12a)."""
+    """The kernel with one part of its work taken out at a time."""
     rows = []
     if not smoke:
         ms = bench_ms(lambda: nsa_compressed.compressed_lse_triton(q, k_cmp, cmp_block=32, cmp_stride=16, kv_len=t))
@@ -158,7 +137,6 @@ def ablation_rows(env, runs, q, k_cmp, t, hq, hkv, d, smoke: bool) -> list:
                          HKV=hkv, D=d, ms=ms))
         print(f"compressed_lse alone (for reference): {ms:.2f} ms", flush=True)
     original, baseline = nsa_compressed._packed_importance_kernel, None
-    nsa_compressed.NEAR_MAPPING = False
     with tempfile.TemporaryDirectory() as folder:
         sys.path.append(folder)
         try:
@@ -178,7 +156,6 @@ def ablation_rows(env, runs, q, k_cmp, t, hq, hkv, d, smoke: bool) -> list:
                       f" (max |diff| / max |as is| {diff:.1e})", flush=True)
         finally:
             sys.path.remove(folder)
-            nsa_compressed.NEAR_MAPPING = True
     return rows
 
 

@@ -213,31 +213,6 @@ def _overlap_weights(offs_j, first_block, CMP_BLOCK: tl.constexpr, CMP_STRIDE: t
 
 
 @triton.jit
-def _map_near(psum, carry, TOKENS: tl.constexpr, NUM_SEL: tl.constexpr, BLOCK_N: tl.constexpr,
-              CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SEL_BLOCK: tl.constexpr):
-    """The eq. 9 mapping of one key tile's probabilities ``psum [TOKENS, BLOCK_N]`` when no compressed key
-    reaches past the next selection block (l <= l' + d): block s's R = l'/d keys are columns s*R + r, and key r
-    gives weight w0[r] to its own block and w1[r] to the next one. Returns ``(own, carry)`` like the general
-    form: this tile's blocks, and the spill of its last block into the next tile (column 0 of ``carry``).
-    Two weighted reshape-sums and a one-block shift instead of [TOKENS, BLOCK_N, NUM_SEL] products."""
-    R: tl.constexpr = BLOCK_N // NUM_SEL
-    start = tl.arange(0, R) * CMP_STRIDE  # key r's first token relative to its block's
-    w0 = tl.minimum(CMP_BLOCK, SEL_BLOCK - start).to(tl.float32) / CMP_STRIDE
-    parts = tl.reshape(psum, [TOKENS, NUM_SEL, R])
-    own = tl.sum(parts * w0[None, None, :], 2) + carry
-    if CMP_BLOCK + (R - 1) * CMP_STRIDE > SEL_BLOCK:  # some keys spill into the next block
-        w1 = tl.maximum(start + CMP_BLOCK - SEL_BLOCK, 0).to(tl.float32) / CMP_STRIDE
-        spill = tl.sum(parts * w1[None, None, :], 2)
-        s = tl.arange(0, NUM_SEL)
-        own += tl.sum(tl.where((s[:, None] + 1 == s[None, :])[None, :, :], spill[:, :, None], 0.0), 1)
-        last = tl.sum(tl.where(s[None, :] == NUM_SEL - 1, spill, 0.0), 1)
-        carry = tl.where(s[None, :] == 0, last[:, None], 0.0)
-    else:
-        carry = tl.zeros([TOKENS, NUM_SEL], dtype=tl.float32)
-    return own, carry
-
-
-@triton.jit
 def _group_probs(Q, LSE, k, offs_m, offs_k, mrow, n_vis, b, hk, sqb, sqt, sqh, sqd, slb, slt, slh, qk_scale_log2,
                  GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  PRECISION: tl.constexpr):
@@ -330,7 +305,7 @@ def _packed_importance_kernel(
     q_len, num_cmp, num_sel, num_kv_heads, q_offset, qk_scale_log2,
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, TOKENS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
     NUM_SEL: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SEL_BLOCK: tl.constexpr,
-    PRECISION: tl.constexpr, FIND_LSE: tl.constexpr, NEAR: tl.constexpr,
+    PRECISION: tl.constexpr, FIND_LSE: tl.constexpr,
 ):
     """Importance with the GQA group packed into the rows: one program per (TOKENS consecutive queries,
     sequence × kv head); row r is query r // GROUP_P of the tile, head r % GROUP_P of the group (GROUP_P:
@@ -381,16 +356,14 @@ def _packed_importance_kernel(
                     mask=offs_k[None, :] < num_cmp, other=0.0)
         s = _mm(q, k, PRECISION) * qk_scale_log2
         p = tl.where(offs_k[None, :] < n_vis[:, None], tl.math.exp2(s - lse2[:, None]), 0.0)
-        # heads summed first, then the eq. 9 mapping: an fp32 "ieee" tl.dot per row of the packed tile (not tensor
-        # cores) cost 4x the QK product and doubled the pass
+        w_own = _overlap_weights(offs_k, j * NUM_SEL, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK, NUM_SEL)
+        w_next = _overlap_weights(offs_k, (j + 1) * NUM_SEL, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK, NUM_SEL)
+        # heads summed first, then the eq. 9 mapping as fp32 multiply-adds on [TOKENS, BLOCK_N, NUM_SEL]: an fp32
+        # "ieee" tl.dot per row of the packed tile (not tensor cores) cost 4x the QK product and doubled the pass;
+        # two reshape-sums and a one-block shift (for l <= l' + d) were slower than these products (NOTES run 12)
         psum = tl.sum(tl.reshape(p, [TOKENS, GROUP_P, BLOCK_N]), 1)
-        if NEAR:
-            own, carry = _map_near(psum, carry, TOKENS, NUM_SEL, BLOCK_N, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK)
-        else:  # fp32 multiply-adds on [TOKENS, BLOCK_N, NUM_SEL]
-            w_own = _overlap_weights(offs_k, j * NUM_SEL, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK, NUM_SEL)
-            w_next = _overlap_weights(offs_k, (j + 1) * NUM_SEL, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK, NUM_SEL)
-            own = tl.sum(psum[:, :, None] * w_own[None, :, :], 1) + carry
-            carry = tl.sum(psum[:, :, None] * w_next[None, :, :], 1)
+        own = tl.sum(psum[:, :, None] * w_own[None, :, :], 1) + carry
+        carry = tl.sum(psum[:, :, None] * w_next[None, :, :], 1)
         cols = j * NUM_SEL + offs_s
         tl.store(imp_rows + cols[None, :] * sis, own, mask=tmask[:, None] & (cols[None, :] < num_sel))
     for j in range(n_tiles, tl.cdiv(num_sel, NUM_SEL)):  # the spill of the last tile, then unseen blocks: 0
@@ -607,16 +580,6 @@ def _importance_tiling(cmp_block: int, cmp_stride: int, block: int):
     return None if cmp_block - cmp_stride > num_sel * block else (block_n, num_sel)
 
 
-def _maps_near(cmp_block: int, cmp_stride: int, block: int) -> bool:
-    """Whether ``_map_near`` applies: no key past the next selection block, l'/d a power of two."""
-    keys = block // cmp_stride
-    return cmp_block <= block + cmp_stride and keys & (keys - 1) == 0
-
-
-# The packed importance kernel's eq. 9 mapping by reshape-sums where it applies (False: the general products).
-NEAR_MAPPING = True
-
-
 def _packed_importance(q, k_cmp, lse, cmp_block, cmp_stride, block, scale, kv_len, block_n, num_sel):
     """``[B, HKV, Tq, NSEL]`` from ``_packed_importance_kernel``; ``lse`` None: the kernel finds it."""
     b, tq, hq, d = q.shape
@@ -636,7 +599,6 @@ def _packed_importance(q, k_cmp, lse, cmp_block, cmp_stride, block, scale, kv_le
         tq, k_cmp.shape[1], imp.shape[-1], hkv, kv_len - tq, scale * LOG2E, GROUP=group, GROUP_P=group_p,
         TOKENS=tokens, HEAD_DIM=d, BLOCK_N=block_n, NUM_SEL=num_sel, CMP_BLOCK=cmp_block, CMP_STRIDE=cmp_stride,
         SEL_BLOCK=block, PRECISION=_precision(q.dtype, q.device), FIND_LSE=lse is None,
-        NEAR=NEAR_MAPPING and _maps_near(cmp_block, cmp_stride, block),
         **(dict(num_warps=warps, num_stages=stages) if q.device.type == "cuda" else {}))
     return imp
 
