@@ -37,6 +37,16 @@ _NONE = 2**30  # index of an empty / removed entry: above every block index, map
 
 
 @triton.jit
+def _row_block(CUR, n_rows, num_heads, BLOCK_R: tl.constexpr):
+    """This program's rows (program ids: row block, sequence × head): ``(b, h, offs_r, rmask, cur)``, with each
+    row's current block in ``cur`` (-1: the row sees nothing)."""
+    bh = tl.program_id(1)
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = offs_r < n_rows
+    return bh // num_heads, bh % num_heads, offs_r, rmask, tl.load(CUR + offs_r, mask=rmask, other=-1).to(tl.int32)
+
+
+@triton.jit
 def _topn_kernel(
     S, CAND_I, CUR, OUT, OUT_V,
     ssb, ssh, ssr, sss, sob, soh, sor, son,
@@ -50,14 +60,8 @@ def _topn_kernel(
     lower position is a lower block index, so the merge below keeps the oracle's tie rule.
     PARTIAL: write this split's list (values to OUT_V, indices to OUT, descending) instead of the
     ascending -1 padded result; the split is program_id(2), over columns [split*cols_per_split, ...)."""
-    rb = tl.program_id(0)
-    bh = tl.program_id(1)
     split = tl.program_id(2)
-    b = bh // num_heads
-    h = bh % num_heads
-    offs_r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
-    rmask = offs_r < n_rows
-    cur = tl.load(CUR + offs_r, mask=rmask, other=-1).to(tl.int32)  # -1: the row sees nothing
+    b, h, offs_r, rmask, cur = _row_block(CUR, n_rows, num_heads, BLOCK_R)
     pos_p = tl.arange(0, NP)
     pos_c = tl.arange(0, CHUNK)
     run_v = tl.full([BLOCK_R, NP], float("-inf"), tl.float32)
@@ -168,13 +172,7 @@ def _topn_whole_rows_kernel(S, CUR, OUT, ssb, ssh, ssr, sss, sob, soh, sor, son,
     """``_topn_kernel``'s result for rows held whole in registers (num_sel <= COLS): the ranking keys and the
     counting search of ``top_n_mask``, then each row's chosen columns written in ascending order at their rank
     among the chosen (a prefix count), the remaining slots -1."""
-    rb = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // num_heads
-    h = bh % num_heads
-    offs_r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
-    rmask = offs_r < n_rows
-    cur = tl.load(CUR + offs_r, mask=rmask, other=-1).to(tl.int32)  # -1: the row sees nothing
+    b, h, offs_r, rmask, cur = _row_block(CUR, n_rows, num_heads, BLOCK_R)
     cols = tl.arange(0, COLS)
     vis = (cols[None, :] <= cur[:, None]) & (cols[None, :] < num_sel) & rmask[:, None]
     rows_in = b.to(tl.int64) * ssb + h.to(tl.int64) * ssh + offs_r[:, None].to(tl.int64) * ssr
