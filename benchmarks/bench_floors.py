@@ -213,7 +213,8 @@ def main() -> int:
     rows = [] if args.skip_launch else launch_rows(device, env)
     rows += selected_rows(device, env, args.length)
     rows += end_to_end_rows(device, env, args.length)
-    write_rows(rows, ROOT / "benchmarks" / "results" / f"floors_{gpu_slug(device)}.json")
+    suffix = "_no_launch" if args.skip_launch else ""  # a partial run does not replace the full file
+    write_rows(rows, ROOT / "benchmarks" / "results" / f"floors_{gpu_slug(device)}{suffix}.json")
     return 0
 
 

@@ -155,8 +155,9 @@ def main() -> int:
                             rows.append(dict(base, impl="nsa_viz_token_decode" if name == "nsa" else name, mode=mode,
                                              ms=ms, layers=args.layers, **({} if name == "nsa" else {"combine": None})))
                         line[f"nsa x{args.layers}"] = stacked["nsa"]
-                        line[f"dense best x{args.layers}"] = min(v for k, v in stacked.items() if k != "nsa")
-                        line[f"speedup x{args.layers}"] = line[f"dense best x{args.layers}"] / stacked["nsa"]
+                        best = min((v for k, v in stacked.items() if k != "nsa"), default=None)
+                        line[f"dense best x{args.layers}"] = best
+                        line[f"speedup x{args.layers}"] = None if best is None else best / stacked["nsa"]
                     table.append(line)
                     print("  " + ", ".join(f"{k} {v * 1e3:.1f} us" if isinstance(v, float) and k != "speedup"
                                            else f"{k} {v}" for k, v in line.items()
@@ -168,7 +169,8 @@ def main() -> int:
                         show(f"{config} T={t} {combine}: kernels of one eager step", kernels)
                         rows.append(dict(base, impl="nsa_viz_token_decode", mode="kernels", kernels=kernels))
             if device.type == "cuda":  # after every length: a run cut short keeps what it measured
-                suffix = "" if args.batch == 1 else f"_b{args.batch}"
+                # batch and stacked layers get files of their own: the plain one holds the README's table
+                suffix = ("" if args.batch == 1 else f"_b{args.batch}") + ("" if args.layers == 1 else f"_layers{args.layers}")
                 write_rows(rows, ROOT / "benchmarks" / "results" / f"nsa_decode_{gpu_slug(device)}{suffix}.json")
     if device.type == "cuda":
         print("\nconfig, T, combine, NSA graph us, general chain graph us, best dense us (graph or eager), speedup")
@@ -176,8 +178,9 @@ def main() -> int:
             chain = "-" if line["chain graph"] is None else f"{line['chain graph'] * 1e3:.1f}"
             print(f"{line['config']}, {line['T']}, {line['combine']}, {line['nsa graph'] * 1e3:.1f}, {chain}, "
                   f"{line['dense best'] * 1e3:.1f}, {line['speedup']:.2f}x"
-                  + (f"; {args.layers} layers in one graph, per layer: NSA {line[f'nsa x{args.layers}'] * 1e3:.1f}, "
-                     f"dense {line[f'dense best x{args.layers}'] * 1e3:.1f}, {line[f'speedup x{args.layers}']:.2f}x"
+                  + (f"; {args.layers} layers in one graph, per layer: NSA {line[f'nsa x{args.layers}'] * 1e3:.1f}"
+                     + (f", dense {line[f'dense best x{args.layers}'] * 1e3:.1f}, {line[f'speedup x{args.layers}']:.2f}x"
+                        if line[f"dense best x{args.layers}"] is not None else ", no dense backend")
                      if args.layers > 1 else ""))
     return 0
 

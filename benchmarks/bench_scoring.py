@@ -79,7 +79,8 @@ def top_n_rows(env, importance: torch.Tensor, t: int, hkv: int) -> list:
     cur = torch.arange(t, device=importance.device) // 64
     pick = lambda: nsa_topk.pick_top_blocks_triton(importance, cur, 16, 1, 2)
     rows, want = [], None
-    settings = [(0, 8, 4)] + [(1024, block_r, warps) for block_r, warps in ((8, 4), (4, 4), (16, 8), (8, 8), (4, 2))]
+    merge = (0, nsa_topk.TOPN_LAUNCH["block_r"], nsa_topk.TOPN_LAUNCH["num_warps"])  # the merge's own settings
+    settings = [merge] + [(1024, block_r, warps) for block_r, warps in ((8, 4), (4, 4), (16, 8), (8, 8), (4, 2))]
     for whole_max, block_r, warps in settings:
         keep = nsa_topk.TOPN_WHOLE_ROW_MAX, dict(nsa_topk.TOPN_WHOLE_ROW_LAUNCH)
         nsa_topk.TOPN_WHOLE_ROW_MAX = whole_max
@@ -92,8 +93,7 @@ def top_n_rows(env, importance: torch.Tensor, t: int, hkv: int) -> list:
             nsa_topk.TOPN_WHOLE_ROW_MAX = keep[0]
             nsa_topk.TOPN_WHOLE_ROW_LAUNCH.update(keep[1])
         form = "whole rows" if whole_max else "chunked merge"
-        rows.append(dict(env, op="top_n", form=form, block_r=block_r if whole_max else nsa_topk.TOPN_LAUNCH["block_r"],
-                         warps=warps, T=t, HKV=hkv, ms=ms, identical_to_merge=bool(torch.equal(got, want))))
+        rows.append(dict(env, op="top_n", form=form, block_r=block_r, warps=warps, T=t, HKV=hkv, ms=ms, identical_to_merge=bool(torch.equal(got, want))))
         print(f"top-n, {form}" + (f", {block_r} rows, {warps} warps" if whole_max else "") +
               f": {ms:.2f} ms, identical to the merge: {rows[-1]['identical_to_merge']}", flush=True)
     return rows
@@ -124,7 +124,9 @@ def main() -> int:
         rows += launch_rows(env, runs[False], t, hq, hkv, d)
     if "top-n" in args.parts:
         rows += top_n_rows(env, runs[False](), t, hkv)
-    write_rows(rows, ROOT / "benchmarks" / "results" / f"scoring_{gpu_slug(device)}.json")
+    # a run of some parts only gets its own file: the full one keeps all parts
+    parts = "" if set(args.parts) == set(PARTS) else "_" + "_".join(args.parts).replace("-", "")
+    write_rows(rows, ROOT / "benchmarks" / "results" / f"scoring_{gpu_slug(device)}{parts}.json")
     return 0
 
 
@@ -162,6 +164,7 @@ def ablation_rows(env, runs, q, k_cmp, t, hq, hkv, d, smoke: bool) -> list:
 def launch_rows(env, run, t, hq, hkv, d) -> list:
     """The kernel as it is under other launch settings."""
     rows, rows_default = [], nsa_compressed.PACKED_ROWS
+    override = nsa_compressed.LAUNCH_OVERRIDES.get("packed_importance")
     for rows_per_program, warps, stages in LAUNCHES:
         nsa_compressed.PACKED_ROWS = rows_per_program
         nsa_compressed.LAUNCH_OVERRIDES["packed_importance"] = (warps, stages)
@@ -173,6 +176,8 @@ def launch_rows(env, run, t, hq, hkv, d) -> list:
         finally:
             nsa_compressed.PACKED_ROWS = rows_default
             nsa_compressed.LAUNCH_OVERRIDES.pop("packed_importance", None)
+            if override is not None:
+                nsa_compressed.LAUNCH_OVERRIDES["packed_importance"] = override
         rows.append(dict(env, op="importance_launch", rows_per_program=rows_per_program, warps=warps,
                          stages=stages, T=t, HQ=hq, HKV=hkv, D=d, ms=ms))
         print(f"as is, {rows_per_program} rows, {warps} warps, {stages} stages: {ms:.2f} ms", flush=True)

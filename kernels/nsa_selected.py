@@ -34,6 +34,14 @@ from .nsa_selected_ref import check_selected_inputs, selected_attention_referenc
 
 
 @triton.jit
+def _slot_start(blk, last, BLOCK: tl.constexpr):
+    """First key of the selected block ``blk`` as int32, or -BLOCK (a tile of masked keys) where the slot selects
+    nothing: any negative entry and any block after ``last``. Decided on the loaded value, so no index wraps
+    around to a real block when it is narrowed (-2**31 * 16 is 0 in int32)."""
+    return tl.where((blk >= 0) & (blk <= last // BLOCK), blk, -1).to(tl.int32) * BLOCK
+
+
+@triton.jit
 def _selected_tile(q, k_base, v_base, offs_k, kmask, offs_d, m_i, l_i, acc, skt, skd, svt, svd, qk_scale_log2,
                    PRECISION: tl.constexpr):
     """One key tile of the online softmax over selected keys ``offs_k`` (masked keys: no load, no mass)."""
@@ -77,7 +85,7 @@ def _sel_fwd_kernel(
     # stays one that Triton can software-pipeline (prefetching the next block while this one is computed:
     # 20.2 -> 15.2 ms at 64k, benchmarks/NOTES.md run 12)
     for n in range(0, n_slots):
-        start = tl.load(idx_base + n * sin).to(tl.int32) * BLOCK
+        start = _slot_start(tl.load(idx_base + n * sin), last, BLOCK)
         for c in tl.static_range(0, BLOCK, BLOCK_N):
             offs_k = start + c + offs_n
             m_i, l_i, acc = _selected_tile(q, k_base, v_base, offs_k, (offs_k <= last) & (offs_k >= 0), offs_d, m_i,
@@ -151,7 +159,7 @@ def _sel_bwd_dq_kernel(
     last = q_offset + i - WINDOW
     dq = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
     for n in range(0, n_slots):  # branch-free, as in the forward
-        start = tl.load(idx_base + n * sin).to(tl.int32) * BLOCK
+        start = _slot_start(tl.load(idx_base + n * sin), last, BLOCK)
         for c in tl.static_range(0, BLOCK, BLOCK_N):
             offs_k = start + c + offs_n
             dq = _selected_dq_tile(q, do, lse, delta, dq, k_base, v_base, offs_k, (offs_k <= last) & (offs_k >= 0),
@@ -242,15 +250,16 @@ def _key_tile(block: int, head_dim: int, kernel: str) -> int:
     return min(block, TILE_OVERRIDES.get(kernel, 64 if head_dim <= 128 else 32))
 
 
-def _tuning(kernel: str, device: torch.device) -> dict:
+def _tuning(kernel: str, device: torch.device, rows: int = 16) -> dict:
     if device.type != "cuda":
         return {}
     if kernel in LAUNCH_OVERRIDES:
         warps, stages = LAUNCH_OVERRIDES[kernel]
         return dict(num_warps=warps, num_stages=stages)
-    # forward: 2 warps keep more programs (each a 16-row tile) in flight per SM: 15.2 ms against 16.4 for 4 warps
-    # at 64k on an H200 (NOTES run 12); 3 stages or 32-key tiles were slower (shared memory, occupancy)
-    return dict(num_warps=2 if kernel == "fwd" else 4, num_stages=2)
+    # forward with 16-row tiles: 2 warps keep more programs in flight per SM, 15.2 ms against 16.4 for 4 warps at
+    # 64k on an H200 (NOTES run 12; 3 stages or 32-key tiles were slower: shared memory, occupancy). Larger groups
+    # keep 4 warps: 2 would hold a [rows, d] fp32 accumulator on 64 threads
+    return dict(num_warps=2 if kernel == "fwd" and rows <= 16 else 4, num_stages=2)
 
 _WINDOW_LAYOUTS: "OrderedDict[tuple, object]" = OrderedDict()
 
@@ -321,7 +330,7 @@ def selected_part_forward(q, k, v, block_idx, o_win, lse_win, block: int, scale:
         *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(block_idx), *_strides(o_win),
         tq, hq, hkv, block_idx.shape[3], tk - tq, scale * LOG2E,
         GROUP=hq // hkv, ROWS=_rows(hq // hkv), HEAD_DIM=d, BLOCK=block, BLOCK_N=_key_tile(block, d, "fwd"), WINDOW=window,
-        PRECISION=_precision(q.dtype, q.device), **_tuning("fwd", q.device))
+        PRECISION=_precision(q.dtype, q.device), **_tuning("fwd", q.device, _rows(hq // hkv)))
     return out, lse
 
 

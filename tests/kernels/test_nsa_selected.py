@@ -86,6 +86,37 @@ def test_triton_matches_reference(hq, hkv, d, dtype, window):
     assert max(errs.values()) < TOLERANCE[dtype], errs
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_odd_unused_entries_select_nothing(dtype):
+    # any negative entry is unused and any block past the keys selects nothing, however large: -2**31 * 16 wraps to
+    # 0 in int32 arithmetic and must not turn into block 0 (forward, dQ and dK/dV alike)
+    q, k, v = random_qkv(1, 40, 40, 4, 2, 32, torch.float32, seed=21)
+    idx = random_block_idx(1, 2, 40, 40, 3, 16, seed=22, pad=False).to(dtype)
+    odd = [-2, -2**31, 3 + 5, 2**28] + ([2**32 + 1, -2**40] if dtype == torch.int64 else [])
+    plain, strange = idx.clone(), idx.clone()
+    for slot, value in enumerate(odd):
+        at = (0, slot % 2, 5 * slot + 3, slot % 3)
+        plain[at], strange[at] = -1, value
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(23))
+    runs = []
+    for block_idx in (plain, strange):
+        out, lse = selected_attention(q, k, v, block_idx, block=16, window=7, backend="triton")
+        runs.append((out, lse, *torch.autograd.grad(out, (q, k, v), do)))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_blocks_split_over_several_key_tiles(monkeypatch):
+    # 8-key tiles in blocks of 32: four tiles per block, the window boundary cutting through one of them
+    from nsa_viz.kernels import nsa_selected
+    monkeypatch.setitem(nsa_selected.TILE_OVERRIDES, "fwd", 8)
+    monkeypatch.setitem(nsa_selected.TILE_OVERRIDES, "dq", 8)
+    monkeypatch.setitem(nsa_selected.TILE_OVERRIDES, "dkdv", 8)
+    q, k, v = random_qkv(1, 70, 90, 4, 2, 32, torch.float32, seed=31)
+    idx = random_block_idx(1, 2, 70, 90, 2, 32, seed=32)
+    errs = compare(q, k, v, idx, 32, 40)
+    assert max(errs.values()) < TOLERANCE[torch.float32], errs
+
+
 def test_triton_decode_rows_batch_and_strided_inputs():
     # 5 queries at the end of 150 keys (decode), batch 2, [B, H, T, D] views, 32-token blocks, d=128
     q, k, v = random_qkv(2, 5, 150, 4, 1, 128, torch.float32, seed=5, layout_bhtd=True)

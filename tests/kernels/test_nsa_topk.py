@@ -39,6 +39,18 @@ def test_matches_reference(kind, nsel, rows, top_n, init, local, whole_rows, mon
     assert torch.equal(tri, ref)
 
 
+def test_whole_rows_at_their_widest():
+    """Rows of exactly TOPN_WHOLE_ROW_MAX blocks (64k tokens at l' = 64) still take the whole-row kernel and
+    match the oracle; its counting search packs two counts into 16-bit fields, so rows must stay below 2**16."""
+    assert nsa_topk.TOPN_WHOLE_ROW_MAX < 2**16
+    nsel = nsa_topk.TOPN_WHOLE_ROW_MAX
+    gen = torch.Generator().manual_seed(9)
+    scores = torch.randint(0, 50, (1, 1, 6, nsel), generator=gen).float()  # ties across the whole row
+    cur = torch.tensor([nsel - 1, nsel + 4, 700, 15, 0, -1])
+    tri, ref = both(scores, cur, top_n=16, init_blocks=1, local_blocks=2)
+    assert torch.equal(tri, ref)
+
+
 @pytest.mark.parametrize("whole_rows", [True, False], ids=["whole-rows", "chunk-merge"])
 def test_end_to_end_equals_select_blocks(whole_rows, monkeypatch):
     """select_blocks(selection_importance(...)) for token and block granularity, on a non-contiguous view."""
