@@ -29,6 +29,7 @@ from common import ROOT, bench_ms, capture_graph, environment, gpu_slug, write_r
 from nsa_viz.kernels import nsa_selected
 from nsa_viz.kernels.block_sparse import _strides, block_sparse_forward
 from nsa_viz.kernels.nsa import nsa_attention
+from nsa_viz.kernels.nsa_selected import _slot_start
 
 BLOCK, WINDOW = 64, 512
 
@@ -69,9 +70,8 @@ def _gather_selected_kernel(K, V, IDX, OUT, skb, skt, skh, skd, sib, sih, sit, s
     last = q_offset + i - WINDOW
     total = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
     for n in range(0, n_slots):
-        blk = tl.load(idx_base + n * sin).to(tl.int32)
-        offs_k = blk * BLOCK + offs_n
-        kmask = (offs_k <= last) & (offs_k >= 0)  # slot -1: negative keys
+        offs_k = _slot_start(tl.load(idx_base + n * sin), last, BLOCK) + offs_n
+        kmask = (offs_k <= last) & (offs_k >= 0)  # as in the kernel: an unused slot is a tile of negative keys
         ptrs = base + offs_k[:, None].to(tl.int64) * skt + offs_d[None, :] * skd
         total += tl.load(K + ptrs, mask=kmask[:, None], other=0.0).to(tl.float32)
         total += tl.load(V + ptrs, mask=kmask[:, None], other=0.0).to(tl.float32)
