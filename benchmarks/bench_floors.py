@@ -29,7 +29,7 @@ from common import ROOT, bench_ms, capture_graph, environment, gpu_slug, write_r
 from nsa_viz.kernels import nsa_selected
 from nsa_viz.kernels.block_sparse import _strides, block_sparse_forward
 from nsa_viz.kernels.nsa import nsa_attention
-from nsa_viz.kernels.nsa_selected import _slot_start
+from nsa_viz.kernels.nsa_selected import _slot_keys
 
 BLOCK, WINDOW = 64, 512
 
@@ -70,8 +70,7 @@ def _gather_selected_kernel(K, V, IDX, OUT, skb, skt, skh, skd, sib, sih, sit, s
     last = q_offset + i - WINDOW
     total = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
     for n in range(0, n_slots):
-        offs_k = _slot_start(tl.load(idx_base + n * sin), last, BLOCK) + offs_n
-        kmask = (offs_k <= last) & (offs_k >= 0)  # as in the kernel: an unused slot is a tile of negative keys
+        offs_k, kmask = _slot_keys(tl.load(idx_base + n * sin), 0, offs_n, last, BLOCK)
         ptrs = base + offs_k[:, None].to(tl.int64) * skt + offs_d[None, :] * skd
         total += tl.load(K + ptrs, mask=kmask[:, None], other=0.0).to(tl.float32)
         total += tl.load(V + ptrs, mask=kmask[:, None], other=0.0).to(tl.float32)

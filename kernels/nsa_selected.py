@@ -34,11 +34,13 @@ from .nsa_selected_ref import check_selected_inputs, selected_attention_referenc
 
 
 @triton.jit
-def _slot_start(blk, last, BLOCK: tl.constexpr):
-    """First key of the selected block ``blk`` as int32, or -BLOCK (a tile of masked keys) where the slot selects
-    nothing: any negative entry and any block after ``last``. Decided on the loaded value, so no index wraps
-    around to a real block when it is narrowed (-2**31 * 16 is 0 in int32)."""
-    return tl.where((blk >= 0) & (blk <= last // BLOCK), blk, -1).to(tl.int32) * BLOCK
+def _slot_keys(blk, c, offs_n, last, BLOCK: tl.constexpr):
+    """``(offs_k, kmask)``: keys ``c + offs_n`` of the selected block ``blk`` and which of them the slot owns (up to
+    ``last``). A slot that selects nothing (any negative entry, any block after ``last``) gets negative keys, all
+    masked: decided on the loaded value, so no index wraps around to a real block when it is narrowed to int32
+    (-2**31 * 16 is 0)."""
+    offs_k = tl.where((blk >= 0) & (blk <= last // BLOCK), blk, -1).to(tl.int32) * BLOCK + c + offs_n
+    return offs_k, (offs_k <= last) & (offs_k >= 0)
 
 
 @triton.jit
@@ -85,11 +87,11 @@ def _sel_fwd_kernel(
     # stays one that Triton can software-pipeline (prefetching the next block while this one is computed:
     # 20.2 -> 15.2 ms at 64k, benchmarks/NOTES.md run 12)
     for n in range(0, n_slots):
-        start = _slot_start(tl.load(idx_base + n * sin), last, BLOCK)
+        blk = tl.load(idx_base + n * sin)
         for c in tl.static_range(0, BLOCK, BLOCK_N):
-            offs_k = start + c + offs_n
-            m_i, l_i, acc = _selected_tile(q, k_base, v_base, offs_k, (offs_k <= last) & (offs_k >= 0), offs_d, m_i,
-                                           l_i, acc, skt, skd, svt, svd, qk_scale_log2, PRECISION)
+            offs_k, kmask = _slot_keys(blk, c, offs_n, last, BLOCK)
+            m_i, l_i, acc = _selected_tile(q, k_base, v_base, offs_k, kmask, offs_d, m_i, l_i, acc, skt, skd, svt, svd,
+                                           qk_scale_log2, PRECISION)
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -159,11 +161,11 @@ def _sel_bwd_dq_kernel(
     last = q_offset + i - WINDOW
     dq = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
     for n in range(0, n_slots):  # branch-free, as in the forward
-        start = _slot_start(tl.load(idx_base + n * sin), last, BLOCK)
+        blk = tl.load(idx_base + n * sin)
         for c in tl.static_range(0, BLOCK, BLOCK_N):
-            offs_k = start + c + offs_n
-            dq = _selected_dq_tile(q, do, lse, delta, dq, k_base, v_base, offs_k, (offs_k <= last) & (offs_k >= 0),
-                                   offs_d, skt, skd, svt, svd, qk_scale_log2, PRECISION)
+            offs_k, kmask = _slot_keys(blk, c, offs_n, last, BLOCK)
+            dq = _selected_dq_tile(q, do, lse, delta, dq, k_base, v_base, offs_k, kmask, offs_d, skt, skd, svt, svd,
+                                   qk_scale_log2, PRECISION)
     dq = dq * sm_scale
     dq_ptrs = DQ + b.to(tl.int64) * sdb + i.to(tl.int64) * sdt + heads[:, None] * sdh + offs_d[None, :] * sdd
     if ACCUMULATE:
