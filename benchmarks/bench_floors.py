@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from contextlib import contextmanager
 
 import torch
 import triton
 import triton.language as tl
 
-from common import ROOT, bench_ms, capture_graph, environment, gpu_slug, write_rows
+from common import ROOT, bench_ms, capture_graph, environment, gpu_slug, temporarily, write_rows
 from nsa_viz.kernels import nsa_selected
 from nsa_viz.kernels.block_sparse import _strides, block_sparse_forward
 from nsa_viz.kernels.nsa import nsa_attention
@@ -95,20 +94,9 @@ def launch_rows(device, env) -> list:
     return rows
 
 
-@contextmanager
 def launch_settings(kernel: str, warps: int, stages: int, tile: int):
-    """One selected-attention kernel's launch settings and key tile, restored afterwards."""
-    saved = nsa_selected.LAUNCH_OVERRIDES.get(kernel), nsa_selected.TILE_OVERRIDES.get(kernel)
-    nsa_selected.LAUNCH_OVERRIDES[kernel] = (warps, stages)
-    nsa_selected.TILE_OVERRIDES[kernel] = tile
-    try:
-        yield
-    finally:
-        for table, value in zip((nsa_selected.LAUNCH_OVERRIDES, nsa_selected.TILE_OVERRIDES), saved):
-            if value is None:
-                table.pop(kernel, None)
-            else:
-                table[kernel] = value
+    """One selected-attention kernel's launch settings and key tile for a ``with`` block."""
+    return temporarily((nsa_selected.LAUNCH_OVERRIDES, kernel, (warps, stages)), (nsa_selected.TILE_OVERRIDES, kernel, tile))
 
 
 def selected_rows(device, env, t: int, hq: int = 64, hkv: int = 4, d: int = 128) -> list:

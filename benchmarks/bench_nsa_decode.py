@@ -17,7 +17,8 @@ import sys
 
 import torch
 
-from common import ROOT, bench_ms, capture_graph, dense_decode_steps, environment, gpu_slug, rel_err, write_rows
+from common import (ROOT, bench_ms, capture_graph, dense_decode_steps, environment, gpu_slug, rel_err, temporarily,
+                    write_rows)
 from nsa_viz.kernels import nsa_decode_kernels
 from nsa_viz.kernels.nsa_decode import NSACache, nsa_decode
 from nsa_viz.kernels.nsa_ref import nsa_attention_reference
@@ -37,11 +38,8 @@ def sweep_launches(step, rows: list, base: dict) -> None:
     """Graph time of the one-token step per (warps, stages) of its two main kernels, one changed at a time."""
     for name, options in (("scores", [(2, 1), (4, 1), (8, 1)]), ("select", [(2, 1), (4, 1), (4, 2), (8, 1)])):
         for warps, stages in options:
-            nsa_decode_kernels.TOKEN_DECODE_LAUNCH[name] = (warps, stages)
-            try:
+            with temporarily((nsa_decode_kernels.TOKEN_DECODE_LAUNCH, name, (warps, stages))):
                 ms = timed(step, graph=True)
-            finally:
-                nsa_decode_kernels.TOKEN_DECODE_LAUNCH.clear()
             rows.append(dict(base, impl="nsa_viz_token_decode", mode="graph", sweep=name, warps=warps, stages=stages,
                              ms=ms))
             print(f"  sweep {name} warps={warps} stages={stages}: {ms * 1e3:.1f} us", flush=True)
@@ -52,12 +50,8 @@ def time_nsa(step, graph: bool, chain: bool = True) -> tuple:
     fast = timed(step, graph)
     if not chain:
         return fast, None
-    keep = nsa_decode_kernels.TOKEN_DECODE_MAX_BLOCKS
-    nsa_decode_kernels.TOKEN_DECODE_MAX_BLOCKS = 0  # the general decode chain
-    try:
+    with temporarily((nsa_decode_kernels, "TOKEN_DECODE_MAX_BLOCKS", 0)):  # the general decode chain
         return fast, timed(step, graph)
-    finally:
-        nsa_decode_kernels.TOKEN_DECODE_MAX_BLOCKS = keep
 
 
 def stacked_layers(q1, kc, vc, params: dict, layers: int) -> dict:

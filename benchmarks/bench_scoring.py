@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from common import ROOT, bench_ms, environment, gpu_slug, write_rows
+from common import ROOT, bench_ms, environment, gpu_slug, temporarily, write_rows
 from nsa_viz.kernels import nsa_compressed, nsa_topk
 from nsa_viz.kernels.nsa import compress_mean
 
@@ -81,17 +81,13 @@ def top_n_rows(env, importance: torch.Tensor, t: int, hkv: int) -> list:
     rows, want = [], None
     merge = (0, nsa_topk.TOPN_LAUNCH["block_r"], nsa_topk.TOPN_LAUNCH["num_warps"])  # the merge's own settings
     settings = [merge] + [(1024, block_r, warps) for block_r, warps in ((8, 4), (4, 4), (16, 8), (8, 8), (4, 2))]
+    launch = nsa_topk.TOPN_WHOLE_ROW_LAUNCH
     for whole_max, block_r, warps in settings:
-        keep = nsa_topk.TOPN_WHOLE_ROW_MAX, dict(nsa_topk.TOPN_WHOLE_ROW_LAUNCH)
-        nsa_topk.TOPN_WHOLE_ROW_MAX = whole_max
-        nsa_topk.TOPN_WHOLE_ROW_LAUNCH.update(block_r=block_r, num_warps=warps)
-        try:
+        with temporarily((nsa_topk, "TOPN_WHOLE_ROW_MAX", whole_max), (launch, "block_r", block_r),
+                         (launch, "num_warps", warps)):
             got = pick()
             want = got if want is None else want
             ms = bench_ms(pick)
-        finally:
-            nsa_topk.TOPN_WHOLE_ROW_MAX = keep[0]
-            nsa_topk.TOPN_WHOLE_ROW_LAUNCH.update(keep[1])
         form = "whole rows" if whole_max else "chunked merge"
         rows.append(dict(env, op="top_n", form=form, block_r=block_r, warps=warps, T=t, HKV=hkv, ms=ms, identical_to_merge=bool(torch.equal(got, want))))
         print(f"top-n, {form}" + (f", {block_r} rows, {warps} warps" if whole_max else "") +
@@ -138,20 +134,17 @@ def ablation_rows(env, runs, q, k_cmp, t, hq, hkv, d, smoke: bool) -> list:
         rows.append(dict(env, op="importance_ablation", variant="compressed_lse alone (for reference)", T=t, HQ=hq,
                          HKV=hkv, D=d, ms=ms))
         print(f"compressed_lse alone (for reference): {ms:.2f} ms", flush=True)
-    original, baseline = nsa_compressed._packed_importance_kernel, None
+    baseline = None
     with tempfile.TemporaryDirectory() as folder:
         sys.path.append(folder)
         try:
             for name, subs in VARIANTS.items():
-                nsa_compressed._packed_importance_kernel = variant_kernel(name, subs, Path(folder))
                 run = runs[name == GIVEN_LSE]
-                try:
+                with temporarily((nsa_compressed, "_packed_importance_kernel", variant_kernel(name, subs, Path(folder)))):
                     got = run()
                     baseline = got if baseline is None else baseline
                     diff = float(((got - baseline).abs().max() / baseline.abs().max()).item())
                     ms = None if smoke else bench_ms(run)
-                finally:
-                    nsa_compressed._packed_importance_kernel = original
                 rows.append(dict(env, op="importance_ablation", variant=name, T=t, HQ=hq, HKV=hkv, D=d, ms=ms,
                                  max_diff_vs_as_is=diff))
                 print(f"{name}: " + ("compiles and runs" if ms is None else f"{ms:.2f} ms") +
@@ -163,21 +156,15 @@ def ablation_rows(env, runs, q, k_cmp, t, hq, hkv, d, smoke: bool) -> list:
 
 def launch_rows(env, run, t, hq, hkv, d) -> list:
     """The kernel as it is under other launch settings."""
-    rows, rows_default = [], nsa_compressed.PACKED_ROWS
-    override = nsa_compressed.LAUNCH_OVERRIDES.get("packed_importance")
+    rows = []
     for rows_per_program, warps, stages in LAUNCHES:
-        nsa_compressed.PACKED_ROWS = rows_per_program
-        nsa_compressed.LAUNCH_OVERRIDES["packed_importance"] = (warps, stages)
         try:
-            ms = bench_ms(run)
+            with temporarily((nsa_compressed, "PACKED_ROWS", rows_per_program),
+                             (nsa_compressed.LAUNCH_OVERRIDES, "packed_importance", (warps, stages))):
+                ms = bench_ms(run)
         except Exception as exc:  # e.g. out of shared memory
             print(f"{rows_per_program} rows, {warps} warps, {stages} stages: {type(exc).__name__}", flush=True)
             continue
-        finally:
-            nsa_compressed.PACKED_ROWS = rows_default
-            nsa_compressed.LAUNCH_OVERRIDES.pop("packed_importance", None)
-            if override is not None:
-                nsa_compressed.LAUNCH_OVERRIDES["packed_importance"] = override
         rows.append(dict(env, op="importance_launch", rows_per_program=rows_per_program, warps=warps,
                          stages=stages, T=t, HQ=hq, HKV=hkv, D=d, ms=ms))
         print(f"as is, {rows_per_program} rows, {warps} warps, {stages} stages: {ms:.2f} ms", flush=True)

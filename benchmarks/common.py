@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -14,6 +15,33 @@ sys.path.append(str(ROOT))
 # The generic parts (environment facts, warm-up + median timing, peak memory, result rows) live in the
 # package so that `nsa-viz bench` and these scripts measure the same way.
 from nsa_viz.tradeoffs import bench_ms, environment, peak_mb, write_rows  # noqa: E402,F401
+
+
+_ABSENT = object()
+
+
+@contextmanager
+def temporarily(*changes):
+    """Within the block, each ``(target, name, value)`` holds: a dict's item or a module's attribute (a kernel
+    module's launch table, tile size or threshold); afterwards what was there is back (an absent item removed)."""
+    saved = []
+    for target, name, value in changes:
+        is_dict = isinstance(target, dict)
+        saved.append((target, name, is_dict, target.get(name, _ABSENT) if is_dict else getattr(target, name)))
+        if is_dict:
+            target[name] = value
+        else:
+            setattr(target, name, value)
+    try:
+        yield
+    finally:
+        for target, name, is_dict, old in reversed(saved):
+            if not is_dict:
+                setattr(target, name, old)
+            elif old is _ABSENT:
+                target.pop(name, None)
+            else:
+                target[name] = old
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
