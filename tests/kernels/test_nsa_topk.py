@@ -8,6 +8,12 @@ from nsa_viz.kernels.nsa_compressed import selection_importance
 from nsa_viz.kernels.nsa_topk import pick_top_blocks
 
 
+@pytest.fixture(params=[True, False], ids=["whole-rows", "chunk-merge"])
+def both_forms(request, monkeypatch):
+    """Runs the test with each form of the single-launch top-n: rows held whole, or the chunked merge."""
+    monkeypatch.setattr(nsa_topk, "TOPN_WHOLE_ROW_MAX", 1024 if request.param else 0)
+
+
 def both(scores, cur, **kw):
     tri = pick_top_blocks(scores, cur, backend="triton", **kw)
     ref = pick_top_blocks(scores, cur, backend="reference", **kw)
@@ -20,10 +26,8 @@ def both(scores, cur, **kw):
     ("random", 200, 37, 5, 0, 0),    # nothing forced, n not a power of two
     ("zeros", 70, 20, 4, 2, 1),      # all scores equal (+0.0 and -0.0): pure index order
 ])
-@pytest.mark.parametrize("whole_rows", [True, False], ids=["whole-rows", "chunk-merge"])
-def test_matches_reference(kind, nsel, rows, top_n, init, local, whole_rows, monkeypatch):
+def test_matches_reference(kind, nsel, rows, top_n, init, local, both_forms, monkeypatch):
     monkeypatch.setitem(nsa_topk.TOPN_LAUNCH, "chunk", 32)
-    monkeypatch.setattr(nsa_topk, "TOPN_WHOLE_ROW_MAX", 1024 if whole_rows else 0)
     gen = torch.Generator().manual_seed(nsel + rows)
     shape = (2, 2, rows, nsel)
     if kind == "ties":
@@ -51,10 +55,8 @@ def test_whole_rows_at_their_widest():
     assert torch.equal(tri, ref)
 
 
-@pytest.mark.parametrize("whole_rows", [True, False], ids=["whole-rows", "chunk-merge"])
-def test_end_to_end_equals_select_blocks(whole_rows, monkeypatch):
+def test_end_to_end_equals_select_blocks(both_forms):
     """select_blocks(selection_importance(...)) for token and block granularity, on a non-contiguous view."""
-    monkeypatch.setattr(nsa_topk, "TOPN_WHOLE_ROW_MAX", 1024 if whole_rows else 0)
     gen = torch.Generator().manual_seed(3)
     b, t, hq, hkv, d, block = 1, 150, 4, 2, 32, 16
     q = torch.randn(b, t, hq, d, generator=gen)
