@@ -358,12 +358,18 @@ def _packed_importance_kernel(
         p = tl.where(offs_k[None, :] < n_vis[:, None], tl.math.exp2(s - lse2[:, None]), 0.0)
         w_own = _overlap_weights(offs_k, j * NUM_SEL, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK, NUM_SEL)
         w_next = _overlap_weights(offs_k, (j + 1) * NUM_SEL, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK, NUM_SEL)
-        # heads summed first, then the eq. 9 mapping as fp32 multiply-adds on [TOKENS, BLOCK_N, NUM_SEL]: an fp32
-        # "ieee" tl.dot per row of the packed tile (not tensor cores) cost 4x the QK product and doubled the pass;
-        # two reshape-sums and a one-block shift (for l <= l' + d) were slower than these products (NOTES run 12)
+        # heads summed first (a reshape: a token's heads are lanes of one warp), then the eq. 9 mapping as fp32
+        # products. Written as a broadcast-multiply-sum, Triton 3.6 made it one TF32 tl.dot: the importance was off
+        # by 5.6e-4 and 4 % of rows picked other blocks than the fp32 reference at 16k; an "ieee" tl.dot is exact
+        # and as fast (15.0 ms at 64k on an H200, NOTES run 13). Fewer than 16 tokens are too few rows for tl.dot:
+        # multiply-adds, which Triton leaves as they are at that size
         psum = tl.sum(tl.reshape(p, [TOKENS, GROUP_P, BLOCK_N]), 1)
-        own = tl.sum(psum[:, :, None] * w_own[None, :, :], 1) + carry
-        carry = tl.sum(psum[:, :, None] * w_next[None, :, :], 1)
+        if TOKENS >= 16:
+            own = tl.dot(psum, w_own, input_precision="ieee") + carry
+            carry = tl.dot(psum, w_next, input_precision="ieee")
+        else:
+            own = tl.sum(psum[:, :, None] * w_own[None, :, :], 1) + carry
+            carry = tl.sum(psum[:, :, None] * w_next[None, :, :], 1)
         cols = j * NUM_SEL + offs_s
         tl.store(imp_rows + cols[None, :] * sis, own, mask=tmask[:, None] & (cols[None, :] < num_sel))
     for j in range(n_tiles, tl.cdiv(num_sel, NUM_SEL)):  # the spill of the last tile, then unseen blocks: 0

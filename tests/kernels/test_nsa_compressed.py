@@ -108,6 +108,7 @@ def test_lse_only_and_key_splits(dtype, tq, kv_len):
     (9, 3, 64, torch.bfloat16, 150, 150),   # group of 3: padded to 4 rows per query, one masked
     (16, 1, 32, torch.float16, 40, 300),    # a whole group of 16 heads in the rows, queries at the end
     (2, 2, 32, torch.float32, 77, 77),      # group of 1: 128 queries per program, early rows see nothing
+    (32, 1, 32, torch.float32, 40, 300),    # group of 32: 8 queries per program, too few rows for tl.dot
 ])
 def test_packed_importance_finds_its_own_lse(hq, hkv, d, dtype, tq, kv_len):
     """compressed_importance (LSE found inside the packed kernel) and the packed kernel with a given LSE
@@ -186,3 +187,81 @@ def test_clear_errors(case, match):
             selection_importance(q, kc, torch.zeros(1, 64, 2), block=8, kv_len=64, backend="reference", **kw)
         elif case == "lse":
             selection_importance(q, kc, torch.zeros(1, 2, 64), block=64, kv_len=64, backend="reference", **kw)
+
+
+def _tf32_rounding_dot(create_dot):
+    """The interpreter's tl.dot, except that "tf32" products see their fp32 operands with 10 mantissa bits, as
+    tensor cores do (the interpreter computes them in full fp32)."""
+    import numpy as np
+    from triton._C.libtriton import ir
+    from triton.runtime.interpreter import TensorHandle
+
+    def to_tf32(handle):
+        if handle.data.dtype != np.float32:
+            return handle
+        return TensorHandle((handle.data.view(np.uint32) & np.uint32(0xFFFFE000)).view(np.float32), handle.dtype)
+
+    def dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if input_precision == ir.INPUT_PRECISION.TF32:
+            a, b = to_tf32(a), to_tf32(b)
+        return create_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+    return dot
+
+
+def test_importance_mapping_keeps_fp32_accuracy_under_tf32(monkeypatch):
+    """The packed kernel's eq. 9 mapping multiplies in fp32: with the interpreter's TF32 products rounded as tensor
+    cores round them, it still matches the fp32 reference to 1e-6. A TF32 product of the probabilities (what
+    Triton 3.6 made of the fp32 multiply-sum the mapping was until run 13) is off by about 5e-4 here."""
+    from triton.runtime.interpreter import InterpreterBuilder
+    monkeypatch.setattr(InterpreterBuilder, "create_dot", _tf32_rounding_dot(InterpreterBuilder.create_dot))
+    q, kc, _ = random_cmp(1, 48, 1300, 16, 1, 32, 32, 16, torch.float32, seed=11)
+    q, kc = q.detach(), kc.detach()
+    ck = dict(cmp_block=32, cmp_stride=16, block=64, kv_len=1300)
+    got = compressed_importance(q, kc, backend="triton", **ck)
+    want = compressed_importance(q, kc, backend="reference", **ck)
+    assert rel_err(got, want) < 1e-6
+
+
+LOWERED = [
+    ("_packed_importance_kernel", dict(GROUP=16, GROUP_P=16, TOKENS=16, FIND_LSE=True)),  # mapping on tensor cores
+    ("_packed_importance_kernel", dict(GROUP=32, GROUP_P=32, TOKENS=8, FIND_LSE=False)),  # fp32 multiply-adds
+    ("_importance_kernel", dict(GROUP=16, BLOCK_M=16)),
+]
+
+
+@pytest.fixture(scope="module")
+def importance_ttir():
+    """TTIR of the importance kernels compiled for an H100 (sm_90) by the installed Triton, which needs no GPU but
+    no interpreter either: a process of its own (benchmarks/inspect_kernel.py's compile_for_gpu)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[2]
+    code = (f"import json, sys; sys.path.insert(0, {str(root / 'benchmarks')!r})\n"
+            "from inspect_kernel import compile_for_gpu\n"
+            "from nsa_viz.kernels import nsa_compressed\n"
+            f"out = [compile_for_gpu(getattr(nsa_compressed, k), dict(c, HEAD_DIM=64, BLOCK_N=64, NUM_SEL=16, "
+            f"CMP_BLOCK=32, CMP_STRIDE=16, SEL_BLOCK=64, PRECISION='tf32'), num_warps=4, num_stages=2).asm['ttir'] "
+            f"for k, c in {LOWERED!r}]\n"
+            "print(json.dumps(out))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", range(len(LOWERED)), ids=[f"{k}-{c['GROUP']}" for k, c in LOWERED])
+def test_importance_kernels_round_nothing_to_tf32_on_the_gpu(importance_ttir, case):
+    """Compiled for the GPU, no product of fp32 operands in the importance kernels is a TF32 tl.dot. The interpreter
+    cannot show this: it computes every product in fp32. (Triton 3.6, the GPU image's, lowered the fp32
+    broadcast-multiply-sum that the mapping was until run 13 to a TF32 tl.dot; Triton 3.9 lowers it to an IEEE
+    one; tl.dot's default precision is TF32 in both.)"""
+    import re
+    ttir = importance_ttir[case]
+    fp32_dots = [ln.strip() for ln in ttir.splitlines() if " tt.dot " in ln and re.search(r": tensor<[0-9x]+xf32> \*", ln)]
+    assert not [ln[:120] for ln in fp32_dots if re.search(r"inputPrecision = tf32(?!x)", ln)]
+    if case == 0:  # the mapping's two products are there (the form with enough rows for tl.dot)
+        assert len(fp32_dots) == 2
+
