@@ -94,9 +94,17 @@ def launch_rows(device, env) -> list:
     return rows
 
 
-def launch_settings(kernel: str, warps: int, stages: int, tile: int):
-    """One selected-attention kernel's launch settings and key tile for a ``with`` block."""
-    return temporarily((nsa_selected.LAUNCH_OVERRIDES, kernel, (warps, stages)), (nsa_selected.TILE_OVERRIDES, kernel, tile))
+# the selected kernel's launch settings timed: (warps, stages, key tile, register cap per thread or None). At 2 warps
+# it takes 204 registers uncapped, so registers hold it to 4 programs (8 warps) per SM; 168 allows 6 and 128 allows
+# 8, where shared memory (38 KiB a program) allows at most 5 (benchmarks/inspect_kernel.py selected_fwd --warps 2)
+SELECTED_LAUNCHES = [(2, 2, 64, None), (2, 2, 64, 168), (2, 2, 64, 128), (4, 2, 64, None), (2, 2, 32, 128)]
+
+
+def launch_settings(kernel: str, warps: int, stages: int, tile: int, max_registers=None):
+    """One selected-attention kernel's launch settings (a register cap per thread if given) and key tile for a
+    ``with`` block."""
+    launch = (warps, stages) + ((max_registers,) if max_registers else ())
+    return temporarily((nsa_selected.LAUNCH_OVERRIDES, kernel, launch), (nsa_selected.TILE_OVERRIDES, kernel, tile))
 
 
 def selected_rows(device, env, t: int, hq: int = 64, hkv: int = 4, d: int = 128) -> list:
@@ -133,15 +141,16 @@ def selected_rows(device, env, t: int, hq: int = 64, hkv: int = 4, d: int = 128)
     o_win, lse_win = window()
     record("window part (block-sparse kernel), for reference", bench_ms(window))
     reference = None
-    for warps, stages, tile in ((2, 2, 64), (4, 2, 64), (1, 2, 64), (2, 3, 64), (2, 2, 32)):
-        with launch_settings("fwd", warps, stages, tile):
+    for warps, stages, tile, cap in SELECTED_LAUNCHES:
+        with launch_settings("fwd", warps, stages, tile, cap):
             step = lambda: nsa_selected.selected_part_forward(q, k, v, idx, o_win, lse_win, BLOCK, scale, WINDOW)
             try:
                 got = step()[0]
                 same = reference is None or bool(torch.equal(got, reference))
                 reference = got if reference is None else reference
-                record(f"selected kernel, {warps} warps, {stages} stages, {tile}-key tiles", bench_ms(step),
-                       warps=warps, stages=stages, key_tile=tile, bit_equal_to_first=same)
+                record(f"selected kernel, {warps} warps, {stages} stages, {tile}-key tiles, register cap {cap}",
+                       bench_ms(step), warps=warps, stages=stages, key_tile=tile, max_registers=cap,
+                       bit_equal_to_first=same)
             except Exception as exc:  # e.g. out of shared memory
                 print(f"  {warps}/{stages}/{tile}: {type(exc).__name__}: {str(exc)[:160]}", flush=True)
     # forward + backward of the whole selected attention (window part included) over dQ launch settings

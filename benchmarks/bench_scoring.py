@@ -17,6 +17,7 @@ writes benchmarks/results/scoring_<gpu>.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import inspect
 import sys
@@ -32,11 +33,13 @@ from nsa_viz.kernels.nsa import compress_mean
 KERNEL = inspect.getsource(nsa_compressed._packed_importance_kernel.fn)
 IMPORTANCE_EXP = "tl.math.exp2(s - lse2[:, None])"
 LSE_STEP = "m_i, l_i = _running_lse_step(m_i, l_i, s)"
-MAPPING = ("own = tl.sum(psum[:, :, None] * w_own[None, :, :], 1) + carry",
-           "carry = tl.sum(psum[:, :, None] * w_next[None, :, :], 1)")
+MAPPING = ("own = tl.dot(psum, w_own, input_precision=\"ieee\") + carry",
+           "carry = tl.dot(psum, w_next, input_precision=\"ieee\")")
 # the second pass alone: the LSE comes from compressed_lse (timed on its own as well)
 GIVEN_LSE = "importance pass only (LSE given)"
 CHEAP_MAP = ("own = tl.sum(tl.reshape(psum, [TOKENS, NUM_SEL, BLOCK_N // NUM_SEL]), 2) + carry", "carry = own * 0.5")
+# the mapping as the kernel had it until run 13: an fp32 broadcast-multiply-sum, which Triton lowers to one TF32 dot
+ONE_TF32 = "eq. 9 mapping as one (implicit) TF32 product"
 
 VARIANTS = {
     "as is": [],
@@ -46,17 +49,24 @@ VARIANTS = {
     "no exp2 in either pass": [(IMPORTANCE_EXP, "(s - lse2[:, None])"),
                                (LSE_STEP, "m_i = tl.maximum(m_i, tl.max(s, 1)); l_i += tl.sum(s, 1)")],
     "eq. 9 mapping replaced by a reshape-sum": list(zip(MAPPING, CHEAP_MAP)),
+    ONE_TF32: list(zip(MAPPING, (
+        "own = tl.sum(psum[:, :, None] * w_own[None, :, :], 1) + carry",
+        "carry = tl.sum(psum[:, :, None] * w_next[None, :, :], 1)"))),
     "eq. 9 mapping as two tf32x3 tl.dot": list(zip(MAPPING, (
         "own = tl.dot(psum, w_own, input_precision=\"tf32x3\") + carry",
         "carry = tl.dot(psum, w_next, input_precision=\"tf32x3\")"))),
-    "eq. 9 mapping as two fp32 (ieee) tl.dot": list(zip(MAPPING, (
-        "own = tl.dot(psum, w_own, input_precision=\"ieee\") + carry",
-        "carry = tl.dot(psum, w_next, input_precision=\"ieee\")"))),
     GIVEN_LSE: [],
 }
-# the kernel as it is under other launch settings: (rows per program, warps, stages)
-LAUNCHES = [(256, 8, 3), (256, 4, 2), (256, 16, 2), (128, 4, 2), (128, 8, 2)]
-PARTS = ("ablation", "launches", "top-n")
+# the kernel as it is under other launch settings: (rows per program, warps, stages, register cap or None). The caps
+# are the largest that give one more program per SM: 256 rows / 8 warps takes 202 registers uncapped (one program,
+# 8 warps per SM), 128 spills 40 bytes (two); 128 rows / 4 warps takes 190 (two programs), 168 spills 8 bytes
+# (three: then shared memory, 66 KiB a program, is the limit). Counted with benchmarks/inspect_kernel.py.
+LAUNCHES = [(256, 4, 2, None), (256, 8, 2, None), (256, 8, 2, 128), (128, 4, 2, None), (128, 4, 2, 168)]
+PARTS = ("ablation", "launches", "top-n", "precision")
+# whole-row top-n settings timed: (rows per program, warps, register cap or None). Uncapped, 2 warps take 202 registers
+# (4 programs, 8 warps per SM); capped at 128 (8 bytes spilled) 8 programs fit, at 96 (24 bytes) 10; 4 warps at 96
+# spill nothing (5 programs, 20 warps) (benchmarks/inspect_kernel.py topn_whole_rows)
+TOPN_WHOLE_ROW_SETTINGS = [(4, 2, None), (4, 2, 128), (4, 2, 96), (4, 4, 96), (8, 4, None), (8, 4, 128)]
 
 
 def variant_kernel(name: str, subs: list, folder: Path):
@@ -80,17 +90,18 @@ def top_n_rows(env, importance: torch.Tensor, t: int, hkv: int) -> list:
     pick = lambda: nsa_topk.pick_top_blocks_triton(importance, cur, 16, 1, 2)
     rows, want = [], None
     merge = (0, nsa_topk.TOPN_LAUNCH["block_r"], nsa_topk.TOPN_LAUNCH["num_warps"])  # the merge's own settings
-    settings = [merge] + [(1024, block_r, warps) for block_r, warps in ((8, 4), (4, 4), (16, 8), (8, 8), (4, 2))]
+    settings = [merge + (None,)] + [(1024, *setting) for setting in TOPN_WHOLE_ROW_SETTINGS]
     launch = nsa_topk.TOPN_WHOLE_ROW_LAUNCH
-    for whole_max, block_r, warps in settings:
+    for whole_max, block_r, warps, cap in settings:
         with temporarily((nsa_topk, "TOPN_WHOLE_ROW_MAX", whole_max), (launch, "block_r", block_r),
-                         (launch, "num_warps", warps)):
+                         (launch, "num_warps", warps), (launch, "maxnreg", cap)):
             got = pick()
             want = got if want is None else want
             ms = bench_ms(pick)
         form = "whole rows" if whole_max else "chunked merge"
-        rows.append(dict(env, op="top_n", form=form, block_r=block_r, warps=warps, T=t, HKV=hkv, ms=ms, identical_to_merge=bool(torch.equal(got, want))))
-        print(f"top-n, {form}" + (f", {block_r} rows, {warps} warps" if whole_max else "") +
+        rows.append(dict(env, op="top_n", form=form, block_r=block_r, warps=warps, max_registers=cap, T=t, HKV=hkv,
+                         ms=ms, identical_to_merge=bool(torch.equal(got, want))))
+        print(f"top-n, {form}" + (f", {block_r} rows, {warps} warps, register cap {cap}" if whole_max else "") +
               f": {ms:.2f} ms, identical to the merge: {rows[-1]['identical_to_merge']}", flush=True)
     return rows
 
@@ -100,6 +111,10 @@ def main() -> int:
     ap.add_argument("--length", type=int, default=65536)
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--parts", nargs="+", default=list(PARTS), choices=list(PARTS))
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                    help="ablation variants to time (default: all)")
+    ap.add_argument("--precision-length", type=int, default=16384,
+                    help="tokens of the precision part (its fp32 reference is slow and large)")
     args = ap.parse_args()
     device = torch.device("cpu" if args.smoke else "cuda")
     t, hq, hkv, d = (600, 4, 2, 32) if args.smoke else (args.length, 64, 4, 128)
@@ -113,7 +128,9 @@ def main() -> int:
         q, k_cmp, lse if given else None, 32, 16, 64, d ** -0.5, t, block_n, num_sel)) for given in (False, True)}
     env, rows = environment(device), []
     if "ablation" in args.parts:
-        rows += ablation_rows(env, runs, q, k_cmp, t, hq, hkv, d, args.smoke)
+        rows += ablation_rows(env, runs, q, k_cmp, t, hq, hkv, d, args.smoke, args.variants)
+    if "precision" in args.parts:
+        rows += precision_rows(env, device, dtype, 96 if args.smoke else args.precision_length, hq, hkv, d)
     if args.smoke:
         return 0
     if "launches" in args.parts:
@@ -126,7 +143,43 @@ def main() -> int:
     return 0
 
 
-def ablation_rows(env, runs, q, k_cmp, t, hq, hkv, d, smoke: bool) -> list:
+@contextlib.contextmanager
+def variant_kernels(names):
+    """``{name: kernel}`` compiled from temporary modules, importable inside the ``with`` block."""
+    with tempfile.TemporaryDirectory() as folder:
+        sys.path.append(folder)
+        try:
+            yield {name: variant_kernel(name, VARIANTS[name], Path(folder)) for name in names}
+        finally:
+            sys.path.remove(folder)
+
+
+def precision_rows(env, device, dtype, t, hq, hkv, d) -> list:
+    """The importance of the kernel as it is and with the mapping it had until run 13 (one TF32 product) against the
+    fp32 reference, and how many rows then pick the same blocks as the reference's importance."""
+    torch.manual_seed(1)
+    q = torch.randn(1, t, hq, d, device=device, dtype=dtype)
+    k_cmp = compress_mean(torch.randn(1, t, hkv, d, device=device, dtype=dtype), 32, 16)
+    setting = dict(cmp_block=32, cmp_stride=16, block=64, kv_len=t)
+    want = nsa_compressed.compressed_importance_reference(q, k_cmp, **setting)
+    cur = torch.arange(t, device=device) // 64
+    pick = lambda importance: nsa_topk.pick_top_blocks_triton(importance, cur, 16, 1, 2).sort(-1).values
+    want_pick = pick(want)
+    rows = []
+    with variant_kernels(["as is", ONE_TF32]) as kernels:
+        for name, kernel in kernels.items():
+            with temporarily((nsa_compressed, "_packed_importance_kernel", kernel)):
+                got = nsa_compressed.compressed_importance_triton(q, k_cmp, **setting)
+            err = float(((got - want).abs().max() / want.abs().max()).item())
+            same = float((pick(got) == want_pick).all(-1).float().mean().item())
+            rows.append(dict(env, op="importance_precision", variant=name, T=t, HQ=hq, HKV=hkv, D=d,
+                             max_err_vs_fp32_reference=err, rows_same_blocks_as_reference=same))
+            print(f"precision, {name}: max |err| / max {err:.1e}, rows picking the reference's blocks {same:.4%}",
+                  flush=True)
+    return rows
+
+
+def ablation_rows(env, runs, q, k_cmp, t, hq, hkv, d, smoke: bool, names) -> list:
     """The kernel with one part of its work taken out at a time."""
     rows = []
     if not smoke:
@@ -135,39 +188,41 @@ def ablation_rows(env, runs, q, k_cmp, t, hq, hkv, d, smoke: bool) -> list:
                          HKV=hkv, D=d, ms=ms))
         print(f"compressed_lse alone (for reference): {ms:.2f} ms", flush=True)
     baseline = None
-    with tempfile.TemporaryDirectory() as folder:
-        sys.path.append(folder)
-        try:
-            for name, subs in VARIANTS.items():
-                run = runs[name == GIVEN_LSE]
-                with temporarily((nsa_compressed, "_packed_importance_kernel", variant_kernel(name, subs, Path(folder)))):
-                    got = run()
-                    baseline = got if baseline is None else baseline
-                    diff = float(((got - baseline).abs().max() / baseline.abs().max()).item())
-                    ms = None if smoke else bench_ms(run)
-                rows.append(dict(env, op="importance_ablation", variant=name, T=t, HQ=hq, HKV=hkv, D=d, ms=ms,
-                                 max_diff_vs_as_is=diff))
-                print(f"{name}: " + ("compiles and runs" if ms is None else f"{ms:.2f} ms") +
-                      f" (max |diff| / max |as is| {diff:.1e})", flush=True)
-        finally:
-            sys.path.remove(folder)
+    names = ["as is"] + [name for name in names if name != "as is"]  # the others are compared with it
+    with variant_kernels(names) as kernels:
+        for name, kernel in kernels.items():
+            run = runs[name == GIVEN_LSE]
+            with temporarily((nsa_compressed, "_packed_importance_kernel", kernel)):
+                got = run()
+                baseline = got if baseline is None else baseline
+                diff = float(((got - baseline).abs().max() / baseline.abs().max()).item())
+                ms = None if smoke else bench_ms(run)
+            rows.append(dict(env, op="importance_ablation", variant=name, T=t, HQ=hq, HKV=hkv, D=d, ms=ms,
+                             max_diff_vs_as_is=diff))
+            print(f"{name}: " + ("compiles and runs" if ms is None else f"{ms:.2f} ms") +
+                  f" (max |diff| / max |as is| {diff:.1e})", flush=True)
     return rows
 
 
 def launch_rows(env, run, t, hq, hkv, d) -> list:
     """The kernel as it is under other launch settings."""
     rows = []
-    for rows_per_program, warps, stages in LAUNCHES:
+    want = run()
+    for rows_per_program, warps, stages, max_registers in LAUNCHES:
+        launch = (warps, stages) + ((max_registers,) if max_registers else ())
+        name = f"{rows_per_program} rows, {warps} warps, {stages} stages, register cap {max_registers}"
         try:
             with temporarily((nsa_compressed, "PACKED_ROWS", rows_per_program),
-                             (nsa_compressed.LAUNCH_OVERRIDES, "packed_importance", (warps, stages))):
+                             (nsa_compressed.LAUNCH_OVERRIDES, "packed_importance", launch)):
+                diff = float(((run() - want).abs().max() / want.abs().max()).item())
                 ms = bench_ms(run)
         except Exception as exc:  # e.g. out of shared memory
-            print(f"{rows_per_program} rows, {warps} warps, {stages} stages: {type(exc).__name__}", flush=True)
+            print(f"{name}: {type(exc).__name__}: {exc}", flush=True)
             continue
         rows.append(dict(env, op="importance_launch", rows_per_program=rows_per_program, warps=warps,
-                         stages=stages, T=t, HQ=hq, HKV=hkv, D=d, ms=ms))
-        print(f"as is, {rows_per_program} rows, {warps} warps, {stages} stages: {ms:.2f} ms", flush=True)
+                         stages=stages, max_registers=max_registers, T=t, HQ=hq, HKV=hkv, D=d, ms=ms,
+                         max_diff_vs_default=diff))
+        print(f"as is, {name}: {ms:.2f} ms (max |diff| / max {diff:.1e})", flush=True)
     return rows
 
 

@@ -439,7 +439,8 @@ def _merge_lse_parts_kernel(M_PART, L_PART, LSE, n_rows, splits, BLOCK: tl.const
 
 
 # ----------------------------------------------------------------------------- host side
-# Benchmarks may pin launch settings per kernel ("fwd", "dq", "dkdv", "importance"): {"fwd": (warps, stages)},
+# Benchmarks may pin launch settings per kernel ("fwd", "dq", "dkdv", "importance", "packed_importance"):
+# {"fwd": (warps, stages)} ("packed_importance" takes a register cap as a third entry),
 # and tile sizes: {"fwd": (block_m, block_n), ...}.
 LAUNCH_OVERRIDES: dict = {}
 TILE_OVERRIDES: dict = {}
@@ -575,6 +576,11 @@ PACKED_MIN_QUERIES = 16
 # 256 rows/8 warps 1.24 ms, 64/4 1.25, 128/4 1.65, 128/8 2.28; the LSE + per-head chain 2.00; H200 at 64k:
 # 256/4 15.3 ms, 256/8 17.8, 256/16 19.8, 128/4 24.1).
 PACKED_ROWS = 256
+# (warps, stages[, register cap per thread]) of the packed importance kernel. Uncapped, ptxas gives 4 warps all 255
+# registers and 8 warps 166: two programs of 4 warps or one of 8 per SM, and 8 warps were the slower (17.8 against
+# 15.3 ms, NOTES run 12). Capped at 128 (8 bytes spilled), two programs of 8 warps fit: 14.7 ms against 15.2 for 4
+# warps at 64k, 64/4, on an H200 (run 13; registers counted with benchmarks/inspect_kernel.py).
+PACKED_LAUNCH = (8, 2, 128)
 
 
 def _importance_tiling(cmp_block: int, cmp_stride: int, block: int):
@@ -598,14 +604,14 @@ def _packed_importance(q, k_cmp, lse, cmp_block, cmp_stride, block, scale, kv_le
     rows = PACKED_ROWS if block_n <= 128 else max(16, PACKED_ROWS * 128 // block_n)
     tokens = max(1, rows // group_p)
     lse_args = _strides(lse) if lse is not None else (0, 0, 0)
-    # 4 warps even for 256 rows: 15.3 ms against 17.8 with 8 warps at 64k, 64/4, on an H200 (NOTES run 12)
-    warps, stages = LAUNCH_OVERRIDES.get("packed_importance", (4, 2))
+    warps, stages, *max_registers = LAUNCH_OVERRIDES.get("packed_importance", PACKED_LAUNCH)
+    launch = dict(num_warps=warps, num_stages=stages, **(dict(maxnreg=max_registers[0]) if max_registers else {}))
     _packed_importance_kernel[(triton.cdiv(tq, tokens), b * hkv)](
         q, k_cmp, lse if lse is not None else q, imp, *_strides(q), *_strides(k_cmp), *lse_args, *_strides(imp),
         tq, k_cmp.shape[1], imp.shape[-1], hkv, kv_len - tq, scale * LOG2E, GROUP=group, GROUP_P=group_p,
         TOKENS=tokens, HEAD_DIM=d, BLOCK_N=block_n, NUM_SEL=num_sel, CMP_BLOCK=cmp_block, CMP_STRIDE=cmp_stride,
         SEL_BLOCK=block, PRECISION=_precision(q.dtype, q.device), FIND_LSE=lse is None,
-        **(dict(num_warps=warps, num_stages=stages) if q.device.type == "cuda" else {}))
+        **(launch if q.device.type == "cuda" else {}))
     return imp
 
 

@@ -21,7 +21,8 @@ decode kernels): a 3-way search over the key values finds each row's n-th larges
 passes. ``_topn_whole_rows_kernel`` uses them for the forward when a row has at most
 ``TOPN_WHOLE_ROW_MAX`` columns: in its first, int64 4-way form it was slower than the chunked merge on an
 H200 at 64k (5.7 vs 5.1 ms, NOTES run 9); in the int32 3-way form, with 4 rows and 2 warps per program,
-it takes 3.6 ms (run 12). Longer rows and decode's column splits keep the merge.
+it takes 3.6 ms (run 12), 2.6 ms with registers capped at 96 so that more programs share an SM (run 13).
+Longer rows and decode's column splits keep the merge.
 """
 from __future__ import annotations
 
@@ -194,9 +195,13 @@ TOPN_SPLIT_BELOW_PROGRAMS = 64
 TOPN_SPLIT_COLUMNS = 128
 TOPN_LAUNCH = {"block_r": 8, "chunk": 128, "num_warps": 4}  # H100 sweep at 16k: 0.50 ms vs 0.83 with 16 rows
 # Rows of at most this many columns (one program's rows held whole) take _topn_whole_rows_kernel: at 64k
-# (1024 columns) 3.6 ms with 4 rows / 2 warps against 5.1 for the chunked merge on an H200 (NOTES run 12).
+# (1024 columns) 3.6 ms with 4 rows / 2 warps against 5.1 for the chunked merge on an H200 (NOTES run 12), 2.6 ms
+# with the register cap below (run 13).
 TOPN_WHOLE_ROW_MAX = 1024
-TOPN_WHOLE_ROW_LAUNCH = {"block_r": 4, "num_warps": 2}
+# "maxnreg": a register cap per thread, or None. Uncapped, 2 warps take 202 registers (4 programs, 8 warps per SM)
+# for a search that waits on its own reductions; capped at 96 (24 bytes spilled) 10 programs fit: 2.6 ms against
+# 3.6 at 64k on an H200 (128: 3.1; 4 warps at 96: 3.9; NOTES run 13)
+TOPN_WHOLE_ROW_LAUNCH = {"block_r": 4, "num_warps": 2, "maxnreg": 96}
 
 
 def _check(scores, cur_block, top_n, init_blocks, local_blocks):
@@ -209,6 +214,11 @@ def _check(scores, cur_block, top_n, init_blocks, local_blocks):
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     if top_n < init_blocks + local_blocks:
         raise ValueError(f"top_n ({top_n}) must be >= init_blocks + local_blocks ({init_blocks} + {local_blocks})")
+
+
+def _whole_row_launch() -> dict:
+    cap = TOPN_WHOLE_ROW_LAUNCH.get("maxnreg")
+    return dict(num_warps=TOPN_WHOLE_ROW_LAUNCH["num_warps"], **({"maxnreg": cap} if cap else {}))
 
 
 @torch.compiler.disable
@@ -241,7 +251,7 @@ def pick_top_blocks_triton(scores: torch.Tensor, cur_block: torch.Tensor, top_n:
         _topn_whole_rows_kernel[(triton.cdiv(rows, block_r), b * h)](
             scores, cur, out, *scores.stride(), *out.stride(), rows, nsel, h, init_blocks, local_blocks, TOP_N=top_n,
             NP=np_, BLOCK_R=block_r, COLS=max(16, triton.next_power_of_2(nsel)),
-            **({"num_warps": TOPN_WHOLE_ROW_LAUNCH["num_warps"]} if scores.device.type == "cuda" else {}))
+            **(_whole_row_launch() if scores.device.type == "cuda" else {}))
         return out
     if splits == 1:
         _topn_kernel[(row_blocks, b * h, 1)](
