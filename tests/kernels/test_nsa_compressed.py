@@ -127,15 +127,21 @@ def test_packed_importance_finds_its_own_lse(hq, hkv, d, dtype, tq, kv_len):
     assert rel_err(got, want) < TOLERANCE[dtype] and rel_err(given, want) < TOLERANCE[dtype]
 
 
+def packed_importance_error(tq, kv_len, hq, hkv, l, s, block, seed):
+    """Relative error of ``compressed_importance`` in Triton (the packed kernel) against the reference, fp32, d=32."""
+    q, kc, _ = random_cmp(1, tq, kv_len, hq, hkv, 32, l, s, torch.float32, seed=seed)
+    q, kc = q.detach(), kc.detach()
+    ck = dict(cmp_block=l, cmp_stride=s, block=block, kv_len=kv_len)
+    got = compressed_importance(q, kc, backend="triton", **ck)
+    want = compressed_importance(q, kc, backend="reference", **ck)
+    assert got.shape == want.shape
+    return rel_err(got, want)
+
+
 def test_packed_importance_with_fine_compression():
     """cmp 4/4 with blocks of 64: key tiles of 256 compressed keys, so the packed kernel takes fewer rows
     (shared memory); same result as the reference."""
-    q, kc, _ = random_cmp(1, 40, 600, 6, 2, 32, 4, 4, torch.float32, seed=5)
-    q, kc = q.detach(), kc.detach()
-    ck = dict(cmp_block=4, cmp_stride=4, block=64, kv_len=600)
-    got = compressed_importance(q, kc, backend="triton", **ck)
-    want = compressed_importance(q, kc, backend="reference", **ck)
-    assert rel_err(got, want) < 1e-5
+    assert packed_importance_error(40, 600, 6, 2, 4, 4, 64, seed=5) < 1e-5
 
 
 @pytest.mark.parametrize("l, s, block", [
@@ -148,12 +154,7 @@ def test_packed_importance_mapping(l, s, block):
     """The packed kernel's eq. 9 mapping (own blocks and the spill carried into the next tile) gives the
     reference's importance for keys that spill one block, two blocks or none."""
     # 1300 keys: more than one tile of 64 compressed keys, so spills cross from tile to tile
-    q, kc, _ = random_cmp(1, 40, 1300, 4, 2, 32, l, s, torch.float32, seed=l + s + block)
-    q, kc = q.detach(), kc.detach()
-    ck = dict(cmp_block=l, cmp_stride=s, block=block, kv_len=1300)
-    got = compressed_importance(q, kc, backend="triton", **ck)
-    want = compressed_importance(q, kc, backend="reference", **ck)
-    assert got.shape == want.shape and rel_err(got, want) < 1e-5
+    assert packed_importance_error(40, 1300, 4, 2, l, s, block, seed=l + s + block) < 1e-5
 
 
 def test_no_complete_block_gives_zero_and_neg_inf():
@@ -214,12 +215,7 @@ def test_importance_mapping_keeps_fp32_accuracy_under_tf32(monkeypatch):
     Triton 3.6 made of the fp32 multiply-sum the mapping was until run 13) is off by about 5e-4 here."""
     from triton.runtime.interpreter import InterpreterBuilder
     monkeypatch.setattr(InterpreterBuilder, "create_dot", _tf32_rounding_dot(InterpreterBuilder.create_dot))
-    q, kc, _ = random_cmp(1, 48, 1300, 16, 1, 32, 32, 16, torch.float32, seed=11)
-    q, kc = q.detach(), kc.detach()
-    ck = dict(cmp_block=32, cmp_stride=16, block=64, kv_len=1300)
-    got = compressed_importance(q, kc, backend="triton", **ck)
-    want = compressed_importance(q, kc, backend="reference", **ck)
-    assert rel_err(got, want) < 1e-6
+    assert packed_importance_error(48, 1300, 16, 1, 32, 16, 64, seed=11) < 1e-6
 
 
 LOWERED = [
