@@ -96,7 +96,8 @@ def launch_rows(device, env) -> list:
 
 # the selected kernel's launch settings timed: (warps, stages, key tile, register cap per thread or None). At 2 warps
 # it takes 204 registers uncapped, so registers hold it to 4 programs (8 warps) per SM; 168 allows 6 and 128 allows
-# 8, where shared memory (38 KiB a program) allows at most 5 (benchmarks/inspect_kernel.py selected_fwd --warps 2)
+# 8, where shared memory (38 KiB a program) allows at most 5 (benchmarks/inspect_kernel.py selected_fwd) and ncu
+# reported 4 at 16k (the driver's carve-out): so a cap could not add programs there (NOTES run 13)
 SELECTED_LAUNCHES = [(2, 2, 64, None), (2, 2, 64, 168), (2, 2, 64, 128), (4, 2, 64, None), (2, 2, 32, 128)]
 
 

@@ -170,20 +170,23 @@ def sweep(device, t=16384, budget_s=70.0, dims=(1, 64, 4, 128, torch.bfloat16), 
     def packed_imp():
         return compressed_importance(q, k_cmp, **ck, block=64, kv_len=t)
 
-    # the packed importance kernel: rows per program (tokens x padded group) and warps, timed on the union call
+    # the packed importance kernel: rows per program (tokens x padded group) and launch (warps, stages[, register
+    # cap]), timed on the union call; the default launch is one of the candidates
     times = {}
-    for rows, warps in ((128, 4), (128, 8), (64, 4), (256, 8), (32, 4)):
+    candidates = [(nc_mod.PACKED_ROWS, nc_mod.PACKED_LAUNCH)] + [(rows, (warps, 2)) for rows, warps in
+                                                                  ((128, 4), (128, 8), (64, 4), (256, 8), (32, 4))]
+    for rows, launch in candidates:
         nc_mod.PACKED_ROWS = rows
-        nc_mod.LAUNCH_OVERRIDES["packed_importance"] = (warps, 2)
+        nc_mod.LAUNCH_OVERRIDES["packed_importance"] = launch
         try:
-            times[(rows, warps)] = bench_ms(packed_imp, warmup_ms=25, rep_ms=100)
+            times[(rows, launch)] = bench_ms(packed_imp, warmup_ms=25, rep_ms=100)
         except Exception as exc:  # noqa: BLE001
-            log(f"sweep packed_importance {(rows, warps)}: {type(exc).__name__}: {str(exc)[:120]}")
+            log(f"sweep packed_importance {(rows, launch)}: {type(exc).__name__}: {str(exc)[:120]}")
     chosen = {}
     if times:
         best = min(times, key=times.get)
         nc_mod.PACKED_ROWS = best[0]
-        nc_mod.LAUNCH_OVERRIDES["packed_importance"] = (best[1], 2)
+        nc_mod.LAUNCH_OVERRIDES["packed_importance"] = best[1]
         chosen["nsa_compressed:packed_importance(rows,warps)"] = (best, times[best], times)
         log("sweep packed_importance (rows, warps): " + ", ".join(f"{c}={m:.3f}" for c, m in times.items()) + f" -> {best}")
         # the chain it replaces (union): compressed LSE pass + per-head importance kernel; keep whichever is faster

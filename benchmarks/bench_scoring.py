@@ -8,6 +8,8 @@ branch, the largest pieces of the 64k forward).
    Then the kernel as it is under other launch settings.
 2. The top-n on that importance in both forms of ``nsa_topk.pick_top_blocks`` (the chunked merge, rows held
    whole with the counting search) over a few launch settings; identical indices checked.
+3. Precision: the importance of the kernel as it is and with its old mapping against the fp32 reference, and the
+   share of rows whose top-n then matches the reference's.
 
 GPU only (or ``--smoke``: tiny sizes under TRITON_INTERPRET=1, to check that every variant still compiles);
 writes benchmarks/results/scoring_<gpu>.json.
@@ -38,8 +40,9 @@ MAPPING = ("own = tl.dot(psum, w_own, input_precision=\"ieee\") + carry",
 # the second pass alone: the LSE comes from compressed_lse (timed on its own as well)
 GIVEN_LSE = "importance pass only (LSE given)"
 CHEAP_MAP = ("own = tl.sum(tl.reshape(psum, [TOKENS, NUM_SEL, BLOCK_N // NUM_SEL]), 2) + carry", "carry = own * 0.5")
-# the mapping as the kernel had it until run 13: an fp32 broadcast-multiply-sum, which Triton lowers to one TF32 dot
-ONE_TF32 = "eq. 9 mapping as one (implicit) TF32 product"
+# the mapping as the kernel had it until run 13: an fp32 broadcast-multiply-sum, which Triton 3.6 lowers to TF32 dots
+# (Triton 3.9 to IEEE ones)
+ONE_TF32 = "eq. 9 mapping as a broadcast-multiply-sum (TF32 dots on Triton 3.6)"
 
 VARIANTS = {
     "as is": [],
@@ -58,14 +61,15 @@ VARIANTS = {
     GIVEN_LSE: [],
 }
 # the kernel as it is under other launch settings: (rows per program, warps, stages, register cap or None). The caps
-# are the largest that give one more program per SM: 256 rows / 8 warps takes 202 registers uncapped (one program,
-# 8 warps per SM), 128 spills 40 bytes (two); 128 rows / 4 warps takes 190 (two programs), 168 spills 8 bytes
-# (three: then shared memory, 66 KiB a program, is the limit). Counted with benchmarks/inspect_kernel.py.
+# are the largest that give one more program per SM: 256 rows / 8 warps takes 166 registers uncapped (one program,
+# 8 warps per SM), capped at 128 it spills 8 bytes (two); 128 rows / 4 warps takes 190 (two programs), 168 spills
+# nothing (three: then shared memory, 66 KiB a program, is the limit). 128 rows of a group of 16 are 8 tokens: the
+# mapping then takes the multiply-add form, not tl.dot. Counted with benchmarks/inspect_kernel.py on Triton 3.6.
 LAUNCHES = [(256, 4, 2, None), (256, 8, 2, None), (256, 8, 2, 128), (128, 4, 2, None), (128, 4, 2, 168)]
 PARTS = ("ablation", "launches", "top-n", "precision")
 # whole-row top-n settings timed: (rows per program, warps, register cap or None). Uncapped, 2 warps take 202 registers
 # (4 programs, 8 warps per SM); capped at 128 (8 bytes spilled) 8 programs fit, at 96 (24 bytes) 10; 4 warps at 96
-# spill nothing (5 programs, 20 warps) (benchmarks/inspect_kernel.py topn_whole_rows)
+# spill nothing (5 programs, 20 warps) (benchmarks/inspect_kernel.py topn_whole_rows, Triton 3.6)
 TOPN_WHOLE_ROW_SETTINGS = [(4, 2, None), (4, 2, 128), (4, 2, 96), (4, 4, 96), (8, 4, None), (8, 4, 128)]
 
 

@@ -4,8 +4,8 @@ for speed (layout conversions through shared memory, wgmma, reductions) or preci
 TF32 ``tt.dot``). Free, unlike device time: use it before a GPU call to see whether a change fits, e.g. whether a
 register cap lets one more program onto an SM.
 
-    python benchmarks/inspect_kernel.py packed_importance [--warps 4] [--stages 2] [--maxnreg 128] [--dump DIR]
-    python benchmarks/inspect_kernel.py selected_fwd --warps 2
+    python benchmarks/inspect_kernel.py packed_importance [--warps 8] [--stages 2] [--maxnreg 128] [--dump DIR]
+    python benchmarks/inspect_kernel.py selected_fwd --warps 4
 
 Integer arguments are specialised as a real launch does (1 becomes a constant, multiples of 16 are marked so),
 from the 64k shapes of the presets below. The Triton installed here compiles: the GPU image's version (3.6) can
@@ -18,7 +18,6 @@ import argparse
 import re
 import subprocess
 import sys
-from collections import Counter
 from pathlib import Path
 
 from common import ROOT  # noqa: F401  (puts the checkout on the path)
@@ -43,8 +42,10 @@ PRESETS = {
         swb=T * 8192, swt=8192, swh=128, swd=1, q_len=T, num_q_heads=64, num_kv_heads=4, n_slots=16, q_offset=0,
         qk_scale_log2=0.1), dict(GROUP=16, ROWS=16, HEAD_DIM=128, BLOCK=64, BLOCK_N=64, WINDOW=512, PRECISION="tf32")),
 }
+# what each preset's kernel is launched with on the GPU: (warps, stages, register cap or None)
+LAUNCHES = {"packed_importance": (8, 2, 128), "topn_whole_rows": (2, 2, 96), "selected_fwd": (2, 2, None)}
 # TTGIR operations worth counting: data through shared memory, tensor-core products, reductions
-WATCHED = ("ttg.convert_layout", "ttg.local_alloc", "ttg.local_load", "ttng.warp_group_dot ", "tt.dot ", "tt.reduce")
+WATCHED = ("ttg.convert_layout", "ttg.local_alloc", "ttg.local_load", "ttng.warp_group_dot ", "tt.dot ", '"tt.reduce"(')
 
 
 def signature(fn, consts: dict, args: dict):
@@ -97,17 +98,22 @@ def resources(compiled, folder: Path) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("preset", choices=sorted(PRESETS))
-    ap.add_argument("--warps", type=int, default=4)
-    ap.add_argument("--stages", type=int, default=2)
+    ap.add_argument("--warps", type=int, default=None, help="default: the kernel's own launch (LAUNCHES)")
+    ap.add_argument("--stages", type=int, default=None)
     ap.add_argument("--maxnreg", type=int, default=None, help="register cap per thread (a launch option)")
     ap.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE", help="override constexprs (ints)")
-    ap.add_argument("--dump", type=Path, default=None, help="write ttgir, ptx, sass and the cubin here")
+    ap.add_argument("--dump", type=Path, default=None, help="write ttgir, ptx and the cubin here")
     args = ap.parse_args()
     import importlib
     import tempfile
     module, name, values, consts = PRESETS[args.preset]
     fn = getattr(importlib.import_module(f"nsa_viz.kernels.{module}"), name)
     consts = dict(consts, **{k: int(v) for k, v in (item.split("=") for item in args.set)})
+    own_warps, own_stages, own_cap = LAUNCHES[args.preset]
+    if args.warps is None and args.stages is None and args.maxnreg is None:
+        args.maxnreg = own_cap
+    args.warps = own_warps if args.warps is None else args.warps
+    args.stages = own_stages if args.stages is None else args.stages
     options = dict(num_warps=args.warps, num_stages=args.stages)
     if args.maxnreg:
         options["maxnreg"] = args.maxnreg
@@ -124,7 +130,7 @@ def main() -> int:
           f"{use['stack_bytes']} bytes of stack, {use['shared_bytes'] / 1024:.1f} KiB shared: programs per SM: "
           f"registers allow {by_registers}, shared memory at most {by_shared}")
     ttgir = compiled.asm["ttgir"]
-    print("  " + ", ".join(f"{op.strip()} {ttgir.count(op)}" for op in WATCHED))
+    print("  " + ", ".join(f"{re.sub(r'[^a-z_.]', '', op)} {ttgir.count(op)}" for op in WATCHED))
     if args.dump:
         for ext in ("ttgir", "ptx"):
             (folder / f"kernel.{ext}").write_text(compiled.asm[ext])

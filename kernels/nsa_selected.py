@@ -235,7 +235,8 @@ def _sel_bwd_dkdv_kernel(
 
 
 # ----------------------------------------------------------------------------- host side
-# Benchmarks may pin launch settings per kernel ("fwd", "dq", "dkdv") to sweep them: {"fwd": (warps, stages)}.
+# Benchmarks may pin launch settings per kernel ("fwd", "dq", "dkdv") to sweep them: {"fwd": (warps, stages)}, or
+# (warps, stages, register cap per thread).
 LAUNCH_OVERRIDES: dict = {}
 # and the key tile (keys per tl.dot, at most the block) per kernel: {"fwd": 32}
 TILE_OVERRIDES: dict = {}

@@ -200,7 +200,8 @@ TOPN_LAUNCH = {"block_r": 8, "chunk": 128, "num_warps": 4}  # H100 sweep at 16k:
 TOPN_WHOLE_ROW_MAX = 1024
 # "maxnreg": a register cap per thread, or None. Uncapped, 2 warps take 202 registers (4 programs, 8 warps per SM)
 # for a search that waits on its own reductions; capped at 96 (24 bytes spilled) 10 programs fit: 2.6 ms against
-# 3.6 at 64k on an H200 (128: 3.1; 4 warps at 96: 3.9; NOTES run 13)
+# 3.6 at 64k on an H200 (128: 3.1; 4 warps at 96: 3.9; NOTES run 13). Counts are Triton 3.6's (3.9 spills 720
+# bytes at 96): check them again with benchmarks/inspect_kernel.py when Triton changes.
 TOPN_WHOLE_ROW_LAUNCH = {"block_r": 4, "num_warps": 2, "maxnreg": 96}
 
 

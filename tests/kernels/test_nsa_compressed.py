@@ -190,9 +190,10 @@ def test_clear_errors(case, match):
             selection_importance(q, kc, torch.zeros(1, 2, 64), block=64, kv_len=64, backend="reference", **kw)
 
 
-def _tf32_rounding_dot(create_dot):
+def _tf32_rounding_dot(create_dot, seen: list):
     """The interpreter's tl.dot, except that "tf32" products see their fp32 operands with 10 mantissa bits, as
-    tensor cores do (the interpreter computes them in full fp32)."""
+    tensor cores do (the interpreter computes them in full fp32); every product's operand shapes, whether they
+    are fp32, and its precision are appended to ``seen``."""
     import numpy as np
     from triton._C.libtriton import ir
     from triton.runtime.interpreter import TensorHandle
@@ -203,6 +204,7 @@ def _tf32_rounding_dot(create_dot):
         return TensorHandle((handle.data.view(np.uint32) & np.uint32(0xFFFFE000)).view(np.float32), handle.dtype)
 
     def dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        seen.append((a.data.shape, b.data.shape, a.data.dtype == np.float32, input_precision == ir.INPUT_PRECISION.IEEE))
         if input_precision == ir.INPUT_PRECISION.TF32:
             a, b = to_tf32(a), to_tf32(b)
         return create_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
@@ -210,12 +212,18 @@ def _tf32_rounding_dot(create_dot):
 
 
 def test_importance_mapping_keeps_fp32_accuracy_under_tf32(monkeypatch):
-    """The packed kernel's eq. 9 mapping multiplies in fp32: with the interpreter's TF32 products rounded as tensor
-    cores round them, it still matches the fp32 reference to 1e-6. A TF32 product of the probabilities (what
-    Triton 3.6 made of the fp32 multiply-sum the mapping was until run 13) is off by about 5e-4 here."""
+    """The packed kernel's eq. 9 mapping is an fp32 ("ieee") tl.dot of the head-summed probabilities [16 tokens,
+    64 keys] with the weights [64 keys, 16 blocks]: with the interpreter's TF32 products rounded as tensor cores
+    round them, the importance still matches the fp32 reference to 1e-6, and every fp32 product asked for IEEE.
+    (Written as a broadcast-multiply-sum, as until run 13, the interpreter sees no product at all, but Triton 3.6
+    compiles it to TF32 ones for the GPU: the explicit IEEE product is what keeps it exact there.)"""
     from triton.runtime.interpreter import InterpreterBuilder
-    monkeypatch.setattr(InterpreterBuilder, "create_dot", _tf32_rounding_dot(InterpreterBuilder.create_dot))
+    seen = []
+    monkeypatch.setattr(InterpreterBuilder, "create_dot", _tf32_rounding_dot(InterpreterBuilder.create_dot, seen))
     assert packed_importance_error(48, 1300, 16, 1, 32, 16, 64, seed=11) < 1e-6
+    mapping = [ieee for a, b, fp32, ieee in seen if fp32 and a == (16, 64) and b == (64, 16)]
+    assert mapping and all(mapping)
+    assert all(ieee for _, _, fp32, ieee in seen if fp32)
 
 
 LOWERED = [
@@ -226,8 +234,8 @@ LOWERED = [
 
 
 @pytest.fixture(scope="module")
-def importance_ttir():
-    """TTIR of the importance kernels compiled for an H100 (sm_90) by the installed Triton, which needs no GPU but
+def importance_ptx():
+    """PTX of the importance kernels compiled for an H100 (sm_90) by the installed Triton, which needs no GPU but
     no interpreter either: a process of its own (benchmarks/inspect_kernel.py's compile_for_gpu)."""
     import json
     import os
@@ -239,7 +247,7 @@ def importance_ttir():
             "from inspect_kernel import compile_for_gpu\n"
             "from nsa_viz.kernels import nsa_compressed\n"
             f"out = [compile_for_gpu(getattr(nsa_compressed, k), dict(c, HEAD_DIM=64, BLOCK_N=64, NUM_SEL=16, "
-            f"CMP_BLOCK=32, CMP_STRIDE=16, SEL_BLOCK=64, PRECISION='tf32'), num_warps=4, num_stages=2).asm['ttir'] "
+            f"CMP_BLOCK=32, CMP_STRIDE=16, SEL_BLOCK=64, PRECISION='tf32'), num_warps=4, num_stages=2).asm['ptx'] "
             f"for k, c in {LOWERED!r}]\n"
             "print(json.dumps(out))")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -249,15 +257,10 @@ def importance_ttir():
 
 
 @pytest.mark.parametrize("case", range(len(LOWERED)), ids=[f"{k}-{c['GROUP']}" for k, c in LOWERED])
-def test_importance_kernels_round_nothing_to_tf32_on_the_gpu(importance_ttir, case):
-    """Compiled for the GPU, no product of fp32 operands in the importance kernels is a TF32 tl.dot. The interpreter
-    cannot show this: it computes every product in fp32. (Triton 3.6, the GPU image's, lowered the fp32
-    broadcast-multiply-sum that the mapping was until run 13 to a TF32 tl.dot; Triton 3.9 lowers it to an IEEE
-    one; tl.dot's default precision is TF32 in both.)"""
-    import re
-    ttir = importance_ttir[case]
-    fp32_dots = [ln.strip() for ln in ttir.splitlines() if " tt.dot " in ln and re.search(r": tensor<[0-9x]+xf32> \*", ln)]
-    assert not [ln[:120] for ln in fp32_dots if re.search(r"inputPrecision = tf32(?!x)", ln)]
-    if case == 0:  # the mapping's two products are there (the form with enough rows for tl.dot)
-        assert len(fp32_dots) == 2
-
+def test_importance_kernels_round_nothing_to_tf32_on_the_gpu(importance_ptx, case):
+    """Compiled for the GPU (bf16 inputs), the importance kernels hold no TF32 instruction: no product of fp32
+    operands is rounded. The interpreter cannot show this, since it computes every product in fp32. With Triton 3.6
+    (the GPU image's) the mapping as it was until run 13 fails this test; Triton 3.9 compiles that form to IEEE
+    products, and the test above guards the explicit form instead."""
+    tf32 = [line.strip() for line in importance_ptx[case].splitlines() if "tf32" in line]
+    assert not tf32, tf32[:3]
