@@ -187,8 +187,8 @@ def sweep(device, t=16384, budget_s=70.0, dims=(1, 64, 4, 128, torch.bfloat16), 
         best = min(times, key=times.get)
         nc_mod.PACKED_ROWS = best[0]
         nc_mod.LAUNCH_OVERRIDES["packed_importance"] = best[1]
-        chosen["nsa_compressed:packed_importance(rows,warps)"] = (best, times[best], times)
-        log("sweep packed_importance (rows, warps): " + ", ".join(f"{c}={m:.3f}" for c, m in times.items()) + f" -> {best}")
+        chosen["nsa_compressed:packed_importance(rows,launch)"] = (best, times[best], times)
+        log("sweep packed_importance (rows, launch): " + ", ".join(f"{c}={m:.3f}" for c, m in times.items()) + f" -> {best}")
         # the chain it replaces (union): compressed LSE pass + per-head importance kernel; keep whichever is faster
         from nsa_viz.kernels.nsa_compressed import compressed_lse
         keep = nc_mod.PACKED_MIN_QUERIES
