@@ -104,8 +104,8 @@ SELECTED_LAUNCHES = [(2, 2, 64, None), (2, 2, 64, 168), (2, 2, 64, 128), (4, 2, 
 def launch_settings(kernel: str, warps: int, stages: int, tile: int, max_registers=None):
     """One selected-attention kernel's launch settings (a register cap per thread if given) and key tile for a
     ``with`` block."""
-    launch = (warps, stages) + ((max_registers,) if max_registers else ())
-    return temporarily((nsa_selected.LAUNCH_OVERRIDES, kernel, launch), (nsa_selected.TILE_OVERRIDES, kernel, tile))
+    return temporarily((nsa_selected.LAUNCH_OVERRIDES, kernel, (warps, stages, max_registers)),
+                       (nsa_selected.TILE_OVERRIDES, kernel, tile))
 
 
 def selected_rows(device, env, t: int, hq: int = 64, hkv: int = 4, d: int = 128) -> list:

@@ -213,7 +213,7 @@ def launch_rows(env, run, t, hq, hkv, d) -> list:
     rows = []
     want = run()
     for rows_per_program, warps, stages, max_registers in LAUNCHES:
-        launch = (warps, stages) + ((max_registers,) if max_registers else ())
+        launch = (warps, stages, max_registers)  # no cap where None (block_sparse.launch_options)
         name = f"{rows_per_program} rows, {warps} warps, {stages} stages, register cap {max_registers}"
         try:
             with temporarily((nsa_compressed, "PACKED_ROWS", rows_per_program),

@@ -361,12 +361,22 @@ def _layout_args(layout: BlockLayout, transposed: bool):
 LAUNCH_OVERRIDES: dict = {}
 
 
+def launch_options(warps: int, stages: Optional[int] = None, max_registers: Optional[int] = None) -> dict:
+    """Triton launch options from a launch table's ``(warps, stages[, register cap per thread])``; the cap
+    (``maxnreg``) only when one is given, so ptxas otherwise takes the registers it wants."""
+    options = dict(num_warps=warps)
+    if stages is not None:
+        options["num_stages"] = stages
+    if max_registers:
+        options["maxnreg"] = max_registers
+    return options
+
+
 def _tuning(kernel: str, head_dim: int, block_q: int, device: torch.device) -> dict:
     if device.type != "cuda":
         return {}
     if kernel in LAUNCH_OVERRIDES:
-        warps, stages = LAUNCH_OVERRIDES[kernel]
-        return dict(num_warps=warps, num_stages=stages)
+        return launch_options(*LAUNCH_OVERRIDES[kernel])
     # Chosen by benchmarks/bench_block_sparse.py on an H100 (window 512, 64/4 heads, d=128, 64x64 tiles):
     # forward 4 warps / 3 stages; both backward kernels 4 warps / 2 stages (see benchmarks/NOTES.md).
     if kernel == "fwd":

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from . import resolve_backend
-from .block_sparse import LOG2E, _bwd_delta_kernel, _masked_softmax_step, _mm, _precision, _strides
+from .block_sparse import LOG2E, _bwd_delta_kernel, _masked_softmax_step, _mm, _precision, _strides, launch_options
 from .nsa_compressed_ref import (check_compressed_inputs, check_importance_inputs, compressed_attention_reference,
                                  compressed_importance_reference, compressed_lse_reference,
                                  selection_importance_reference)
@@ -440,7 +440,7 @@ def _merge_lse_parts_kernel(M_PART, L_PART, LSE, n_rows, splits, BLOCK: tl.const
 
 # ----------------------------------------------------------------------------- host side
 # Benchmarks may pin launch settings per kernel ("fwd", "dq", "dkdv", "importance", "packed_importance"):
-# {"fwd": (warps, stages)} ("packed_importance" takes a register cap as a third entry),
+# {"fwd": (warps, stages)} or (warps, stages, register cap per thread),
 # and tile sizes: {"fwd": (block_m, block_n), ...}.
 LAUNCH_OVERRIDES: dict = {}
 TILE_OVERRIDES: dict = {}
@@ -454,8 +454,7 @@ def _tuning(kernel: str, head_dim: int, device: torch.device) -> dict:
     if device.type != "cuda":
         return {}
     if kernel in LAUNCH_OVERRIDES:
-        warps, stages = LAUNCH_OVERRIDES[kernel]
-        return dict(num_warps=warps, num_stages=stages)
+        return launch_options(*LAUNCH_OVERRIDES[kernel])
     if kernel == "fwd":
         return dict(num_warps=8 if head_dim >= 128 else 4, num_stages=3)
     return dict(num_warps=4, num_stages=2)
@@ -605,8 +604,7 @@ def _packed_importance(q, k_cmp, lse, cmp_block, cmp_stride, block, scale, kv_le
     rows = PACKED_ROWS if block_n <= 128 else max(16, PACKED_ROWS * 128 // block_n)
     tokens = max(1, rows // group_p)
     lse_args = _strides(lse) if lse is not None else (0, 0, 0)
-    warps, stages, *max_registers = LAUNCH_OVERRIDES.get("packed_importance", PACKED_LAUNCH)
-    launch = dict(num_warps=warps, num_stages=stages, **(dict(maxnreg=max_registers[0]) if max_registers else {}))
+    launch = launch_options(*LAUNCH_OVERRIDES.get("packed_importance", PACKED_LAUNCH))
     _packed_importance_kernel[(triton.cdiv(tq, tokens), b * hkv)](
         q, k_cmp, lse if lse is not None else q, imp, *_strides(q), *_strides(k_cmp), *lse_args, *_strides(imp),
         tq, k_cmp.shape[1], imp.shape[-1], hkv, kv_len - tq, scale * LOG2E, GROUP=group, GROUP_P=group_p,

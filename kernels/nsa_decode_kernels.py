@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from . import resolve_backend
-from .block_sparse import LOG2E, _masked_softmax_step, _mm, _precision, _strides
+from .block_sparse import LOG2E, _masked_softmax_step, _mm, _precision, _strides, launch_options
 from .nsa_compressed import _importance_tiling, _overlap_weights, _visible_count
 from .nsa_compressed_ref import check_compressed_inputs
 from .nsa_selected_ref import check_selected_inputs, selected_attention_reference
@@ -391,8 +391,7 @@ def token_decode_supported(q, k_cmp, *, block: int, cmp_block: int, cmp_stride: 
 def _launch(name: str, default: tuple, device) -> dict:
     if device.type != "cuda":
         return {}
-    warps, stages = TOKEN_DECODE_LAUNCH.get(name, default)
-    return dict(num_warps=warps, num_stages=stages)
+    return launch_options(*TOKEN_DECODE_LAUNCH.get(name, default))
 
 
 @torch.compiler.disable

@@ -28,7 +28,7 @@ import triton.language as tl
 
 from . import preferred_block_sizes, resolve_backend
 from .block_sparse import (LOG2E, _bwd_delta_kernel, _masked_softmax_step, _mm, _precision, _strides,
-                           block_sparse_backward, block_sparse_forward)
+                           block_sparse_backward, block_sparse_forward, launch_options)
 from .layout import TokenRule, layout_from_rule
 from .nsa_selected_ref import check_selected_inputs, selected_attention_reference
 
@@ -257,8 +257,7 @@ def _tuning(kernel: str, device: torch.device, rows: int = 16) -> dict:
     if device.type != "cuda":
         return {}
     if kernel in LAUNCH_OVERRIDES:
-        warps, stages, *max_registers = LAUNCH_OVERRIDES[kernel]
-        return dict(num_warps=warps, num_stages=stages, **(dict(maxnreg=max_registers[0]) if max_registers else {}))
+        return launch_options(*LAUNCH_OVERRIDES[kernel])
     # forward with 16-row tiles: 2 warps keep more programs in flight per SM, 15.2 ms against 16.4 for 4 warps at
     # 64k on an H200 (NOTES run 12; 3 stages or 32-key tiles were slower: shared memory, occupancy). Larger groups
     # keep 4 warps: 2 would hold a [rows, d] fp32 accumulator on 64 threads

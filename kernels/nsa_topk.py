@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from . import resolve_backend
+from .block_sparse import launch_options
 
 _NONE = 2**30  # index of an empty / removed entry: above every block index, maps to -1 at the end
 
@@ -217,11 +218,6 @@ def _check(scores, cur_block, top_n, init_blocks, local_blocks):
         raise ValueError(f"top_n ({top_n}) must be >= init_blocks + local_blocks ({init_blocks} + {local_blocks})")
 
 
-def _whole_row_launch() -> dict:
-    cap = TOPN_WHOLE_ROW_LAUNCH.get("maxnreg")
-    return dict(num_warps=TOPN_WHOLE_ROW_LAUNCH["num_warps"], **({"maxnreg": cap} if cap else {}))
-
-
 @torch.compiler.disable
 @torch.no_grad()
 def pick_top_blocks_triton(scores: torch.Tensor, cur_block: torch.Tensor, top_n: int, init_blocks: int,
@@ -252,7 +248,8 @@ def pick_top_blocks_triton(scores: torch.Tensor, cur_block: torch.Tensor, top_n:
         _topn_whole_rows_kernel[(triton.cdiv(rows, block_r), b * h)](
             scores, cur, out, *scores.stride(), *out.stride(), rows, nsel, h, init_blocks, local_blocks, TOP_N=top_n,
             NP=np_, BLOCK_R=block_r, COLS=max(16, triton.next_power_of_2(nsel)),
-            **(_whole_row_launch() if scores.device.type == "cuda" else {}))
+            **(launch_options(TOPN_WHOLE_ROW_LAUNCH["num_warps"], max_registers=TOPN_WHOLE_ROW_LAUNCH["maxnreg"])
+               if scores.device.type == "cuda" else {}))
         return out
     if splits == 1:
         _topn_kernel[(row_blocks, b * h, 1)](
