@@ -42,8 +42,11 @@ PRESETS = {
         swb=T * 8192, swt=8192, swh=128, swd=1, q_len=T, num_q_heads=64, num_kv_heads=4, n_slots=16, q_offset=0,
         qk_scale_log2=0.1), dict(GROUP=16, ROWS=16, HEAD_DIM=128, BLOCK=64, BLOCK_N=64, WINDOW=512, PRECISION="tf32")),
 }
+# the same launch with two query tokens per program (one warp each)
+PRESETS["selected_fwd_tokens"] = ("nsa_selected", "_sel_fwd_tokens_kernel", PRESETS["selected_fwd"][2],
+                                  dict(PRESETS["selected_fwd"][3], TOKENS=2))
 # what each preset's kernel is launched with on the GPU: (warps, stages, register cap or None)
-LAUNCHES = {"packed_importance": (8, 2, 128), "topn_whole_rows": (2, 2, 96), "selected_fwd": (2, 2, None)}
+LAUNCHES = {"packed_importance": (8, 2, 128), "topn_whole_rows": (2, 2, 96), "selected_fwd": (2, 2, None), "selected_fwd_tokens": (2, 2, None)}
 # TTGIR operations worth counting: data through shared memory, tensor-core products, reductions
 WATCHED = ("ttg.convert_layout", "ttg.local_alloc", "ttg.local_load", "ttng.warp_group_dot ", "tt.dot ", '"tt.reduce"(')
 

@@ -36,10 +36,11 @@ def _mm(a, b, PRECISION: tl.constexpr):
 def _masked_softmax_step(m_i, s):
     """One key tile of an online softmax whose rows may have seen nothing yet (log2 units, masked scores at
     -inf): ``(m_new, p, alpha)``, the new running max, the tile's probabilities relative to it and the factor
-    that rescales the earlier sums; a row that has seen nothing gets p = alpha = 0 (no -inf - -inf NaN)."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    that rescales the earlier sums; a row that has seen nothing gets p = alpha = 0 (no -inf - -inf NaN).
+    Keys are the last axis (a batch of independent problems may lead)."""
+    m_new = tl.maximum(m_i, tl.max(s, -1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    return m_new, tl.math.exp2(s - m_safe[:, None]), tl.math.exp2(m_i - m_safe)
+    return m_new, tl.math.exp2(s - tl.expand_dims(m_safe, -1)), tl.math.exp2(m_i - m_safe)
 
 
 @triton.jit

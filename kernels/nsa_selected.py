@@ -55,6 +55,30 @@ def _selected_tile(q, k_base, v_base, offs_k, kmask, offs_d, m_i, l_i, acc, skt,
 
 
 @triton.jit
+def _finish(acc, m_i, l_i):
+    """``(out, lse in log2 units)`` of an online softmax's state; a row that saw nothing gives 0 and -inf."""
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    return acc / tl.expand_dims(l_safe, -1), tl.where(empty, float("-inf"), m_i + tl.math.log2(l_safe))
+
+
+@triton.jit
+def _finish_with_window(acc, m_i, l_i, o_win, lse_win):
+    """``_finish`` of the selected part merged with the window part's (output, natural-log LSE) into one softmax:
+    each part's normalised output weighted by its share of the total mass."""
+    out, lse2 = _finish(acc, m_i, l_i)
+    lw = lse_win * 1.4426950408889634
+    mx = tl.maximum(lse2, lw)
+    mx = tl.where(mx == float("-inf"), 0.0, mx)
+    a_sel = tl.math.exp2(lse2 - mx)
+    a_win = tl.math.exp2(lw - mx)
+    total = a_sel + a_win
+    t_safe = tl.where(total == 0.0, 1.0, total)
+    out = (out * tl.expand_dims(a_sel, -1) + o_win.to(tl.float32) * tl.expand_dims(a_win, -1)) / tl.expand_dims(t_safe, -1)
+    return out, tl.where(total == 0.0, float("-inf"), mx + tl.math.log2(t_safe))
+
+
+@triton.jit
 def _sel_fwd_kernel(
     Q, K, V, IDX, O, LSE, OW, LSEW,
     sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, sob, sot, soh, sod,
@@ -92,27 +116,79 @@ def _sel_fwd_kernel(
             offs_k, kmask = _slot_keys(blk, c, offs_n, last, BLOCK)
             m_i, l_i, acc = _selected_tile(q, k_base, v_base, offs_k, kmask, offs_d, m_i, l_i, acc, skt, skd, svt, svd,
                                            qk_scale_log2, PRECISION)
-    empty = l_i == 0.0
-    l_safe = tl.where(empty, 1.0, l_i)
-    out = acc / l_safe[:, None]
-    lse2 = tl.where(empty, float("-inf"), m_i + tl.math.log2(l_safe))
     stat = LSE + (b * num_q_heads + heads).to(tl.int64) * q_len + i
     if WINDOW > 0:
-        # one softmax over both parts: weight each part's normalised output by its share of the total mass
-        lw = tl.load(LSEW + (b * num_q_heads + heads).to(tl.int64) * q_len + i, mask=rmask, other=float("-inf")) * 1.4426950408889634
+        lw = tl.load(LSEW + (b * num_q_heads + heads).to(tl.int64) * q_len + i, mask=rmask, other=float("-inf"))
         ow = tl.load(OW + b.to(tl.int64) * swb + i.to(tl.int64) * swt + heads[:, None] * swh + offs_d[None, :] * swd,
                      mask=rmask[:, None], other=0.0)
-        mx = tl.maximum(lse2, lw)
-        mx = tl.where(mx == float("-inf"), 0.0, mx)
-        a_sel = tl.math.exp2(lse2 - mx)
-        a_win = tl.math.exp2(lw - mx)
-        total = a_sel + a_win
-        t_safe = tl.where(total == 0.0, 1.0, total)
-        out = (out * a_sel[:, None] + ow.to(tl.float32) * a_win[:, None]) / t_safe[:, None]
-        lse2 = tl.where(total == 0.0, float("-inf"), mx + tl.math.log2(t_safe))
+        out, lse2 = _finish_with_window(acc, m_i, l_i, ow, lw)
+    else:
+        out, lse2 = _finish(acc, m_i, l_i)
     tl.store(O + b.to(tl.int64) * sob + i.to(tl.int64) * sot + heads[:, None] * soh + offs_d[None, :] * sod,
              out.to(O.dtype.element_ty), mask=rmask[:, None])
     tl.store(stat, lse2 * 0.6931471805599453, mask=rmask)
+
+
+@triton.jit
+def _sel_fwd_tokens_kernel(
+    Q, K, V, IDX, O, LSE, OW, LSEW,
+    sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, sob, sot, soh, sod,
+    sib, sih, sit, sin, swb, swt, swh, swd,
+    q_len, num_q_heads, num_kv_heads, n_slots, q_offset, qk_scale_log2,
+    GROUP: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+    WINDOW: tl.constexpr, PRECISION: tl.constexpr, TOKENS: tl.constexpr,
+):
+    """``_sel_fwd_kernel`` for TOKENS consecutive query tokens per program, as a batch of TOKENS independent
+    problems (3-d tl.dot, one warp per token): each token keeps its own blocks, softmax and accumulator,
+    and the program has TOKENS independent QK -> softmax -> PV chains to interleave."""
+    i0 = tl.program_id(0) * TOKENS
+    bh = tl.program_id(1)
+    b = bh // num_kv_heads
+    hk = bh % num_kv_heads
+    offs_t = tl.arange(0, TOKENS)
+    offs_r = tl.arange(0, ROWS)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
+    tok = i0 + offs_t
+    tmask = tok < q_len
+    heads = hk * GROUP + offs_r
+    qmask = tmask[:, None] & (offs_r < GROUP)[None, :]
+    tok3 = tok[:, None, None].to(tl.int64)
+    q = tl.load(Q + b.to(tl.int64) * sqb + tok3 * sqt + heads[None, :, None] * sqh + offs_d[None, None, :] * sqd,
+                mask=qmask[:, :, None], other=0.0)
+    k_base = K + b.to(tl.int64) * skb + hk * skh
+    v_base = V + b.to(tl.int64) * svb + hk * svh
+    idx_base = IDX + b.to(tl.int64) * sib + hk * sih + tok.to(tl.int64) * sit
+    # a token past the end owns no key (last < 0)
+    last = tl.where(tmask, q_offset + tok - WINDOW, -1)
+    m_i = tl.full([TOKENS, ROWS], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([TOKENS, ROWS], dtype=tl.float32)
+    acc = tl.zeros([TOKENS, ROWS, HEAD_DIM], dtype=tl.float32)
+    for n in range(0, n_slots):
+        blk = tl.load(idx_base + n * sin, mask=tmask, other=-1)
+        for c in tl.static_range(0, BLOCK, BLOCK_N):
+            offs_k, kmask = _slot_keys(blk[:, None], c, offs_n[None, :], last[:, None], BLOCK)
+            k = tl.load(k_base + offs_k[:, None, :].to(tl.int64) * skt + offs_d[None, :, None] * skd,
+                        mask=kmask[:, None, :], other=0.0)
+            s = tl.where(kmask[:, None, :], _mm(q, k, PRECISION) * qk_scale_log2, float("-inf"))
+            m_new, p, alpha = _masked_softmax_step(m_i, s)
+            v = tl.load(v_base + offs_k[:, :, None].to(tl.int64) * svt + offs_d[None, None, :] * svd,
+                        mask=kmask[:, :, None], other=0.0)
+            l_i = l_i * alpha + tl.sum(p, 2)
+            acc = acc * alpha[:, :, None] + _mm(p.to(v.dtype), v, PRECISION)
+            m_i = m_new
+    stat = LSE + (b * num_q_heads + heads[None, :]).to(tl.int64) * q_len + tok[:, None]
+    if WINDOW > 0:
+        lw = tl.load(LSEW + (b * num_q_heads + heads[None, :]).to(tl.int64) * q_len + tok[:, None], mask=qmask,
+                     other=float("-inf"))
+        ow = tl.load(OW + b.to(tl.int64) * swb + tok3 * swt + heads[None, :, None] * swh + offs_d[None, None, :] * swd,
+                     mask=qmask[:, :, None], other=0.0)
+        out, lse2 = _finish_with_window(acc, m_i, l_i, ow, lw)
+    else:
+        out, lse2 = _finish(acc, m_i, l_i)
+    tl.store(O + b.to(tl.int64) * sob + tok3 * sot + heads[None, :, None] * soh + offs_d[None, None, :] * sod,
+             out.to(O.dtype.element_ty), mask=qmask[:, :, None])
+    tl.store(stat, lse2 * 0.6931471805599453, mask=qmask)
 
 
 @triton.jit
@@ -240,6 +316,10 @@ def _sel_bwd_dkdv_kernel(
 LAUNCH_OVERRIDES: dict = {}
 # and the key tile (keys per tl.dot, at most the block) per kernel: {"fwd": 32}
 TILE_OVERRIDES: dict = {}
+# Query tokens per program of the selected forward for 16-row tiles (groups of at most 16 heads): 2 runs
+# _sel_fwd_tokens_kernel, one warp per token, 15.4 ms against 16.3 for one token per program at 64k, 64/4, on an
+# H200 (NOTES run 14); 1 runs _sel_fwd_kernel, which also serves larger groups
+FWD_TOKENS_PER_PROGRAM = 2
 # Tokens of one dK/dV work item, in tiles of ROWS // G tokens: a block chosen by more tokens is split
 # over several programs (benchmarks may change it).
 DKDV_TILES_PER_ITEM = 16
@@ -258,6 +338,8 @@ def _tuning(kernel: str, device: torch.device, rows: int = 16) -> dict:
         return {}
     if kernel in LAUNCH_OVERRIDES:
         return launch_options(*LAUNCH_OVERRIDES[kernel])
+    if kernel == "fwd_tokens":  # one warp per token: the row reductions stay inside a warp
+        return dict(num_warps=FWD_TOKENS_PER_PROGRAM, num_stages=2)
     # forward with 16-row tiles: 2 warps keep more programs in flight per SM, 15.2 ms against 16.4 for 4 warps at
     # 64k on an H200 (NOTES run 12; 3 stages or 32-key tiles were slower: shared memory, occupancy). Larger groups
     # keep 4 warps: 2 would hold a [rows, d] fp32 accumulator on 64 threads
@@ -327,12 +409,17 @@ def selected_part_forward(q, k, v, block_idx, o_win, lse_win, block: int, scale:
     tk, hkv = k.shape[1], k.shape[2]
     out = torch.empty(b, tq, hq, d, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, hq, tq, dtype=torch.float32, device=q.device)
-    _sel_fwd_kernel[(tq, b * hkv)](
-        q, k, v, block_idx, out, lse, o_win, lse_win,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(block_idx), *_strides(o_win),
-        tq, hq, hkv, block_idx.shape[3], tk - tq, scale * LOG2E,
-        GROUP=hq // hkv, ROWS=_rows(hq // hkv), HEAD_DIM=d, BLOCK=block, BLOCK_N=_key_tile(block, d, "fwd"), WINDOW=window,
-        PRECISION=_precision(q.dtype, q.device), **_tuning("fwd", q.device, _rows(hq // hkv)))
+    args = (q, k, v, block_idx, out, lse, o_win, lse_win,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(block_idx), *_strides(o_win),
+            tq, hq, hkv, block_idx.shape[3], tk - tq, scale * LOG2E)
+    consts = dict(GROUP=hq // hkv, ROWS=_rows(hq // hkv), HEAD_DIM=d, BLOCK=block, BLOCK_N=_key_tile(block, d, "fwd"),
+                  WINDOW=window, PRECISION=_precision(q.dtype, q.device))
+    tokens = FWD_TOKENS_PER_PROGRAM if consts["ROWS"] == 16 else 1
+    if tokens > 1:
+        _sel_fwd_tokens_kernel[(triton.cdiv(tq, tokens), b * hkv)](*args, **consts, TOKENS=tokens,
+                                                                   **_tuning("fwd_tokens", q.device))
+    else:
+        _sel_fwd_kernel[(tq, b * hkv)](*args, **consts, **_tuning("fwd", q.device, _rows(hq // hkv)))
     return out, lse
 
 

@@ -176,3 +176,22 @@ def test_decode_split_matches_reference(hq, hkv, d, dtype, block, window, tq, tk
     assert not torch.isnan(got[0]).any()
     assert torch.equal(torch.isneginf(got[1]), torch.isneginf(want[1]))
     assert rel_err(got[0], want[0]) < TOLERANCE[dtype] and rel_err(got[1], want[1]) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("tokens", [1, 2])
+@pytest.mark.parametrize("hq, hkv, d, dtype, window, tq, tk", [
+    (9, 3, 64, torch.bfloat16, 20, 49, 49), (4, 2, 32, torch.float32, 0, 50, 50), (4, 1, 128, torch.float32, 64, 5, 150)])
+def test_forward_one_or_two_tokens_per_program(monkeypatch, tokens, hq, hkv, d, dtype, window, tq, tk):
+    # both forward kernels for 16-row tiles: one token per program, and the batched one (one warp per token),
+    # where odd token counts leave the last program half empty
+    from nsa_viz.kernels import nsa_selected
+    monkeypatch.setattr(nsa_selected, "FWD_TOKENS_PER_PROGRAM", tokens)
+    q, k, v = random_qkv(2, tq, tk, hq, hkv, d, dtype, seed=hq + tq)
+    idx = random_block_idx(2, hkv, tq, tk, 3, 16, seed=d)
+    errs = compare(q, k, v, idx, 16, window)
+    assert max(errs.values()) < TOLERANCE[dtype], errs
+    odd = idx.clone()
+    odd[0, 0, 3, 0], odd[1, -1, tq - 1, 1] = -2**31, 2**28  # select nothing, as in the one-token kernel
+    cleaned = torch.where((odd < 0) | (odd > 2**20), -1, odd)
+    runs = [selected_attention(q, k, v, i, block=16, window=window, backend="triton") for i in (odd, cleaned)]
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
