@@ -99,13 +99,15 @@ def launch_rows(device, env) -> list:
 # 8, where shared memory (38 KiB a program) allows at most 5 (benchmarks/inspect_kernel.py selected_fwd) and ncu
 # reported 4 at 16k (the driver's carve-out): so a cap could not add programs there (NOTES run 13)
 SELECTED_LAUNCHES = [(2, 2, 64, None), (2, 2, 64, 168), (2, 2, 64, 128), (4, 2, 64, None), (2, 2, 32, 128)]
+# the batched kernel, tokens per program (one warp per token at 2 warps): (tokens, warps, stages, register cap)
+SELECTED_TOKEN_LAUNCHES = [(2, 2, 2, None), (2, 2, 2, 168), (2, 4, 2, None), (4, 4, 2, None), (2, 2, 3, None)]
 
 
-def launch_settings(kernel: str, warps: int, stages: int, tile: int, max_registers=None):
+def launch_settings(kernel: str, warps: int, stages: int, tile: int, max_registers=None, tokens: int = 1):
     """One selected-attention kernel's launch settings (a register cap per thread if given) and key tile for a
-    ``with`` block."""
+    ``with`` block; the forward with ``tokens`` query tokens per program ("fwd_tokens" when more than one)."""
     return temporarily((nsa_selected.LAUNCH_OVERRIDES, kernel, (warps, stages, max_registers)),
-                       (nsa_selected.TILE_OVERRIDES, kernel, tile))
+                       (nsa_selected.TILE_OVERRIDES, kernel, tile), (nsa_selected, "FWD_TOKENS_PER_PROGRAM", tokens))
 
 
 def selected_rows(device, env, t: int, hq: int = 64, hkv: int = 4, d: int = 128) -> list:
@@ -154,6 +156,17 @@ def selected_rows(device, env, t: int, hq: int = 64, hkv: int = 4, d: int = 128)
                        bit_equal_to_first=same)
             except Exception as exc:  # e.g. out of shared memory
                 print(f"  {warps}/{stages}/{tile}: {type(exc).__name__}: {str(exc)[:160]}", flush=True)
+    for tokens, warps, stages, cap in SELECTED_TOKEN_LAUNCHES:
+        with launch_settings("fwd_tokens", warps, stages, BLOCK, cap, tokens):
+            step = lambda: nsa_selected.selected_part_forward(q, k, v, idx, o_win, lse_win, BLOCK, scale, WINDOW)
+            try:
+                got = step()[0]
+                err = float((got.float() - reference.float()).abs().max())
+                record(f"selected kernel, {tokens} tokens per program, {warps} warps, {stages} stages, register cap "
+                       f"{cap}", bench_ms(step), tokens_per_program=tokens, warps=warps, stages=stages,
+                       max_registers=cap, max_abs_diff_to_first=err)
+            except Exception as exc:
+                print(f"  {tokens} tokens {warps}/{stages}: {type(exc).__name__}: {str(exc)[:160]}", flush=True)
     # forward + backward of the whole selected attention (window part included) over dQ launch settings
     qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
     do = torch.randn_like(q)
@@ -190,13 +203,65 @@ def end_to_end_rows(device, env, t: int, hq: int = 64, hkv: int = 4, d: int = 12
             return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                   is_causal=True, enable_gqa=True).transpose(1, 2)
 
-    steps = {"dense cuDNN": dense, "NSA union/token": lambda: nsa_attention(q, k, v, block=BLOCK, window=WINDOW)}
+    def nsa(tokens_per_program: int):
+        def step():
+            with temporarily((nsa_selected, "FWD_TOKENS_PER_PROGRAM", tokens_per_program)):
+                return nsa_attention(q, k, v, block=BLOCK, window=WINDOW)
+        return step
+
+    steps = {"dense cuDNN": dense, "NSA union/token": nsa(1),
+             "NSA union/token, selected forward 2 tokens per program": nsa(2)}
     for name, step in steps.items():
         with torch.no_grad():
             fwd = bench_ms(step)
         fwd_bwd = bench_ms(lambda: torch.autograd.grad(step(), (q, k, v), do))
         rows.append(dict(env, op="end_to_end", case=name, T=t, HQ=hq, HKV=hkv, D=d, fwd_ms=fwd, fwd_bwd_ms=fwd_bwd))
         print(f"  {name}: fwd {fwd:.2f} ms, fwd+bwd {fwd_bwd:.2f} ms", flush=True)
+    return rows
+
+
+def overlap_rows(device, env, t: int, hq: int = 64, hkv: int = 4, d: int = 128) -> list:
+    """The union/token forward as its four steps (compression, importance, top-n, window + selected), with the
+    window part run serially or on a second stream while the importance and the top-n run (it needs no
+    selection): whether the two kernels, each short of warps per SM, fill each other's idle issue slots."""
+    from nsa_viz.kernels.nsa import _pick_rows, compress_kv
+    from nsa_viz.kernels.nsa_compressed import compressed_importance
+    torch.manual_seed(2)
+    q = torch.randn(1, t, hq, d, device=device, dtype=torch.bfloat16)
+    k, v = (torch.randn(1, t, hkv, d, device=device, dtype=torch.bfloat16) for _ in range(2))
+    scale = d ** -0.5
+    layout = nsa_selected.window_layout(t, t, WINDOW, d, device)
+    side = torch.cuda.Stream(device)
+
+    def forward(overlap: bool):
+        main = torch.cuda.current_stream(device)
+        if overlap:
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                o_win, lse_win = block_sparse_forward(q, k, v, layout, scale)
+        k_cmp, _ = compress_kv(k, v, None, 32, 16)
+        importance = compressed_importance(q, k_cmp, cmp_block=32, cmp_stride=16, block=BLOCK, scale=scale, kv_len=t,
+                                           backend="triton")
+        chosen = _pick_rows(importance, torch.arange(t, device=device), block=BLOCK, window=WINDOW,
+                            select_outside_window=False, top_n=16, init_blocks=1, local_blocks=2, backend="triton")
+        if overlap:
+            main.wait_stream(side)
+            for x in (o_win, lse_win):
+                x.record_stream(main)
+        else:
+            o_win, lse_win = block_sparse_forward(q, k, v, layout, scale)
+        return nsa_selected.selected_part_forward(q, k, v, chosen, o_win, lse_win, BLOCK, scale, WINDOW)[0]
+
+    with torch.no_grad():
+        whole = nsa_attention(q, k, v, block=BLOCK, window=WINDOW, backend="triton")
+        rows = []
+        for overlap in (False, True):
+            same = bool(torch.equal(forward(overlap), whole))
+            ms = bench_ms(lambda: forward(overlap))
+            case = "window on a second stream" if overlap else "steps in one stream"
+            rows.append(dict(env, op="forward_overlap", case=case, T=t, HQ=hq, HKV=hkv, D=d, fwd_ms=ms,
+                             bit_equal_to_nsa_attention=same))
+            print(f"  union/token forward, {case}: {ms:.2f} ms (equal to nsa_attention: {same})", flush=True)
     return rows
 
 
@@ -209,6 +274,7 @@ def main() -> int:
     env = environment(device)
     rows = [] if args.skip_launch else launch_rows(device, env)
     rows += selected_rows(device, env, args.length)
+    rows += overlap_rows(device, env, args.length)
     rows += end_to_end_rows(device, env, args.length)
     suffix = "_no_launch" if args.skip_launch else ""  # a partial run does not replace the full file
     write_rows(rows, ROOT / "benchmarks" / "results" / f"floors_{gpu_slug(device)}{suffix}.json")

@@ -59,6 +59,13 @@ VARIANTS = {
         "own = tl.dot(psum, w_own, input_precision=\"tf32x3\") + carry",
         "carry = tl.dot(psum, w_next, input_precision=\"tf32x3\")"))),
     GIVEN_LSE: [],
+    # the form until run 14: the eq. 9 weights (the same for every key tile) recomputed and stored to shared memory
+    # in every iteration of the importance pass
+    "eq. 9 weights recomputed per key tile (until run 14)": [(
+        "p = tl.where(offs_k[None, :] < n_vis[:, None], tl.math.exp2(s - lse2[:, None]), 0.0)",
+        "p = tl.where(offs_k[None, :] < n_vis[:, None], tl.math.exp2(s - lse2[:, None]), 0.0)\n"
+        "        w_own = _overlap_weights(offs_k, j * NUM_SEL, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK, NUM_SEL)\n"
+        "        w_next = _overlap_weights(offs_k, (j + 1) * NUM_SEL, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK, NUM_SEL)")],
 }
 # the kernel as it is under other launch settings: (rows per program, warps, stages, register cap or None). The caps
 # are the largest that give one more program per SM: 256 rows / 8 warps takes 166 registers uncapped (one program,
@@ -81,7 +88,7 @@ def variant_kernel(name: str, subs: list, folder: Path):
         source = source.replace(old, new)
     module = folder / f"importance_variant_{abs(hash(name))}.py"
     module.write_text("import triton\nimport triton.language as tl\n"
-                      "from nsa_viz.kernels.nsa_compressed import _visible_count, _overlap_weights, _running_lse_step\n"
+                      "from nsa_viz.kernels.nsa_compressed import _visible_count, _overlap_weights, _running_lse_step, _tile_weights\n"
                       "from nsa_viz.kernels.block_sparse import _mm\n\n" + source)
     spec = importlib.util.spec_from_file_location(module.stem, module)
     loaded = importlib.util.module_from_spec(spec)

@@ -213,6 +213,17 @@ def _overlap_weights(offs_j, first_block, CMP_BLOCK: tl.constexpr, CMP_STRIDE: t
 
 
 @triton.jit
+def _tile_weights(offs_n, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SEL_BLOCK: tl.constexpr,
+                  NUM_SEL: tl.constexpr):
+    """``(w_own, w_next)``: eq. 9 weights of a key tile's keys ``offs_n`` onto its own NUM_SEL selection blocks and
+    onto the next tile's. The same for every tile: tile j shifts keys and blocks by the same j * BLOCK_N * d
+    tokens (BLOCK_N * d == NUM_SEL * l'), so they are found once, outside the key loop (recomputed per tile they
+    were stored to shared memory twice per tile)."""
+    return (_overlap_weights(offs_n, 0, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK, NUM_SEL),
+            _overlap_weights(offs_n, NUM_SEL, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK, NUM_SEL))
+
+
+@triton.jit
 def _group_probs(Q, LSE, k, offs_m, offs_k, mrow, n_vis, b, hk, sqb, sqt, sqh, sqd, slb, slt, slh, qk_scale_log2,
                  GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  PRECISION: tl.constexpr):
@@ -261,6 +272,7 @@ def _importance_kernel(
     j1 = tl.minimum(j0 + tiles_per_split, tl.cdiv(num_sel, NUM_SEL))
     k_base = K + b.to(tl.int64) * skb + hk * skh
     imp_rows = IMP + b.to(tl.int64) * sib + hk * sih + offs_m[:, None].to(tl.int64) * sit
+    w_own, w_next = _tile_weights(offs_n, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK, NUM_SEL)
     carry = tl.zeros([BLOCK_M, NUM_SEL], dtype=tl.float32)
     if (j0 > 0) & (j0 - 1 < n_tiles):  # the spill of the previous split's last key tile
         offs_k = (j0 - 1) * BLOCK_N + offs_n
@@ -268,7 +280,6 @@ def _importance_kernel(
                     other=0.0)
         psum = _group_probs(Q, LSE, k, offs_m, offs_k, mrow, n_vis, b, hk, sqb, sqt, sqh, sqd, slb, slt, slh,
                             qk_scale_log2, GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, PRECISION)
-        w_next = _overlap_weights(offs_k, j0 * NUM_SEL, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK, NUM_SEL)
         carry = tl.dot(psum, w_next, input_precision="ieee")
     for j in range(j0, tl.minimum(j1, n_tiles)):
         offs_k = j * BLOCK_N + offs_n
@@ -276,8 +287,6 @@ def _importance_kernel(
         k = tl.load(k_base + offs_k[None, :].to(tl.int64) * skt + offs_d[:, None] * skd, mask=kmask[None, :], other=0.0)
         psum = _group_probs(Q, LSE, k, offs_m, offs_k, mrow, n_vis, b, hk, sqb, sqt, sqh, sqd, slb, slt, slh,
                             qk_scale_log2, GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, PRECISION)
-        w_own = _overlap_weights(offs_k, j * NUM_SEL, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK, NUM_SEL)
-        w_next = _overlap_weights(offs_k, (j + 1) * NUM_SEL, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK, NUM_SEL)
         # fp32 products: the probabilities keep their precision (ties in top-n depend on it)
         own = tl.dot(psum, w_own, input_precision="ieee") + carry
         carry = tl.dot(psum, w_next, input_precision="ieee")
@@ -349,6 +358,7 @@ def _packed_importance_kernel(
     offs_t = tb * TOKENS + tl.arange(0, TOKENS)
     tmask = offs_t < q_len
     imp_rows = IMP + b.to(tl.int64) * sib + hk * sih + offs_t[:, None].to(tl.int64) * sit
+    w_own, w_next = _tile_weights(offs_n, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK, NUM_SEL)
     carry = tl.zeros([TOKENS, NUM_SEL], dtype=tl.float32)
     for j in range(0, n_tiles):
         offs_k = j * BLOCK_N + offs_n
@@ -356,8 +366,6 @@ def _packed_importance_kernel(
                     mask=offs_k[None, :] < num_cmp, other=0.0)
         s = _mm(q, k, PRECISION) * qk_scale_log2
         p = tl.where(offs_k[None, :] < n_vis[:, None], tl.math.exp2(s - lse2[:, None]), 0.0)
-        w_own = _overlap_weights(offs_k, j * NUM_SEL, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK, NUM_SEL)
-        w_next = _overlap_weights(offs_k, (j + 1) * NUM_SEL, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK, NUM_SEL)
         # heads summed first (a reshape: a token's heads are lanes of one warp), then the eq. 9 mapping as fp32
         # products. Written as a broadcast-multiply-sum, Triton 3.6 made it TF32 tl.dots: the importance was off
         # by 5.6e-4 and 4 % of rows picked other blocks than the fp32 reference at 16k; an "ieee" tl.dot is exact
