@@ -167,6 +167,12 @@ def selected_rows(device, env, t: int, hq: int = 64, hkv: int = 4, d: int = 128)
                        max_registers=cap, max_abs_diff_to_first=err)
             except Exception as exc:
                 print(f"  {tokens} tokens {warps}/{stages}: {type(exc).__name__}: {str(exc)[:160]}", flush=True)
+    # the same kernel with every slot that selects keys pointing at block 0 instead: the same loop, masks and
+    # products, but its loads hit the cache (one 32 KB block per kv head): what its compute chain costs alone
+    cached = torch.where(keys > 0, 0, -1).to(idx.dtype)
+    step = lambda: nsa_selected.selected_part_forward(q, k, v, cached, o_win, lse_win, BLOCK, scale, WINDOW)
+    record("selected kernel (default launch), every selecting slot on block 0: the compute chain alone",
+           bench_ms(step), cached_loads=True)
     # forward + backward of the whole selected attention (window part included) over dQ launch settings
     qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
     do = torch.randn_like(q)

@@ -173,8 +173,29 @@ def _topn_whole_rows_kernel(S, CUR, OUT, ssb, ssh, ssr, sss, sob, soh, sor, son,
                             COLS: tl.constexpr):
     """``_topn_kernel``'s result for rows held whole in registers (num_sel <= COLS): the ranking keys and the
     counting search of ``top_n_mask``, then each row's chosen columns written in ascending order at their rank
-    among the chosen (a prefix count), the remaining slots -1."""
+    among the chosen (a prefix count), the remaining slots -1. The search's work grows with the columns held,
+    so rows that see only the first quarter or half of them (the causal mask: early queries) hold only those."""
     b, h, offs_r, rmask, cur = _row_block(CUR, n_rows, num_heads, BLOCK_R)
+    seen = tl.max(tl.where(rmask, cur, -1))  # the last column any of these rows can see
+    if COLS >= 64:
+        if seen < COLS // 4:
+            _topn_whole_rows(S, OUT, b, h, offs_r, rmask, cur, ssb, ssh, ssr, sss, sob, soh, sor, son, num_sel,
+                             init_blocks, local_blocks, TOP_N, NP, BLOCK_R, COLS // 4)
+        elif seen < COLS // 2:
+            _topn_whole_rows(S, OUT, b, h, offs_r, rmask, cur, ssb, ssh, ssr, sss, sob, soh, sor, son, num_sel,
+                             init_blocks, local_blocks, TOP_N, NP, BLOCK_R, COLS // 2)
+        else:
+            _topn_whole_rows(S, OUT, b, h, offs_r, rmask, cur, ssb, ssh, ssr, sss, sob, soh, sor, son, num_sel,
+                             init_blocks, local_blocks, TOP_N, NP, BLOCK_R, COLS)
+    else:
+        _topn_whole_rows(S, OUT, b, h, offs_r, rmask, cur, ssb, ssh, ssr, sss, sob, soh, sor, son, num_sel,
+                         init_blocks, local_blocks, TOP_N, NP, BLOCK_R, COLS)
+
+
+@triton.jit
+def _topn_whole_rows(S, OUT, b, h, offs_r, rmask, cur, ssb, ssh, ssr, sss, sob, soh, sor, son, num_sel, init_blocks,
+                     local_blocks, TOP_N: tl.constexpr, NP: tl.constexpr, BLOCK_R: tl.constexpr, COLS: tl.constexpr):
+    """``_topn_whole_rows_kernel``'s work on the first COLS columns (all that its rows can see)."""
     cols = tl.arange(0, COLS)
     vis = (cols[None, :] <= cur[:, None]) & (cols[None, :] < num_sel) & rmask[:, None]
     rows_in = b.to(tl.int64) * ssb + h.to(tl.int64) * ssh + offs_r[:, None].to(tl.int64) * ssr

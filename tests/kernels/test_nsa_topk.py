@@ -55,6 +55,20 @@ def test_whole_rows_at_their_widest():
     assert torch.equal(tri, ref)
 
 
+@pytest.mark.parametrize("nsel", [300, 64, 40])
+def test_whole_rows_hold_only_the_columns_their_rows_see(nsel):
+    """Ascending rows (the causal forward): programs whose rows see only the first quarter or half of the columns
+    hold just those (512 columns held as 128, 256 or 512; 64 as 16, 32 or 64); a program mixing an early and a
+    late row holds them all."""
+    gen = torch.Generator().manual_seed(nsel)
+    rows = 48
+    scores = torch.randint(0, 4, (1, 2, rows, nsel), generator=gen).float()  # many ties
+    cur = torch.linspace(-1, nsel + 2, rows).round().long()
+    cur[20], cur[33] = 1, nsel - 1  # a program with an early and a late row; the last column's edge
+    tri, ref = both(scores, cur, top_n=6, init_blocks=1, local_blocks=2)
+    assert torch.equal(tri, ref)
+
+
 def test_end_to_end_equals_select_blocks(both_forms):
     """select_blocks(selection_importance(...)) for token and block granularity, on a non-contiguous view."""
     gen = torch.Generator().manual_seed(3)
