@@ -44,24 +44,28 @@ CHEAP_MAP = ("own = tl.sum(tl.reshape(psum, [TOKENS, NUM_SEL, BLOCK_N // NUM_SEL
 # (Triton 3.9 to IEEE ones)
 ONE_TF32 = "eq. 9 mapping as a broadcast-multiply-sum (TF32 dots on Triton 3.6)"
 
+# the mapping's forms below replace the general products, which the paper's setting took until run 14: they
+# switch its by-blocks form off first
+PRODUCTS = ("if BY_BLOCKS:", "if False:")
 VARIANTS = {
     "as is": [],
+    "eq. 9 mapping as products (until run 14)": [PRODUCTS],
     "importance pass without exp2": [(IMPORTANCE_EXP, "(s - lse2[:, None])")],
     "LSE pass without exp2 (max and plain sum)": [
         (LSE_STEP, "m_i = tl.maximum(m_i, tl.max(s, 1)); l_i += tl.sum(s, 1)")],
     "no exp2 in either pass": [(IMPORTANCE_EXP, "(s - lse2[:, None])"),
                                (LSE_STEP, "m_i = tl.maximum(m_i, tl.max(s, 1)); l_i += tl.sum(s, 1)")],
-    "eq. 9 mapping replaced by a reshape-sum": list(zip(MAPPING, CHEAP_MAP)),
-    ONE_TF32: list(zip(MAPPING, (
+    "eq. 9 mapping replaced by a reshape-sum": [PRODUCTS] + list(zip(MAPPING, CHEAP_MAP)),
+    ONE_TF32: [PRODUCTS] + list(zip(MAPPING, (
         "own = tl.sum(psum[:, :, None] * w_own[None, :, :], 1) + carry",
         "carry = tl.sum(psum[:, :, None] * w_next[None, :, :], 1)"))),
-    "eq. 9 mapping as two tf32x3 tl.dot": list(zip(MAPPING, (
+    "eq. 9 mapping as two tf32x3 tl.dot": [PRODUCTS] + list(zip(MAPPING, (
         "own = tl.dot(psum, w_own, input_precision=\"tf32x3\") + carry",
         "carry = tl.dot(psum, w_next, input_precision=\"tf32x3\")"))),
     GIVEN_LSE: [],
     # the form until run 14: the eq. 9 weights (the same for every key tile) recomputed and stored to shared memory
     # in every iteration of the importance pass
-    "eq. 9 weights recomputed per key tile (until run 14)": [(
+    "eq. 9 weights recomputed per key tile (products, as until run 14)": [PRODUCTS, (
         "p = tl.where(offs_k[None, :] < n_vis[:, None], tl.math.exp2(s - lse2[:, None]), 0.0)",
         "p = tl.where(offs_k[None, :] < n_vis[:, None], tl.math.exp2(s - lse2[:, None]), 0.0)\n"
         "        w_own = _overlap_weights(offs_k, j * NUM_SEL, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK, NUM_SEL)\n"
@@ -88,7 +92,8 @@ def variant_kernel(name: str, subs: list, folder: Path):
         source = source.replace(old, new)
     module = folder / f"importance_variant_{abs(hash(name))}.py"
     module.write_text("import triton\nimport triton.language as tl\n"
-                      "from nsa_viz.kernels.nsa_compressed import _visible_count, _overlap_weights, _running_lse_step, _tile_weights\n"
+                      "from nsa_viz.kernels.nsa_compressed import (_visible_count, _overlap_weights, _running_lse_step,"
+                      " _tile_weights, _map_by_blocks)\n"
                       "from nsa_viz.kernels.block_sparse import _mm\n\n" + source)
     spec = importlib.util.spec_from_file_location(module.stem, module)
     loaded = importlib.util.module_from_spec(spec)

@@ -30,7 +30,7 @@ PRESETS = {
         skt=512, skh=128, skd=1, slb=0, slt=0, slh=0, sib=4 * T * 1024, sih=T * 1024, sit=1024, sis=1, q_len=T,
         num_cmp=4095, num_sel=1024, num_kv_heads=4, q_offset=0, qk_scale_log2=0.1), dict(
         GROUP=16, GROUP_P=16, TOKENS=16, HEAD_DIM=128, BLOCK_N=64, NUM_SEL=16, CMP_BLOCK=32, CMP_STRIDE=16,
-        SEL_BLOCK=64, PRECISION="tf32", FIND_LSE=True)),
+        SEL_BLOCK=64, PRECISION="tf32", FIND_LSE=True, BY_BLOCKS=True)),
     "topn_whole_rows": ("nsa_topk", "_topn_whole_rows_kernel", dict(
         S="*fp32", CUR="*i32", OUT="*i32", ssb=4 * T * 1024, ssh=T * 1024, ssr=1024, sss=1, sob=4 * T * 16, soh=T * 16,
         sor=16, son=1, n_rows=T, num_sel=1024, num_heads=4, init_blocks=1, local_blocks=2), dict(

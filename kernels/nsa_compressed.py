@@ -224,6 +224,29 @@ def _tile_weights(offs_n, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SEL
 
 
 @triton.jit
+def _map_by_blocks(psum, carry, TOKENS: tl.constexpr, NUM_SEL: tl.constexpr, BLOCK_N: tl.constexpr,
+                   CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SEL_BLOCK: tl.constexpr):
+    """The eq. 9 mapping of one key tile's probabilities ``psum [TOKENS, BLOCK_N]`` where no compressed key reaches
+    past the next selection block (``_maps_by_blocks``): block s's R = l'/d keys are columns s*R + r, and key r
+    gives a fixed weight w0[r] to its own block and w1[r] to the next. Two weighted sums over a reshape and a shift
+    of the spill by one block (a gather along the blocks), instead of [TOKENS, BLOCK_N] x [BLOCK_N, NUM_SEL]
+    products. ``carry``: the previous tile's spill into this tile's block 0 (column 0, the rest 0); returns
+    ``(own, carry)`` for this tile, as the general form does."""
+    R: tl.constexpr = BLOCK_N // NUM_SEL
+    start = tl.arange(0, R) * CMP_STRIDE  # key r's first token, relative to its block's
+    w0 = tl.minimum(CMP_BLOCK, SEL_BLOCK - start).to(tl.float32) / CMP_STRIDE
+    w1 = tl.maximum(start + CMP_BLOCK - SEL_BLOCK, 0).to(tl.float32) / CMP_STRIDE
+    parts = tl.reshape(psum, [TOKENS, NUM_SEL, R])
+    own = tl.sum(parts * w0[None, None, :], 2)
+    spill = tl.sum(parts * w1[None, None, :], 2)
+    s = tl.arange(0, NUM_SEL)
+    before = tl.gather(spill, tl.broadcast_to(tl.maximum(s - 1, 0)[None, :], [TOKENS, NUM_SEL]), 1)
+    own = own + tl.where(s[None, :] == 0, carry, before)
+    last = tl.sum(tl.where(s[None, :] == NUM_SEL - 1, spill, 0.0), 1)
+    return own, tl.where(s[None, :] == 0, last[:, None], 0.0)
+
+
+@triton.jit
 def _group_probs(Q, LSE, k, offs_m, offs_k, mrow, n_vis, b, hk, sqb, sqt, sqh, sqd, slb, slt, slh, qk_scale_log2,
                  GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  PRECISION: tl.constexpr):
@@ -314,7 +337,7 @@ def _packed_importance_kernel(
     q_len, num_cmp, num_sel, num_kv_heads, q_offset, qk_scale_log2,
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, TOKENS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
     NUM_SEL: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SEL_BLOCK: tl.constexpr,
-    PRECISION: tl.constexpr, FIND_LSE: tl.constexpr,
+    PRECISION: tl.constexpr, FIND_LSE: tl.constexpr, BY_BLOCKS: tl.constexpr = False,
 ):
     """Importance with the GQA group packed into the rows: one program per (TOKENS consecutive queries,
     sequence × kv head); row r is query r // GROUP_P of the tile, head r % GROUP_P of the group (GROUP_P:
@@ -372,7 +395,9 @@ def _packed_importance_kernel(
         # and as fast (15.0 ms at 64k on an H200, NOTES run 13). Fewer than 16 tokens are too few rows for tl.dot:
         # multiply-adds, which Triton leaves as they are at that size
         psum = tl.sum(tl.reshape(p, [TOKENS, GROUP_P, BLOCK_N]), 1)
-        if TOKENS >= 16:
+        if BY_BLOCKS:
+            own, carry = _map_by_blocks(psum, carry, TOKENS, NUM_SEL, BLOCK_N, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK)
+        elif TOKENS >= 16:
             own = tl.dot(psum, w_own, input_precision="ieee") + carry
             carry = tl.dot(psum, w_next, input_precision="ieee")
         else:
@@ -600,6 +625,18 @@ def _importance_tiling(cmp_block: int, cmp_stride: int, block: int):
     return None if cmp_block - cmp_stride > num_sel * block else (block_n, num_sel)
 
 
+def _maps_by_blocks(cmp_block: int, cmp_stride: int, block: int) -> bool:
+    """Whether ``_map_by_blocks`` applies: no key reaches past the next selection block (l <= l' + d), and a
+    block's l'/d keys form a power-of-two axis of the reshape."""
+    keys = block // cmp_stride
+    return MAPPING_BY_BLOCKS and cmp_block <= block + cmp_stride and keys & (keys - 1) == 0
+
+
+# The packed kernel's eq. 9 mapping by reshape-sums and a one-block shift where it applies (False: the general
+# [tokens, keys] x [keys, blocks] products everywhere).
+MAPPING_BY_BLOCKS = True
+
+
 def _packed_importance(q, k_cmp, lse, cmp_block, cmp_stride, block, scale, kv_len, block_n, num_sel):
     """``[B, HKV, Tq, NSEL]`` from ``_packed_importance_kernel``; ``lse`` None: the kernel finds it."""
     b, tq, hq, d = q.shape
@@ -618,7 +655,7 @@ def _packed_importance(q, k_cmp, lse, cmp_block, cmp_stride, block, scale, kv_le
         tq, k_cmp.shape[1], imp.shape[-1], hkv, kv_len - tq, scale * LOG2E, GROUP=group, GROUP_P=group_p,
         TOKENS=tokens, HEAD_DIM=d, BLOCK_N=block_n, NUM_SEL=num_sel, CMP_BLOCK=cmp_block, CMP_STRIDE=cmp_stride,
         SEL_BLOCK=block, PRECISION=_precision(q.dtype, q.device), FIND_LSE=lse is None,
-        **(launch if q.device.type == "cuda" else {}))
+        BY_BLOCKS=_maps_by_blocks(cmp_block, cmp_stride, block), **(launch if q.device.type == "cuda" else {}))
     return imp
 
 

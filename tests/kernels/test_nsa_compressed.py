@@ -150,9 +150,13 @@ def test_packed_importance_with_fine_compression():
     (64, 16, 32),   # keys reach two blocks ahead: the general mapping only
     (16, 16, 64),   # no key spills
 ])
-def test_packed_importance_mapping(l, s, block):
-    """The packed kernel's eq. 9 mapping (own blocks and the spill carried into the next tile) gives the
-    reference's importance for keys that spill one block, two blocks or none."""
+@pytest.mark.parametrize("by_blocks", [False, True], ids=["products", "by-blocks"])
+def test_packed_importance_mapping(monkeypatch, l, s, block, by_blocks):
+    """The packed kernel's eq. 9 mapping (own blocks and the spill carried into the next tile), as products or by
+    blocks where that applies, gives the reference's importance for keys that spill one block, two blocks or none."""
+    from nsa_viz.kernels import nsa_compressed
+    monkeypatch.setattr(nsa_compressed, "MAPPING_BY_BLOCKS", by_blocks)
+    assert nsa_compressed._maps_by_blocks(l, s, block) == (by_blocks and l <= block + s)
     # 1300 keys: more than one tile of 64 compressed keys, so spills cross from tile to tile
     assert packed_importance_error(40, 1300, 4, 2, l, s, block, seed=l + s + block) < 1e-5
 
@@ -211,22 +215,27 @@ def _tf32_rounding_dot(create_dot, seen: list):
     return dot
 
 
-def test_importance_mapping_keeps_fp32_accuracy_under_tf32(monkeypatch):
-    """The packed kernel's eq. 9 mapping is an fp32 ("ieee") tl.dot of the head-summed probabilities [16 tokens,
-    64 keys] with the weights [64 keys, 16 blocks]: with the interpreter's TF32 products rounded as tensor cores
-    round them, the importance still matches the fp32 reference to 1e-6, and every fp32 product asked for IEEE.
-    (Written as a broadcast-multiply-sum, as until run 13, the interpreter sees no product at all, but Triton 3.6
-    compiles it to TF32 ones for the GPU: the explicit IEEE product is what keeps it exact there.)"""
+@pytest.mark.parametrize("by_blocks", [False, True], ids=["products", "by-blocks"])
+def test_importance_mapping_keeps_fp32_accuracy_under_tf32(monkeypatch, by_blocks):
+    """The packed kernel's eq. 9 mapping in its general form is an fp32 ("ieee") tl.dot of the head-summed
+    probabilities [16 tokens, 64 keys] with the weights [64 keys, 16 blocks]; by blocks (the paper's l=32, d=16,
+    l'=64) it takes no product at all. With the interpreter's TF32 products rounded as tensor cores round them,
+    the importance still matches the fp32 reference to 1e-6, and every fp32 product asked for IEEE. (Written as a
+    broadcast-multiply-sum, as until run 13, the interpreter sees no product at all, but Triton 3.6 compiles it
+    to TF32 ones for the GPU: the explicit IEEE product is what keeps the general form exact there.)"""
     from triton.runtime.interpreter import InterpreterBuilder
+    from nsa_viz.kernels import nsa_compressed
+    monkeypatch.setattr(nsa_compressed, "MAPPING_BY_BLOCKS", by_blocks)
     seen = []
     monkeypatch.setattr(InterpreterBuilder, "create_dot", _tf32_rounding_dot(InterpreterBuilder.create_dot, seen))
     assert packed_importance_error(48, 1300, 16, 1, 32, 16, 64, seed=11) < 1e-6
     mapping = [ieee for a, b, fp32, ieee in seen if fp32 and a == (16, 64) and b == (64, 16)]
-    assert mapping and all(mapping)
+    assert (mapping and all(mapping)) if not by_blocks else not mapping
     assert all(ieee for _, _, fp32, ieee in seen if fp32)
 
 
 LOWERED = [
+    ("_packed_importance_kernel", dict(GROUP=16, GROUP_P=16, TOKENS=16, FIND_LSE=True, BY_BLOCKS=True)),  # default
     ("_packed_importance_kernel", dict(GROUP=16, GROUP_P=16, TOKENS=16, FIND_LSE=True)),  # mapping on tensor cores
     ("_packed_importance_kernel", dict(GROUP=32, GROUP_P=32, TOKENS=8, FIND_LSE=False)),  # fp32 multiply-adds
     ("_importance_kernel", dict(GROUP=16, BLOCK_M=16)),
