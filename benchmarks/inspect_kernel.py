@@ -104,14 +104,15 @@ def main() -> int:
     ap.add_argument("--warps", type=int, default=None, help="default: the kernel's own launch (LAUNCHES)")
     ap.add_argument("--stages", type=int, default=None)
     ap.add_argument("--maxnreg", type=int, default=None, help="register cap per thread (a launch option)")
-    ap.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE", help="override constexprs (ints)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE", help="override constexprs (ints, True or False)")
     ap.add_argument("--dump", type=Path, default=None, help="write ttgir, ptx and the cubin here")
     args = ap.parse_args()
     import importlib
     import tempfile
     module, name, values, consts = PRESETS[args.preset]
     fn = getattr(importlib.import_module(f"nsa_viz.kernels.{module}"), name)
-    consts = dict(consts, **{k: int(v) for k, v in (item.split("=") for item in args.set)})
+    consts = dict(consts, **{k: {"True": True, "False": False}.get(v) if v in ("True", "False") else int(v)
+                             for k, v in (item.split("=") for item in args.set)})
     own_warps, own_stages, own_cap = LAUNCHES[args.preset]
     if args.warps is None and args.stages is None and args.maxnreg is None:
         args.maxnreg = own_cap

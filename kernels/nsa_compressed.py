@@ -389,11 +389,12 @@ def _packed_importance_kernel(
                     mask=offs_k[None, :] < num_cmp, other=0.0)
         s = _mm(q, k, PRECISION) * qk_scale_log2
         p = tl.where(offs_k[None, :] < n_vis[:, None], tl.math.exp2(s - lse2[:, None]), 0.0)
-        # heads summed first (a reshape: a token's heads are lanes of one warp), then the eq. 9 mapping as fp32
-        # products. Written as a broadcast-multiply-sum, Triton 3.6 made it TF32 tl.dots: the importance was off
-        # by 5.6e-4 and 4 % of rows picked other blocks than the fp32 reference at 16k; an "ieee" tl.dot is exact
-        # and as fast (15.0 ms at 64k on an H200, NOTES run 13). Fewer than 16 tokens are too few rows for tl.dot:
-        # multiply-adds, which Triton leaves as they are at that size
+        # heads summed first (a reshape: a token's heads are lanes of one warp), then the eq. 9 mapping: by blocks
+        # where no key reaches past the next block (12.7 ms at 64k on an H200 against 14.3 for the products, NOTES
+        # run 14), else as fp32 products. Written as a broadcast-multiply-sum, Triton 3.6 made those TF32 tl.dots:
+        # the importance was off by 5.6e-4 and 4 % of rows picked other blocks than the fp32 reference at 16k; an
+        # "ieee" tl.dot is exact (NOTES run 13). Fewer than 16 tokens are too few rows for tl.dot: multiply-adds,
+        # which Triton leaves as they are at that size
         psum = tl.sum(tl.reshape(p, [TOKENS, GROUP_P, BLOCK_N]), 1)
         if BY_BLOCKS:
             own, carry = _map_by_blocks(psum, carry, TOKENS, NUM_SEL, BLOCK_N, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK)
@@ -611,8 +612,8 @@ PACKED_ROWS = 256
 # (warps, stages[, register cap per thread]) of the packed importance kernel. Uncapped, ptxas gives 4 warps all 255
 # registers and 8 warps 166: two programs of 4 warps or one of 8 per SM, and 8 warps were the slower (17.8 against
 # 15.3 ms, NOTES run 12). Capped at 128 (8 bytes spilled), two programs of 8 warps fit: 14.7 ms against 15.2 for 4
-# warps at 64k, 64/4, on an H200 (run 13). Register counts are Triton 3.6's (the GPU image's; 3.9 spills 24 bytes):
-# check them again with benchmarks/inspect_kernel.py when Triton changes.
+# warps at 64k, 64/4, on an H200 (run 13); with run 14's mapping by blocks nothing spills at 128 (12.7 ms). Register
+# counts are Triton 3.6's (the GPU image's): check them again with benchmarks/inspect_kernel.py when Triton changes.
 PACKED_LAUNCH = (8, 2, 128)
 
 

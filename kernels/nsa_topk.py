@@ -21,7 +21,8 @@ decode kernels): a 3-way search over the key values finds each row's n-th larges
 passes. ``_topn_whole_rows_kernel`` uses them for the forward when a row has at most
 ``TOPN_WHOLE_ROW_MAX`` columns: in its first, int64 4-way form it was slower than the chunked merge on an
 H200 at 64k (5.7 vs 5.1 ms, NOTES run 9); in the int32 3-way form, with 4 rows and 2 warps per program,
-it takes 3.6 ms (run 12), 2.6 ms with registers capped at 96 so that more programs share an SM (run 13).
+it takes 3.6 ms (run 12), 2.6 ms with registers capped at 96 so that more programs share an SM (run 13), 2.4 ms
+when a program holds only the columns its rows can see (run 14).
 Longer rows and decode's column splits keep the merge.
 """
 from __future__ import annotations
@@ -221,8 +222,9 @@ TOPN_LAUNCH = {"block_r": 8, "chunk": 128, "num_warps": 4}  # H100 sweep at 16k:
 # with the register cap below (run 13).
 TOPN_WHOLE_ROW_MAX = 1024
 # "maxnreg": a register cap per thread, or None. Uncapped, 2 warps take 202 registers (4 programs, 8 warps per SM)
-# for a search that waits on its own reductions; capped at 96 (24 bytes spilled) 10 programs fit: 2.6 ms against
-# 3.6 at 64k on an H200 (128: 3.1; 4 warps at 96: 3.9; NOTES run 13). Counts are Triton 3.6's (3.9 spills 720
+# for a search that waits on its own reductions; capped at 96 (24 bytes spilled, 48 with run 14's three column
+# widths) 10 programs fit: 2.6 ms against 3.6 at 64k on an H200 (128: 3.1; 4 warps at 96: 3.9; NOTES run 13;
+# run 14: 2.44 at 96, 2.39 at 128). Counts are Triton 3.6's (3.9 spills 720
 # bytes at 96): check them again with benchmarks/inspect_kernel.py when Triton changes.
 TOPN_WHOLE_ROW_LAUNCH = {"block_r": 4, "num_warps": 2, "maxnreg": 96}
 
