@@ -106,8 +106,9 @@ SELECTED_TOKEN_LAUNCHES = [(2, 2, 2, None), (2, 2, 2, 168), (2, 4, 2, None), (4,
 def launch_settings(kernel: str, warps: int, stages: int, tile: int, max_registers=None, tokens: int = 1):
     """One selected-attention kernel's launch settings (a register cap per thread if given) and key tile for a
     ``with`` block; the forward with ``tokens`` query tokens per program ("fwd_tokens" when more than one)."""
+    tiles = "fwd" if kernel == "fwd_tokens" else kernel  # both forward kernels read the forward's key tile
     return temporarily((nsa_selected.LAUNCH_OVERRIDES, kernel, (warps, stages, max_registers)),
-                       (nsa_selected.TILE_OVERRIDES, kernel, tile), (nsa_selected, "FWD_TOKENS_PER_PROGRAM", tokens))
+                       (nsa_selected.TILE_OVERRIDES, tiles, tile), (nsa_selected, "FWD_TOKENS_PER_PROGRAM", tokens))
 
 
 def selected_rows(device, env, t: int, hq: int = 64, hkv: int = 4, d: int = 128) -> list:
@@ -215,7 +216,7 @@ def end_to_end_rows(device, env, t: int, hq: int = 64, hkv: int = 4, d: int = 12
                 return nsa_attention(q, k, v, block=BLOCK, window=WINDOW)
         return step
 
-    steps = {"dense cuDNN": dense, "NSA union/token": nsa(1),
+    steps = {"dense cuDNN": dense, "NSA union/token, selected forward 1 token per program": nsa(1),
              "NSA union/token, selected forward 2 tokens per program": nsa(2)}
     for name, step in steps.items():
         with torch.no_grad():

@@ -203,6 +203,8 @@ def sweep(device, t=16384, budget_s=70.0, dims=(1, 64, 4, 128, torch.bfloat16), 
         return chosen
 
     plan = [
+        # 16-row tiles at d <= 128 run the two-token forward, which reads its own launch entry
+        (ns_mod, "fwd_tokens", sel_fwd, [(2, 2), (4, 2), (2, 3)]) if ns_mod.FWD_TOKENS_PER_PROGRAM > 1 else
         (ns_mod, "fwd", sel_fwd, [(4, 2), (2, 2), (8, 2), (4, 3)]),
         (ns_mod, "dkdv", sel_bwd, [(4, 2), (8, 2), (4, 3)]),
         (ns_mod, "dq", sel_bwd, [(4, 2), (2, 2), (8, 2)]),

@@ -27,9 +27,9 @@ import triton.language as tl
 
 from . import resolve_backend
 from .block_sparse import LOG2E, _bwd_delta_kernel, _masked_softmax_step, _mm, _precision, _strides, launch_options
-from .nsa_compressed_ref import (check_compressed_inputs, check_importance_inputs, compressed_attention_reference,
-                                 compressed_importance_reference, compressed_lse_reference,
-                                 selection_importance_reference)
+from .nsa_compressed_ref import (check_compressed_inputs, check_compression, check_importance_inputs,
+                                 compressed_attention_reference, compressed_importance_reference,
+                                 compressed_lse_reference, selection_importance_reference)
 
 
 @triton.jit
@@ -627,10 +627,11 @@ def _importance_tiling(cmp_block: int, cmp_stride: int, block: int):
 
 
 def _maps_by_blocks(cmp_block: int, cmp_stride: int, block: int) -> bool:
-    """Whether ``_map_by_blocks`` applies: no key reaches past the next selection block (l <= l' + d), and a
-    block's l'/d keys form a power-of-two axis of the reshape."""
+    """Whether ``_map_by_blocks`` applies: no key reaches past the next selection block (l <= l' + d). A block's
+    l'/d keys are the reshape's last axis: at least one and a power of two (always so under ``check_compression``,
+    checked again since the kernel's shapes depend on it)."""
     keys = block // cmp_stride
-    return MAPPING_BY_BLOCKS and cmp_block <= block + cmp_stride and keys & (keys - 1) == 0
+    return MAPPING_BY_BLOCKS and cmp_block <= block + cmp_stride and keys >= 1 and keys & (keys - 1) == 0
 
 
 # The packed kernel's eq. 9 mapping by reshape-sums and a one-block shift where it applies (False: the general
@@ -667,6 +668,7 @@ def compressed_importance_triton(q, k_cmp, *, cmp_block: int, cmp_stride: int, b
     """Triton version of ``compressed_importance_reference``: one kernel finds the compressed LSE and the
     importance, queries and heads of a GQA group packed into the rows (no LSE written)."""
     scale, kv_len = check_compressed_inputs(q, k_cmp, k_cmp, cmp_block, cmp_stride, scale, kv_len)
+    check_compression(cmp_block, cmp_stride, block)
     tiling = _importance_tiling(cmp_block, cmp_stride, block)
     if q.shape[1] <= PACKED_MIN_QUERIES or tiling is None or k_cmp.shape[1] == 0:
         # decode: one program per query head walks all compressed keys alone (55 us of a 122 us step at 64k on

@@ -8,7 +8,8 @@ blocks are not):
 - Window (``window > 0``): the keys ``p - window < t <= p`` run through the block-sparse kernel
   (``block_sparse``) on a sliding-window layout, whose 64-query tiles reuse every key tile 64 times.
 - Selected blocks: one program per (query token, key/value head) loads the G query heads of the GQA
-  group as the rows of ``tl.dot`` (padded to >= 16 rows) and walks the token's selected blocks, keeping
+  group as the rows of ``tl.dot`` (padded to >= 16 rows) and walks the token's selected blocks (16-row tiles
+  with d <= 128: two tokens per program, one warp each, ``_sel_fwd_tokens_kernel``), keeping
   only keys ``t <= p - window``: keys in the window belong to the window part, so a key chosen twice
   counts once. The epilogue merges the window part's (output, LSE) into one softmax.
 - Backward: gradients of a merged softmax split exactly by part, given the merged LSE and
@@ -311,14 +312,15 @@ def _sel_bwd_dkdv_kernel(
 
 
 # ----------------------------------------------------------------------------- host side
-# Benchmarks may pin launch settings per kernel ("fwd", "dq", "dkdv") to sweep them: {"fwd": (warps, stages)}, or
-# (warps, stages, register cap per thread).
+# Benchmarks may pin launch settings per kernel ("fwd", "fwd_tokens", "dq", "dkdv") to sweep them:
+# {"fwd": (warps, stages)}, or (warps, stages, register cap per thread).
 LAUNCH_OVERRIDES: dict = {}
 # and the key tile (keys per tl.dot, at most the block) per kernel: {"fwd": 32}
 TILE_OVERRIDES: dict = {}
-# Query tokens per program of the selected forward for 16-row tiles (groups of at most 16 heads): 2 runs
-# _sel_fwd_tokens_kernel, one warp per token, 15.4 ms against 16.3 for one token per program at 64k, 64/4, on an
-# H200 (NOTES run 14); 1 runs _sel_fwd_kernel, which also serves larger groups
+# Query tokens per program of the selected forward for 16-row tiles (groups of at most 16 heads) and d <= 128 (a
+# power of two): 2 runs _sel_fwd_tokens_kernel, one warp per token, 15.44 ms against 16.27 for one token per
+# program at 64k, 64/4, d=128, on an H200 (NOTES run 14); 1 runs _sel_fwd_kernel, which also serves larger groups
+# and d=256 (not timed with two tokens: it would hold 144 KiB of shared memory per program and spill)
 FWD_TOKENS_PER_PROGRAM = 2
 # Tokens of one dK/dV work item, in tiles of ROWS // G tokens: a block chosen by more tokens is split
 # over several programs (benchmarks may change it).
@@ -340,9 +342,10 @@ def _tuning(kernel: str, device: torch.device, rows: int = 16) -> dict:
         return launch_options(*LAUNCH_OVERRIDES[kernel])
     if kernel == "fwd_tokens":  # one warp per token: the row reductions stay inside a warp
         return dict(num_warps=FWD_TOKENS_PER_PROGRAM, num_stages=2)
-    # forward with 16-row tiles: 2 warps keep more programs in flight per SM, 15.2 ms against 16.4 for 4 warps at
-    # 64k on an H200 (NOTES run 12; 3 stages or 32-key tiles were slower: shared memory, occupancy). Larger groups
-    # keep 4 warps: 2 would hold a [rows, d] fp32 accumulator on 64 threads
+    # the one-token forward with 16-row tiles (FWD_TOKENS_PER_PROGRAM = 1, or d = 256): 2 warps keep more programs
+    # in flight per SM, 15.2 ms against 16.4 for 4 warps at 64k on an H200 (NOTES run 12; 3 stages or 32-key tiles
+    # were slower: shared memory, occupancy). Larger groups keep 4 warps: 2 would hold a [rows, d] fp32 accumulator
+    # on 64 threads
     return dict(num_warps=2 if kernel == "fwd" and rows <= 16 else 4, num_stages=2)
 
 _WINDOW_LAYOUTS: "OrderedDict[tuple, object]" = OrderedDict()
@@ -414,7 +417,9 @@ def selected_part_forward(q, k, v, block_idx, o_win, lse_win, block: int, scale:
             tq, hq, hkv, block_idx.shape[3], tk - tq, scale * LOG2E)
     consts = dict(GROUP=hq // hkv, ROWS=_rows(hq // hkv), HEAD_DIM=d, BLOCK=block, BLOCK_N=_key_tile(block, d, "fwd"),
                   WINDOW=window, PRECISION=_precision(q.dtype, q.device))
-    tokens = FWD_TOKENS_PER_PROGRAM if consts["ROWS"] == 16 else 1
+    tokens = FWD_TOKENS_PER_PROGRAM if consts["ROWS"] == 16 and d <= 128 else 1
+    if tokens & (tokens - 1) or tokens < 1:
+        raise ValueError(f"FWD_TOKENS_PER_PROGRAM must be a power of two >= 1, got {tokens}")
     if tokens > 1:
         _sel_fwd_tokens_kernel[(triton.cdiv(tq, tokens), b * hkv)](*args, **consts, TOKENS=tokens,
                                                                    **_tuning("fwd_tokens", q.device))

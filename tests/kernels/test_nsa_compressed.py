@@ -149,6 +149,7 @@ def test_packed_importance_with_fine_compression():
     (16, 8, 16),    # the second of each block's 2 keys spills; the last block's spill crosses into the next tile
     (64, 16, 32),   # keys reach two blocks ahead: the general mapping only
     (16, 16, 64),   # no key spills
+    (16, 16, 16),   # one key per block (l' = d)
 ])
 @pytest.mark.parametrize("by_blocks", [False, True], ids=["products", "by-blocks"])
 def test_packed_importance_mapping(monkeypatch, l, s, block, by_blocks):
@@ -159,6 +160,15 @@ def test_packed_importance_mapping(monkeypatch, l, s, block, by_blocks):
     assert nsa_compressed._maps_by_blocks(l, s, block) == (by_blocks and l <= block + s)
     # 1300 keys: more than one tile of 64 compressed keys, so spills cross from tile to tile
     assert packed_importance_error(40, 1300, 4, 2, l, s, block, seed=l + s + block) < 1e-5
+
+
+@pytest.mark.parametrize("by_blocks", [False, True], ids=["products", "by-blocks"])
+def test_packed_importance_mapping_with_few_tokens_per_program(monkeypatch, by_blocks):
+    """A group of 32 heads leaves 8 tokens per program (too few rows for tl.dot): both mapping forms still give the
+    reference's importance."""
+    from nsa_viz.kernels import nsa_compressed
+    monkeypatch.setattr(nsa_compressed, "MAPPING_BY_BLOCKS", by_blocks)
+    assert packed_importance_error(40, 1300, 32, 1, 32, 16, 64, seed=13) < 1e-5
 
 
 def test_no_complete_block_gives_zero_and_neg_inf():
@@ -237,7 +247,8 @@ def test_importance_mapping_keeps_fp32_accuracy_under_tf32(monkeypatch, by_block
 LOWERED = [
     ("_packed_importance_kernel", dict(GROUP=16, GROUP_P=16, TOKENS=16, FIND_LSE=True, BY_BLOCKS=True)),  # default
     ("_packed_importance_kernel", dict(GROUP=16, GROUP_P=16, TOKENS=16, FIND_LSE=True)),  # mapping on tensor cores
-    ("_packed_importance_kernel", dict(GROUP=32, GROUP_P=32, TOKENS=8, FIND_LSE=False)),  # fp32 multiply-adds
+    ("_packed_importance_kernel", dict(GROUP=32, GROUP_P=32, TOKENS=8, FIND_LSE=False)),  # products: multiply-adds
+    ("_packed_importance_kernel", dict(GROUP=32, GROUP_P=32, TOKENS=8, FIND_LSE=False, BY_BLOCKS=True)),
     ("_importance_kernel", dict(GROUP=16, BLOCK_M=16)),
 ]
 

@@ -77,7 +77,8 @@ def compare(q, k, v, idx, block, window, scale=None):
 
 
 @pytest.mark.parametrize("hq, hkv, d, dtype, window", [
-    (9, 3, 64, torch.bfloat16, 20), (9, 3, 64, torch.float32, 0), (4, 2, 32, torch.float32, 20), (4, 2, 32, torch.bfloat16, 0)])
+    (9, 3, 64, torch.bfloat16, 20), (9, 3, 64, torch.float32, 0), (4, 2, 32, torch.float32, 20), (4, 2, 32, torch.bfloat16, 0),
+    (32, 1, 32, torch.float32, 20)])  # a group of 32: 32-row tiles, the one-token forward
 def test_triton_matches_reference(hq, hkv, d, dtype, window):
     # 50 tokens: not a multiple of the 16-token blocks; blocks in the future, padded slots, window overlap
     q, k, v = random_qkv(1, 50, 50, hq, hkv, d, dtype, seed=hq + window)
@@ -178,9 +179,10 @@ def test_decode_split_matches_reference(hq, hkv, d, dtype, block, window, tq, tk
     assert rel_err(got[0], want[0]) < TOLERANCE[dtype] and rel_err(got[1], want[1]) < TOLERANCE[dtype]
 
 
-@pytest.mark.parametrize("tokens", [1, 2])
+@pytest.mark.parametrize("tokens", [1, 2, 4])
 @pytest.mark.parametrize("hq, hkv, d, dtype, window, tq, tk", [
-    (9, 3, 64, torch.bfloat16, 20, 49, 49), (4, 2, 32, torch.float32, 0, 50, 50), (4, 1, 128, torch.float32, 64, 5, 150)])
+    (9, 3, 64, torch.bfloat16, 20, 49, 49), (4, 2, 32, torch.float32, 0, 50, 50), (4, 1, 128, torch.float32, 64, 5, 150),
+    (4, 2, 32, torch.float32, 16, 1, 70)])  # one query: a program of one real token
 def test_forward_one_or_two_tokens_per_program(monkeypatch, tokens, hq, hkv, d, dtype, window, tq, tk):
     # both forward kernels for 16-row tiles: one token per program, and the batched one (one warp per token),
     # where odd token counts leave the last program half empty
@@ -191,7 +193,16 @@ def test_forward_one_or_two_tokens_per_program(monkeypatch, tokens, hq, hkv, d, 
     errs = compare(q, k, v, idx, 16, window)
     assert max(errs.values()) < TOLERANCE[dtype], errs
     odd = idx.clone()
-    odd[0, 0, 3, 0], odd[1, -1, tq - 1, 1] = -2**31, 2**28  # select nothing, as in the one-token kernel
+    odd[0, 0, min(3, tq - 1), 0], odd[1, -1, tq - 1, 1] = -2**31, 2**28  # select nothing, as in the one-token kernel
     cleaned = torch.where((odd < 0) | (odd > 2**20), -1, odd)
     runs = [selected_attention(q, k, v, i, block=16, window=window, backend="triton") for i in (odd, cleaned)]
     assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_tokens_per_program_must_be_a_power_of_two(monkeypatch):
+    from nsa_viz.kernels import nsa_selected
+    monkeypatch.setattr(nsa_selected, "FWD_TOKENS_PER_PROGRAM", 3)
+    q, k, v = random_qkv(1, 8, 8, 4, 2, 32, torch.float32, seed=4)
+    idx = random_block_idx(1, 2, 8, 8, 2, 4, seed=4)
+    with pytest.raises(ValueError, match="FWD_TOKENS_PER_PROGRAM must be a power of two"):
+        selected_attention(q, k, v, idx, block=4, backend="triton")

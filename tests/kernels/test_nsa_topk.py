@@ -55,11 +55,11 @@ def test_whole_rows_at_their_widest():
     assert torch.equal(tri, ref)
 
 
-@pytest.mark.parametrize("nsel", [300, 64, 40])
+@pytest.mark.parametrize("nsel", [1024, 300, 64, 40])
 def test_whole_rows_hold_only_the_columns_their_rows_see(nsel):
     """Ascending rows (the causal forward): programs whose rows see only the first quarter or half of the columns
-    hold just those (512 columns held as 128, 256 or 512; 64 as 16, 32 or 64); a program mixing an early and a
-    late row holds them all."""
+    hold just those (1024 columns held as 256, 512 or 1024; 512 as 128, 256 or 512; 64 as 16, 32 or 64); a
+    program mixing an early and a late row holds them all."""
     gen = torch.Generator().manual_seed(nsel)
     rows = 48
     scores = torch.randint(0, 4, (1, 2, rows, nsel), generator=gen).float()  # many ties
