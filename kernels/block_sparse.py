@@ -44,6 +44,15 @@ def _masked_softmax_step(m_i, s):
 
 
 @triton.jit
+def _finish_softmax(acc, m_i, l_i):
+    """``(out, lse in log2 units)`` of an online softmax's final state (``_masked_softmax_step``'s running max and
+    sum, the accumulated P·V); a row that saw nothing gives 0 and -inf."""
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    return acc / tl.expand_dims(l_safe, -1), tl.where(empty, float("-inf"), m_i + tl.math.log2(l_safe))
+
+
+@triton.jit
 def _token_visible(q_pos, k_pos, q_idx, q_len, kv_len, glob_ptr, tile_bits_ptr, tile_id,
                    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SINK: tl.constexpr, DIL_BLOCK: tl.constexpr,
                    DIL_STRIDE: tl.constexpr, HAS_GLOBAL: tl.constexpr, HAS_BITS: tl.constexpr,
@@ -143,10 +152,8 @@ def _fwd_kernel(
         v = tl.load(v_base + offs_k[:, None].to(tl.int64) * svt + offs_d[None, :] * svd, mask=kmask[:, None], other=0.0)
         acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PRECISION)
         m_i = m_new
-    empty = l_i == 0.0
-    l_safe = tl.where(empty, 1.0, l_i)
-    out = acc / l_safe[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    out, lse2 = _finish_softmax(acc, m_i, l_i)
+    lse = lse2 * 0.6931471805599453
     o_ptrs = O + b.to(tl.int64) * sob + h * soh + offs_m[:, None].to(tl.int64) * sot + offs_d[None, :] * sod
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_m[:, None] < q_len)
     tl.store(LSE + bh.to(tl.int64) * q_len + offs_m, lse, mask=offs_m < q_len)

@@ -26,7 +26,8 @@ import triton
 import triton.language as tl
 
 from . import resolve_backend
-from .block_sparse import LOG2E, _bwd_delta_kernel, _masked_softmax_step, _mm, _precision, _strides, launch_options
+from .block_sparse import (LOG2E, _bwd_delta_kernel, _finish_softmax, _masked_softmax_step, _mm, _precision, _strides,
+                           launch_options)
 from .nsa_compressed_ref import (check_compressed_inputs, check_compression, check_importance_inputs,
                                  compressed_attention_reference, compressed_importance_reference,
                                  compressed_lse_reference, selection_importance_reference)
@@ -94,11 +95,9 @@ def _cmp_fwd_kernel(
                         other=0.0)
             acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PRECISION)
         m_i = m_new
-    empty = l_i == 0.0
-    l_safe = tl.where(empty, 1.0, l_i)
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    out, lse2 = _finish_softmax(acc, m_i, l_i)  # without WITH_OUT, out is never stored (and compiled away)
+    lse = lse2 * 0.6931471805599453
     if WITH_OUT:
-        out = acc / l_safe[:, None]
         tl.store(O + b.to(tl.int64) * sob + h * soh + offs_m[:, None].to(tl.int64) * sot + offs_d[None, :] * sod,
                  out.to(O.dtype.element_ty), mask=mrow[:, None])
     tl.store(LSE + bh.to(tl.int64) * q_len + offs_m, lse, mask=mrow)
@@ -612,8 +611,9 @@ PACKED_ROWS = 256
 # (warps, stages[, register cap per thread]) of the packed importance kernel. Uncapped, ptxas gives 4 warps all 255
 # registers and 8 warps 166: two programs of 4 warps or one of 8 per SM, and 8 warps were the slower (17.8 against
 # 15.3 ms, NOTES run 12). Capped at 128 (8 bytes spilled), two programs of 8 warps fit: 14.7 ms against 15.2 for 4
-# warps at 64k, 64/4, on an H200 (run 13); with run 14's mapping by blocks nothing spills at 128 (12.7 ms). Register
-# counts are Triton 3.6's (the GPU image's): check them again with benchmarks/inspect_kernel.py when Triton changes.
+# warps at 64k, 64/4, on an H200 (run 13); with run 14's mapping by blocks 56 bytes spill at 128 (12.7 ms). Register
+# counts are Triton 3.6's (the GPU image's; 3.9 spills none): check them again with benchmarks/inspect_kernel.py
+# when Triton changes.
 PACKED_LAUNCH = (8, 2, 128)
 
 

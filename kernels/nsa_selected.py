@@ -28,8 +28,8 @@ import triton
 import triton.language as tl
 
 from . import preferred_block_sizes, resolve_backend
-from .block_sparse import (LOG2E, _bwd_delta_kernel, _masked_softmax_step, _mm, _precision, _strides,
-                           block_sparse_backward, block_sparse_forward, launch_options)
+from .block_sparse import (LOG2E, _bwd_delta_kernel, _finish_softmax, _masked_softmax_step, _mm, _precision,
+                           _strides, block_sparse_backward, block_sparse_forward, launch_options)
 from .layout import TokenRule, layout_from_rule
 from .nsa_selected_ref import check_selected_inputs, selected_attention_reference
 
@@ -56,18 +56,10 @@ def _selected_tile(q, k_base, v_base, offs_k, kmask, offs_d, m_i, l_i, acc, skt,
 
 
 @triton.jit
-def _finish(acc, m_i, l_i):
-    """``(out, lse in log2 units)`` of an online softmax's state; a row that saw nothing gives 0 and -inf."""
-    empty = l_i == 0.0
-    l_safe = tl.where(empty, 1.0, l_i)
-    return acc / tl.expand_dims(l_safe, -1), tl.where(empty, float("-inf"), m_i + tl.math.log2(l_safe))
-
-
-@triton.jit
 def _finish_with_window(acc, m_i, l_i, o_win, lse_win):
-    """``_finish`` of the selected part merged with the window part's (output, natural-log LSE) into one softmax:
-    each part's normalised output weighted by its share of the total mass."""
-    out, lse2 = _finish(acc, m_i, l_i)
+    """``_finish_softmax`` of the selected part merged with the window part's (output, natural-log LSE) into one
+    softmax: each part's normalised output weighted by its share of the total mass."""
+    out, lse2 = _finish_softmax(acc, m_i, l_i)
     lw = lse_win * 1.4426950408889634
     mx = tl.maximum(lse2, lw)
     mx = tl.where(mx == float("-inf"), 0.0, mx)
@@ -75,7 +67,8 @@ def _finish_with_window(acc, m_i, l_i, o_win, lse_win):
     a_win = tl.math.exp2(lw - mx)
     total = a_sel + a_win
     t_safe = tl.where(total == 0.0, 1.0, total)
-    out = (out * tl.expand_dims(a_sel, -1) + o_win.to(tl.float32) * tl.expand_dims(a_win, -1)) / tl.expand_dims(t_safe, -1)
+    out = out * tl.expand_dims(a_sel, -1) + o_win.to(tl.float32) * tl.expand_dims(a_win, -1)
+    out = out / tl.expand_dims(t_safe, -1)
     return out, tl.where(total == 0.0, float("-inf"), mx + tl.math.log2(t_safe))
 
 
@@ -124,7 +117,7 @@ def _sel_fwd_kernel(
                      mask=rmask[:, None], other=0.0)
         out, lse2 = _finish_with_window(acc, m_i, l_i, ow, lw)
     else:
-        out, lse2 = _finish(acc, m_i, l_i)
+        out, lse2 = _finish_softmax(acc, m_i, l_i)
     tl.store(O + b.to(tl.int64) * sob + i.to(tl.int64) * sot + heads[:, None] * soh + offs_d[None, :] * sod,
              out.to(O.dtype.element_ty), mask=rmask[:, None])
     tl.store(stat, lse2 * 0.6931471805599453, mask=rmask)
@@ -186,7 +179,7 @@ def _sel_fwd_tokens_kernel(
                      mask=qmask[:, :, None], other=0.0)
         out, lse2 = _finish_with_window(acc, m_i, l_i, ow, lw)
     else:
-        out, lse2 = _finish(acc, m_i, l_i)
+        out, lse2 = _finish_softmax(acc, m_i, l_i)
     tl.store(O + b.to(tl.int64) * sob + tok3 * sot + heads[None, :, None] * soh + offs_d[None, None, :] * sod,
              out.to(O.dtype.element_ty), mask=qmask[:, :, None])
     tl.store(stat, lse2 * 0.6931471805599453, mask=qmask)
@@ -424,7 +417,7 @@ def selected_part_forward(q, k, v, block_idx, o_win, lse_win, block: int, scale:
         _sel_fwd_tokens_kernel[(triton.cdiv(tq, tokens), b * hkv)](*args, **consts, TOKENS=tokens,
                                                                    **_tuning("fwd_tokens", q.device))
     else:
-        _sel_fwd_kernel[(tq, b * hkv)](*args, **consts, **_tuning("fwd", q.device, _rows(hq // hkv)))
+        _sel_fwd_kernel[(tq, b * hkv)](*args, **consts, **_tuning("fwd", q.device, consts["ROWS"]))
     return out, lse
 
 
