@@ -40,7 +40,7 @@ PRESETS = {
         sqb=T * 8192, sqt=8192, sqh=128, sqd=1, skb=T * 512, skt=512, skh=128, skd=1, svb=T * 512, svt=512,
         svh=128, svd=1, sob=T * 8192, sot=8192, soh=128, sod=1, sib=4 * T * 16, sih=T * 16, sit=16, sin=1,
         swb=T * 8192, swt=8192, swh=128, swd=1, q_len=T, num_q_heads=64, num_kv_heads=4, n_slots=16, q_offset=0,
-        qk_scale_log2=0.1), dict(GROUP=16, ROWS=16, HEAD_DIM=128, BLOCK=64, BLOCK_N=64, WINDOW=512, PRECISION="tf32")),
+        qk_scale_log2=0.1), dict(GROUP=16, ROWS=16, HEAD_DIM=128, BLOCK=64, BLOCK_N=64, WINDOW=512, PRECISION="tf32", SLOTS=16, ASCENDING=True)),
 }
 # the same launch with two query tokens per program (one warp each)
 PRESETS["selected_fwd_tokens"] = ("nsa_selected", "_sel_fwd_tokens_kernel", PRESETS["selected_fwd"][2],
@@ -49,6 +49,13 @@ PRESETS["selected_fwd_tokens"] = ("nsa_selected", "_sel_fwd_tokens_kernel", PRES
 LAUNCHES = {"packed_importance": (8, 2, 128), "topn_whole_rows": (2, 2, 96), "selected_fwd": (2, 2, None), "selected_fwd_tokens": (2, 2, None)}
 # TTGIR operations worth counting: data through shared memory, tensor-core products, reductions
 WATCHED = ("ttg.convert_layout", "ttg.local_alloc", "ttg.local_load", "ttng.warp_group_dot ", "tt.dot ", '"tt.reduce"(')
+
+
+def _constexpr(text: str):
+    """A ``--set`` value: True, False, an int or a float."""
+    if text in ("True", "False"):
+        return text == "True"
+    return float(text) if "." in text else int(text)
 
 
 def signature(fn, consts: dict, args: dict):
@@ -104,15 +111,14 @@ def main() -> int:
     ap.add_argument("--warps", type=int, default=None, help="default: the kernel's own launch (LAUNCHES)")
     ap.add_argument("--stages", type=int, default=None)
     ap.add_argument("--maxnreg", type=int, default=None, help="register cap per thread (a launch option)")
-    ap.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE", help="override constexprs (ints, True or False)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE", help="override constexprs (ints, floats, True or False)")
     ap.add_argument("--dump", type=Path, default=None, help="write ttgir, ptx and the cubin here")
     args = ap.parse_args()
     import importlib
     import tempfile
     module, name, values, consts = PRESETS[args.preset]
     fn = getattr(importlib.import_module(f"nsa_viz.kernels.{module}"), name)
-    consts = dict(consts, **{k: {"True": True, "False": False}.get(v) if v in ("True", "False") else int(v)
-                             for k, v in (item.split("=") for item in args.set)})
+    consts = dict(consts, **{k: _constexpr(v) for k, v in (item.split("=") for item in args.set)})
     own_warps, own_stages, own_cap = LAUNCHES[args.preset]
     if args.warps is None and args.stages is None and args.maxnreg is None:
         args.maxnreg = own_cap

@@ -431,7 +431,8 @@ def nsa_from_compressed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cmp
             layout = selection_layout(chosen, tq, tk, block, with_window)
             out, lse = block_sparse_attention(q, k, v, layout, scale, backend=backend, return_lse=True)
             return out, lse.transpose(1, 2)
-        return selected_attention(q, k, v, chosen, block=block, scale=scale, window=with_window, backend=backend)
+        return selected_attention(q, k, v, chosen, block=block, scale=scale, window=with_window, backend=backend,
+                                  ascending=True)  # the top-n writes its rows sorted, -1 last
 
     if combine == "union":
         out, lse = selected_branch(window)

@@ -45,6 +45,30 @@ def _slot_keys(blk, c, offs_n, last, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _owned_slot_ranks(row, last, BLOCK: tl.constexpr):
+    """For index rows ``row [R, SLOTS]`` (-1 padded past the real slots) whose tokens own keys up to ``last [R]``:
+    each slot's rank among the slots that own any key (-1 for the others) and the most such slots in one row.
+
+    The kernels loop over ranks, not slots: with a branch-free loop a slot that owns nothing still costs a whole
+    QK -> softmax -> PV step, and the top-n's local blocks (about 2.5 of 16 slots at 64k) lie in the window,
+    whose keys belong to the window part."""
+    owns = (row >= 0) & (last[:, None] >= 0) & (row <= last[:, None] // BLOCK)
+    ranks = tl.cumsum(owns.to(tl.int32), 1) - 1
+    return tl.where(owns, ranks, -1), tl.max(tl.sum(owns.to(tl.int32), 1), 0)
+
+
+@triton.jit
+def _nth_owned_block(idx_ptrs, valid, n, sin, row, ranks, ASCENDING: tl.constexpr):
+    """``[R]``: the block of each ``n``-th owned slot (``n [R]``, ranks of ``_owned_slot_ranks``; ``ranks`` and ``row``
+    have 1 or R rows), or a slot that owns nothing. With ASCENDING (rows sorted, -1 last, as the top-n writes them)
+    the owned slots come first and entry ``n`` is read directly, a load the pipelined loop issues one step ahead
+    with the keys; otherwise it is picked out of the row held in registers."""
+    if ASCENDING:
+        return tl.load(idx_ptrs + n * sin, mask=valid, other=-1)
+    return tl.max(tl.where(ranks == n[:, None], row, -1), 1)
+
+
+@triton.jit
 def _selected_tile(q, k_base, v_base, offs_k, kmask, offs_d, m_i, l_i, acc, skt, skd, svt, svd, qk_scale_log2,
                    PRECISION: tl.constexpr):
     """One key tile of the online softmax over selected keys ``offs_k`` (masked keys: no load, no mass)."""
@@ -79,7 +103,7 @@ def _sel_fwd_kernel(
     sib, sih, sit, sin, swb, swt, swh, swd,
     q_len, num_q_heads, num_kv_heads, n_slots, q_offset, qk_scale_log2,
     GROUP: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
-    WINDOW: tl.constexpr, PRECISION: tl.constexpr,
+    WINDOW: tl.constexpr, PRECISION: tl.constexpr, SLOTS: tl.constexpr, ASCENDING: tl.constexpr,
 ):
     """One program per (query token, sequence × key/value head); rows are the GQA group's query heads."""
     i = tl.program_id(0)
@@ -88,7 +112,6 @@ def _sel_fwd_kernel(
     hk = bh % num_kv_heads
     offs_r = tl.arange(0, ROWS)
     offs_d = tl.arange(0, HEAD_DIM)
-    offs_n = tl.arange(0, BLOCK_N)
     rmask = offs_r < GROUP
     heads = hk * GROUP + offs_r
     q = tl.load(Q + b.to(tl.int64) * sqb + i.to(tl.int64) * sqt + heads[:, None] * sqh + offs_d[None, :] * sqd,
@@ -97,15 +120,19 @@ def _sel_fwd_kernel(
     v_base = V + b.to(tl.int64) * svb + hk * svh
     idx_base = IDX + b.to(tl.int64) * sib + hk * sih + i.to(tl.int64) * sit
     last = q_offset + i - WINDOW  # the last key this part owns: later ones are the window's (or the future)
+    offs_s = tl.arange(0, SLOTS)
+    offs_n = tl.arange(0, BLOCK_N)
+    one = tl.arange(0, 1)
+    row = tl.load(idx_base + offs_s[None, :] * sin, mask=(offs_s < n_slots)[None, :], other=-1)
+    ranks, n_owned = _owned_slot_ranks(row, tl.full([1], last, tl.int32), BLOCK)
 
     m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([ROWS], dtype=tl.float32)
     acc = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
-    # no branch on the slot: a skipped one (-1, or inside the window) is a tile of masked loads, and the loop
-    # stays one that Triton can software-pipeline (prefetching the next block while this one is computed:
-    # 20.2 -> 15.2 ms at 64k, benchmarks/NOTES.md run 12)
-    for n in range(0, n_slots):
-        blk = tl.load(idx_base + n * sin)
+    # no branch on the slot: the loop stays one that Triton can software-pipeline (prefetching the next block
+    # while this one is computed: 20.2 -> 15.2 ms at 64k, benchmarks/NOTES.md run 12)
+    for n in range(0, n_owned):
+        blk = _nth_owned_block(idx_base, one < 1, n + one, sin, row, ranks, ASCENDING)  # [1], broadcast
         for c in tl.static_range(0, BLOCK, BLOCK_N):
             offs_k, kmask = _slot_keys(blk, c, offs_n, last, BLOCK)
             m_i, l_i, acc = _selected_tile(q, k_base, v_base, offs_k, kmask, offs_d, m_i, l_i, acc, skt, skd, svt, svd,
@@ -130,7 +157,7 @@ def _sel_fwd_tokens_kernel(
     sib, sih, sit, sin, swb, swt, swh, swd,
     q_len, num_q_heads, num_kv_heads, n_slots, q_offset, qk_scale_log2,
     GROUP: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
-    WINDOW: tl.constexpr, PRECISION: tl.constexpr, TOKENS: tl.constexpr,
+    WINDOW: tl.constexpr, PRECISION: tl.constexpr, SLOTS: tl.constexpr, ASCENDING: tl.constexpr, TOKENS: tl.constexpr,
 ):
     """``_sel_fwd_kernel`` for TOKENS consecutive query tokens per program, as a batch of TOKENS independent
     problems (3-d tl.dot, one warp per token): each token keeps its own blocks, softmax and accumulator,
@@ -158,8 +185,12 @@ def _sel_fwd_tokens_kernel(
     m_i = tl.full([TOKENS, ROWS], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([TOKENS, ROWS], dtype=tl.float32)
     acc = tl.zeros([TOKENS, ROWS, HEAD_DIM], dtype=tl.float32)
-    for n in range(0, n_slots):
-        blk = tl.load(idx_base + n * sin, mask=tmask, other=-1)
+    offs_s = tl.arange(0, SLOTS)
+    row = tl.load(idx_base[:, None] + offs_s[None, :] * sin, mask=tmask[:, None] & (offs_s < n_slots)[None, :],
+                  other=-1)
+    ranks, n_owned = _owned_slot_ranks(row, last, BLOCK)
+    for n in range(0, n_owned):  # a token with fewer owned slots than the other gets masked tiles (-1)
+        blk = _nth_owned_block(idx_base, tmask, n + tl.zeros([TOKENS], tl.int32), sin, row, ranks, ASCENDING)
         for c in tl.static_range(0, BLOCK, BLOCK_N):
             offs_k, kmask = _slot_keys(blk[:, None], c, offs_n[None, :], last[:, None], BLOCK)
             k = tl.load(k_base + offs_k[:, None, :].to(tl.int64) * skt + offs_d[None, :, None] * skd,
@@ -204,7 +235,8 @@ def _sel_bwd_dq_kernel(
     sib, sih, sit, sin, sdb, sdt, sdh, sdd,
     q_len, num_q_heads, num_kv_heads, n_slots, q_offset, qk_scale_log2, sm_scale,
     GROUP: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
-    WINDOW: tl.constexpr, PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr,
+    WINDOW: tl.constexpr, PRECISION: tl.constexpr, SLOTS: tl.constexpr, ASCENDING: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
 ):
     """dQ of the selected part, per (query token, sequence × key/value head); with ACCUMULATE it adds to
     what DQ holds (the window part's dQ)."""
@@ -214,7 +246,6 @@ def _sel_bwd_dq_kernel(
     hk = bh % num_kv_heads
     offs_r = tl.arange(0, ROWS)
     offs_d = tl.arange(0, HEAD_DIM)
-    offs_n = tl.arange(0, BLOCK_N)
     rmask = offs_r < GROUP
     heads = hk * GROUP + offs_r
     q = tl.load(Q + b.to(tl.int64) * sqb + i.to(tl.int64) * sqt + heads[:, None] * sqh + offs_d[None, :] * sqd,
@@ -229,9 +260,14 @@ def _sel_bwd_dq_kernel(
     v_base = V + b.to(tl.int64) * svb + hk * svh
     idx_base = IDX + b.to(tl.int64) * sib + hk * sih + i.to(tl.int64) * sit
     last = q_offset + i - WINDOW
+    offs_s = tl.arange(0, SLOTS)
+    offs_n = tl.arange(0, BLOCK_N)
+    one = tl.arange(0, 1)
+    row = tl.load(idx_base + offs_s[None, :] * sin, mask=(offs_s < n_slots)[None, :], other=-1)
+    ranks, n_owned = _owned_slot_ranks(row, tl.full([1], last, tl.int32), BLOCK)
     dq = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
-    for n in range(0, n_slots):  # branch-free, as in the forward
-        blk = tl.load(idx_base + n * sin)
+    for n in range(0, n_owned):  # branch-free, as in the forward
+        blk = _nth_owned_block(idx_base, one < 1, n + one, sin, row, ranks, ASCENDING)
         for c in tl.static_range(0, BLOCK, BLOCK_N):
             offs_k, kmask = _slot_keys(blk, c, offs_n, last, BLOCK)
             dq = _selected_dq_tile(q, do, lse, delta, dq, k_base, v_base, offs_k, kmask, offs_d, skt, skd, svt, svd,
@@ -315,9 +351,17 @@ TILE_OVERRIDES: dict = {}
 # program at 64k, 64/4, d=128, on an H200 (NOTES run 14); 1 runs _sel_fwd_kernel, which also serves larger groups
 # and d=256 (not timed with two tokens: it would hold 144 KiB of shared memory per program and spill)
 FWD_TOKENS_PER_PROGRAM = 2
+# Query heads per program of the window part's forward (block_sparse_forward): two heads' rows share each key
+# tile, 3.53 ms against 4.44 for one at 64k, 64/4, d=128 on an H200 (NOTES run 15); None: block_sparse's default
+WINDOW_HEADS_PER_PROGRAM = 2
 # Tokens of one dK/dV work item, in tiles of ROWS // G tokens: a block chosen by more tokens is split
 # over several programs (benchmarks may change it).
 DKDV_TILES_PER_ITEM = 16
+
+
+def _check_power_of_two(name: str, value) -> None:
+    if not isinstance(value, int) or value < 1 or value & (value - 1):
+        raise ValueError(f"{name} must be a power of two >= 1, got {value!r}")
 
 
 def _rows(group: int) -> int:
@@ -389,18 +433,21 @@ def inverse_index(block_idx: torch.Tensor, q_offset: int, kv_len: int, block: in
     return item_key.to(torch.int32), item_start.to(torch.int32), item_end.to(torch.int32), tokens
 
 
-def selected_forward(q, k, v, block_idx, block: int, scale: float, window: int):
+def selected_forward(q, k, v, block_idx, block: int, scale: float, window: int, ascending: bool = False):
     """Returns ``(out [B, Tq, HQ, D], lse [B, HQ, Tq] float32)`` of the merged softmax."""
     tq, tk, d = q.shape[1], k.shape[1], q.shape[3]
     if window > 0:
-        o_win, lse_win = block_sparse_forward(q, k, v, window_layout(tq, tk, window, d, q.device), scale)
+        o_win, lse_win = block_sparse_forward(q, k, v, window_layout(tq, tk, window, d, q.device), scale,
+                                              WINDOW_HEADS_PER_PROGRAM)
     else:
         o_win, lse_win = q, q  # unused (WINDOW=0 compiles the merge away)
-    return selected_part_forward(q, k, v, block_idx, o_win, lse_win, block, scale, window)
+    return selected_part_forward(q, k, v, block_idx, o_win, lse_win, block, scale, window, ascending)
 
 
-def selected_part_forward(q, k, v, block_idx, o_win, lse_win, block: int, scale: float, window: int):
-    """The selected blocks' kernel alone, merging the window part's ``(o_win, lse_win)`` when ``window > 0``."""
+def selected_part_forward(q, k, v, block_idx, o_win, lse_win, block: int, scale: float, window: int,
+                          ascending: bool = False):
+    """The selected blocks' kernel alone, merging the window part's ``(o_win, lse_win)`` when ``window > 0``;
+    ``ascending``: see ``selected_attention``."""
     b, tq, hq, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
     out = torch.empty(b, tq, hq, d, dtype=q.dtype, device=q.device)
@@ -409,10 +456,10 @@ def selected_part_forward(q, k, v, block_idx, o_win, lse_win, block: int, scale:
             *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(block_idx), *_strides(o_win),
             tq, hq, hkv, block_idx.shape[3], tk - tq, scale * LOG2E)
     consts = dict(GROUP=hq // hkv, ROWS=_rows(hq // hkv), HEAD_DIM=d, BLOCK=block, BLOCK_N=_key_tile(block, d, "fwd"),
-                  WINDOW=window, PRECISION=_precision(q.dtype, q.device))
+                  WINDOW=window, PRECISION=_precision(q.dtype, q.device),
+                  SLOTS=triton.next_power_of_2(block_idx.shape[3]), ASCENDING=ascending)
     tokens = FWD_TOKENS_PER_PROGRAM if consts["ROWS"] == 16 and d <= 128 else 1
-    if tokens & (tokens - 1) or tokens < 1:
-        raise ValueError(f"FWD_TOKENS_PER_PROGRAM must be a power of two >= 1, got {tokens}")
+    _check_power_of_two("FWD_TOKENS_PER_PROGRAM", tokens)
     if tokens > 1:
         _sel_fwd_tokens_kernel[(triton.cdiv(tq, tokens), b * hkv)](*args, **consts, TOKENS=tokens,
                                                                    **_tuning("fwd_tokens", q.device))
@@ -421,7 +468,8 @@ def selected_part_forward(q, k, v, block_idx, o_win, lse_win, block: int, scale:
     return out, lse
 
 
-def selected_backward(do, q, k, v, block_idx, out, lse, block: int, scale: float, window: int):
+def selected_backward(do, q, k, v, block_idx, out, lse, block: int, scale: float, window: int,
+                      ascending: bool = False):
     b, tq, hq, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
     group = hq // hkv
@@ -443,7 +491,8 @@ def selected_backward(do, q, k, v, block_idx, out, lse, block: int, scale: float
         q, k, v, block_idx, do, lse, delta, dq,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(block_idx), *_strides(dq),
         tq, hq, hkv, block_idx.shape[3], tk - tq, scale * LOG2E, scale, **common, ACCUMULATE=window > 0,
-        BLOCK_N=_key_tile(block, d, "dq"), **_tuning("dq", q.device))
+        BLOCK_N=_key_tile(block, d, "dq"),
+        SLOTS=triton.next_power_of_2(block_idx.shape[3]), ASCENDING=ascending, **_tuning("dq", q.device))
     rows = max(64, _rows(group))
     tokens_per_item = DKDV_TILES_PER_ITEM * (rows // group)
     item_key, item_start, item_end, tokens = inverse_index(block_idx, tk - tq, tk, block, window, tokens_per_item)
@@ -460,41 +509,47 @@ def selected_backward(do, q, k, v, block_idx, out, lse, block: int, scale: float
 
 class _SelectedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, block_idx, block, scale, window):
-        out, lse = selected_forward(q, k, v, block_idx, block, scale, window)
+    def forward(ctx, q, k, v, block_idx, block, scale, window, ascending):
+        out, lse = selected_forward(q, k, v, block_idx, block, scale, window, ascending)
         ctx.save_for_backward(q, k, v, block_idx, out, lse)
-        ctx.block, ctx.scale, ctx.window = block, scale, window
+        ctx.block, ctx.scale, ctx.window, ctx.ascending = block, scale, window, ascending
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, do, _dlse):
         q, k, v, block_idx, out, lse = ctx.saved_tensors
-        dq, dk, dv = selected_backward(do, q, k, v, block_idx, out, lse, ctx.block, ctx.scale, ctx.window)
-        return dq, dk, dv, None, None, None, None
+        dq, dk, dv = selected_backward(do, q, k, v, block_idx, out, lse, ctx.block, ctx.scale, ctx.window,
+                                       ctx.ascending)
+        return dq, dk, dv, None, None, None, None, None
 
 
 @torch.compiler.disable
-def selected_attention_triton(q, k, v, block_idx, *, block: int, scale: Optional[float] = None, window: int = 0):
+def selected_attention_triton(q, k, v, block_idx, *, block: int, scale: Optional[float] = None, window: int = 0,
+                              ascending: bool = False):
     """Triton version of ``selected_attention_reference``: ``(out [B, Tq, HQ, D], lse [B, Tq, HQ])``
     (the LSE is a transposed view of a ``[B, HQ, Tq]`` buffer: no copy)."""
     scale = check_selected_inputs(q, k, v, block_idx, block, scale, window)
-    out, lse = _SelectedAttention.apply(q, k, v, block_idx, block, scale, window)
+    out, lse = _SelectedAttention.apply(q, k, v, block_idx, block, scale, window, bool(ascending))
     return out, lse.transpose(1, 2)
 
 
 def selected_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: torch.Tensor, *, block: int,
-                       scale: Optional[float] = None, window: int = 0, backend: str = "auto"):
+                       scale: Optional[float] = None, window: int = 0, backend: str = "auto",
+                       ascending: bool = False):
     """Attention of ``q [B, Tq, HQ, D]`` over ``k, v [B, Tk, HKV, D]`` restricted, per query token and
     key/value head, to the blocks ``block_idx [B, HKV, Tq, N]`` (-1 = unused slot, any order, no duplicates)
     and, with ``window > 0``, the ``window`` most recent keys, in one softmax; future keys are masked.
     Returns ``(out [B, Tq, HQ, D], lse [B, Tq, HQ] float32)``; differentiable in q, k, v.
 
     The Triton backend trusts the index values (checking them would stall the GPU): an entry < 0 is
-    unused, one past the last block selects nothing."""
+    unused, one past the last block selects nothing. ``ascending=True`` promises rows sorted ascending with
+    the -1 entries last (what ``select_blocks`` returns): the kernels then read the slots that own keys
+    directly instead of picking them out of the row; unsorted rows would lose blocks. The reference ignores it."""
     backend = resolve_backend(backend, q.device)
     if backend == "triton":
-        return selected_attention_triton(q, k, v, block_idx, block=block, scale=scale, window=window)
+        return selected_attention_triton(q, k, v, block_idx, block=block, scale=scale, window=window,
+                                         ascending=ascending)
     return selected_attention_reference(q, k, v, block_idx, block=block, scale=scale, window=window)
 
 

@@ -63,12 +63,13 @@ def test_nothing_visible_gives_zero_and_neg_inf():
         assert torch.isfinite(lse[0, 4:]).all() and not torch.isnan(out).any()
 
 
-def compare(q, k, v, idx, block, window, scale=None):
+def compare(q, k, v, idx, block, window, scale=None, ascending=False):
     """Relative errors (out, lse, dq, dk, dv) of the Triton kernel against the reference on one random dO."""
     do = torch.randn(q.shape, generator=torch.Generator().manual_seed(7)).to(q.dtype)
     res = []
     for backend in ("triton", "reference"):
-        out, lse = selected_attention(q, k, v, idx, block=block, window=window, scale=scale, backend=backend)
+        out, lse = selected_attention(q, k, v, idx, block=block, window=window, scale=scale, backend=backend,
+                                      ascending=ascending)
         res.append((out, lse, *torch.autograd.grad(out, (q, k, v), do)))
     tri, ref = res
     assert not any(torch.isnan(t).any() for t in tri), "NaN in kernel results"
@@ -206,3 +207,34 @@ def test_tokens_per_program_must_be_a_power_of_two(monkeypatch):
     idx = random_block_idx(1, 2, 8, 8, 2, 4, seed=4)
     with pytest.raises(ValueError, match="FWD_TOKENS_PER_PROGRAM must be a power of two"):
         selected_attention(q, k, v, idx, block=4, backend="triton")
+
+
+
+
+def ascending_rows(idx):
+    """``idx`` with each row sorted ascending and its -1 entries last, as the top-n writes them."""
+    big = torch.iinfo(idx.dtype).max
+    ordered = torch.sort(torch.where(idx < 0, big, idx), -1).values
+    return torch.where(ordered == big, -1, ordered)
+
+
+@pytest.mark.parametrize("tokens, tile", [(1, 8), (2, 8), (1, 4)])
+@pytest.mark.parametrize("window", [0, 20])
+def test_slots_that_own_nothing_are_skipped_in_any_order(monkeypatch, tokens, tile, window):
+    # the kernels loop over the slots that own keys (not -1, not in the future, not in the window). Random rows
+    # put such slots anywhere (picked out of the row); sorted rows put them first (read directly with
+    # ascending=True). Five slots of 8-token blocks over 60 tokens: most rows hold some of each kind; 4-key
+    # tiles split each block in two.
+    from nsa_viz.kernels import nsa_selected
+    monkeypatch.setattr(nsa_selected, "FWD_TOKENS_PER_PROGRAM", tokens)
+    monkeypatch.setitem(nsa_selected.TILE_OVERRIDES, "fwd", tile)
+    monkeypatch.setitem(nsa_selected.TILE_OVERRIDES, "dq", tile)
+    q, k, v = random_qkv(1, 60, 60, 4, 2, 32, torch.float32, seed=51 + window)
+    shuffled = random_block_idx(1, 2, 60, 60, 5, 8, seed=52)
+    for idx, ascending in ((shuffled, False), (ascending_rows(shuffled), False), (ascending_rows(shuffled), True)):
+        errs = compare(q, k, v, idx, 8, window, ascending=ascending)
+        assert max(errs.values()) < TOLERANCE[torch.float32], (ascending, errs)
+    runs = [selected_attention(q, k, v, ascending_rows(shuffled), block=8, window=window, backend="triton",
+                               ascending=ascending) for ascending in (False, True)]
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
