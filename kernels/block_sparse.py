@@ -92,27 +92,32 @@ def _fwd_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SINK: tl.constexpr, DIL_BLOCK: tl.constexpr, DIL_STRIDE: tl.constexpr,
     HAS_GLOBAL: tl.constexpr, HAS_BITS: tl.constexpr, LAYOUT_PER_BATCH: tl.constexpr, LAYOUT_PER_HEAD: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, HEADS: tl.constexpr,
 ):
+    """One program per (query block, sequence × HEADS query heads of one GQA group): its rows are the block's
+    queries for each of those heads (head-major), which share every key tile it loads."""
     qb = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // num_q_heads
-    h = bh % num_q_heads
-    hk = h // GROUP
+    b = bh // (num_q_heads // HEADS)
+    h0 = bh % (num_q_heads // HEADS) * HEADS
+    hk = h0 // GROUP
     lb = b if LAYOUT_PER_BATCH else 0
     lh = hk if LAYOUT_PER_HEAD else 0
 
-    offs_m = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    ROWS: tl.constexpr = HEADS * BLOCK_Q
+    row_in_block = tl.arange(0, ROWS) % BLOCK_Q
+    heads = h0 + tl.arange(0, ROWS) // BLOCK_Q
+    offs_m = qb * BLOCK_Q + row_in_block
     offs_n = tl.arange(0, BLOCK_KV)
     offs_d = tl.arange(0, HEAD_DIM)
-    q_ptrs = Q + b.to(tl.int64) * sqb + h * sqh + offs_m[:, None].to(tl.int64) * sqt + offs_d[None, :] * sqd
+    q_ptrs = Q + b.to(tl.int64) * sqb + heads[:, None] * sqh + offs_m[:, None].to(tl.int64) * sqt + offs_d[None, :] * sqd
     q = tl.load(q_ptrs, mask=offs_m[:, None] < q_len, other=0.0)
     k_base = K + b.to(tl.int64) * skb + hk * skh
     v_base = V + b.to(tl.int64) * svb + hk * svh
 
-    m_i = tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_Q], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_Q, HEAD_DIM], dtype=tl.float32)
+    m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([ROWS], dtype=tl.float32)
+    acc = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
 
     crow = (lb * layout_heads + lh) * num_rows + qb  # this query block's row in the layout's index lists
     row = crow.to(tl.int64) * full_w
@@ -145,7 +150,7 @@ def _fwd_kernel(
         s = _mm(q, k, PRECISION) * qk_scale_log2
         vis = _token_visible(q_pos, offs_k[None, :], offs_m[:, None], q_len, kv_len, GLOB, BITS, tid,
                              CAUSAL, WINDOW, SINK, DIL_BLOCK, DIL_STRIDE, HAS_GLOBAL, HAS_BITS, BLOCK_Q, BLOCK_KV,
-                             tl.arange(0, BLOCK_Q)[:, None], offs_n[None, :])
+                             row_in_block[:, None], offs_n[None, :])
         s = tl.where(vis, s, float("-inf"))
         m_new, p, alpha = _masked_softmax_step(m_i, s)
         l_i = l_i * alpha + tl.sum(p, 1)
@@ -154,9 +159,9 @@ def _fwd_kernel(
         m_i = m_new
     out, lse2 = _finish_softmax(acc, m_i, l_i)
     lse = lse2 * 0.6931471805599453
-    o_ptrs = O + b.to(tl.int64) * sob + h * soh + offs_m[:, None].to(tl.int64) * sot + offs_d[None, :] * sod
+    o_ptrs = O + b.to(tl.int64) * sob + heads[:, None] * soh + offs_m[:, None].to(tl.int64) * sot + offs_d[None, :] * sod
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_m[:, None] < q_len)
-    tl.store(LSE + bh.to(tl.int64) * q_len + offs_m, lse, mask=offs_m < q_len)
+    tl.store(LSE + (b * num_q_heads + heads).to(tl.int64) * q_len + offs_m, lse, mask=offs_m < q_len)
 
 
 @triton.jit
@@ -380,17 +385,25 @@ def launch_options(warps: int, stages: Optional[int] = None, max_registers: Opti
     return options
 
 
-def _tuning(kernel: str, head_dim: int, block_q: int, device: torch.device) -> dict:
+def _tuning(kernel: str, head_dim: int, block_q: int, device: torch.device, heads: int = 1) -> dict:
     if device.type != "cuda":
         return {}
     if kernel in LAUNCH_OVERRIDES:
         return launch_options(*LAUNCH_OVERRIDES[kernel])
     # Chosen by benchmarks/bench_block_sparse.py on an H100 (window 512, 64/4 heads, d=128, 64x64 tiles):
     # forward 4 warps / 3 stages; both backward kernels 4 warps / 2 stages (see benchmarks/NOTES.md).
+    # Two heads per forward program (128 rows): 4 warps / 2 stages, 3.53 ms against 4.44 for one head and
+    # 4.58 for two heads at 8 warps (window 512 at 64k, 64/4, d=128, H200; NOTES run 15)
+    if kernel == "fwd" and heads > 1:
+        return dict(num_warps=4, num_stages=2)
     if kernel == "fwd":
         return dict(num_warps=8 if head_dim * block_q >= 128 * 128 else 4, num_stages=3)
     return dict(num_warps=4, num_stages=2)
 
+
+# Query heads of one GQA group per forward program (their rows share every key tile loaded; a group that it does
+# not divide takes 1). Benchmarks may change it; 1 until timed (NOTES run 15).
+FWD_HEADS_PER_PROGRAM = 1
 
 # Sub-tile of the inner loop of each backward kernel (at most the layout's block); benchmarks may set them.
 SUB_TILES: dict = {"dkdv": 64, "dq": 64}
@@ -430,18 +443,22 @@ def _dkdv_work_items(layout: BlockLayout):
     return item_kb.to(torch.int32).contiguous(), item_start.to(torch.int32).contiguous()
 
 
-def block_sparse_forward(q, k, v, layout: BlockLayout, scale: float):
+def block_sparse_forward(q, k, v, layout: BlockLayout, scale: float, heads_per_program: Optional[int] = None):
+    """``(out, lse [B, HQ, Tq])``; ``heads_per_program``: query heads of one GQA group per program (default
+    ``FWD_HEADS_PER_PROGRAM``; 1 where it does not divide the group)."""
     b, tq, hq, d = q.shape
     hkv = k.shape[2]
     out = torch.empty(b, tq, hq, d, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, hq, tq, dtype=torch.float32, device=q.device)
     largs, meta = _layout_args(layout, transposed=False)
-    grid = (layout.num_q_blocks, b * hq)
+    heads = FWD_HEADS_PER_PROGRAM if heads_per_program is None else heads_per_program
+    heads = heads if (hq // hkv) % heads == 0 else 1
+    grid = (layout.num_q_blocks, b * hq // heads)
     _fwd_kernel[grid](
         q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out), *largs,
         tq, k.shape[1], hq, layout.q_offset, scale * LOG2E,
         GROUP=hq // hkv, HEAD_DIM=d, BLOCK_Q=layout.block_q, BLOCK_KV=layout.block_kv, PRECISION=_precision(q.dtype, q.device),
-        **meta, **_tuning("fwd", d, layout.block_q, q.device))
+        HEADS=heads, **meta, **_tuning("fwd", d, layout.block_q, q.device, heads))
     return out, lse
 
 

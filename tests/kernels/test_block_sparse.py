@@ -141,3 +141,23 @@ def test_torch_compile_runs_around_the_kernel():
 
     compiled = torch.compile(block, backend="eager")
     torch.testing.assert_close(compiled(q, k, v), block(q, k, v))
+
+
+@pytest.mark.parametrize("heads", [2, 4])
+def test_forward_packs_query_heads_of_a_group(monkeypatch, heads):
+    # rows of several query heads of one GQA group in one forward program: a group of 4 takes 2 or 4 heads
+    # per program, a group of 3 (not divisible) falls back to 1; per-(sequence, kv head) layouts, GQA, and a
+    # global token whose rows must land on the right heads
+    from nsa_viz.kernels import block_sparse
+    monkeypatch.setattr(block_sparse, "FWD_HEADS_PER_PROGRAM", heads)
+    for hq, hkv in ((8, 2), (6, 2)):
+        q, k, v = random_qkv(2, 70, 70, hq, hkv, 32, torch.float32, seed=hq)
+        layout = GlobalLocal(window=24, sink=3, global_tokens=(40,)).compile(70, block_q=16, block_kv=16)
+        errs = compare_backends(q, k, v, layout)
+        assert max(errs) < TOLERANCE[torch.float32], (hq, errs)
+    monkeypatch.setattr(block_sparse, "FWD_HEADS_PER_PROGRAM", 1)
+    q, k, v = random_qkv(2, 70, 70, 8, 2, 32, torch.float32, seed=8)
+    one = block_sparse_attention(q, k, v, layout, backend="triton", return_lse=True)
+    monkeypatch.setattr(block_sparse, "FWD_HEADS_PER_PROGRAM", heads)
+    packed = block_sparse_attention(q, k, v, layout, backend="triton", return_lse=True)
+    assert all(torch.equal(a, b) for a, b in zip(one, packed))
