@@ -1,0 +1,201 @@
+"""A/B of kernel variants against the kernels of another commit, in one process (issue 3's forward target).
+
+The other commit's ``kernels/`` folder is unpacked beside this script as a package (``--baseline DIR``, made with
+``git archive <rev> kernels | tar -x -C /tmp/base && mv /tmp/base/kernels benchmarks/baseline_kernels``), so both
+versions run on the same inputs in the same call. At T (default 64k), 64/4 heads, d=128, bf16, union/token with
+the paper's settings (n=16, l'=64, w=512, l/d=32/16):
+
+1. the selected part's forward (window part given) and the selected attention's forward+backward: the baseline's
+   kernels, and ours over the variants named in ``SELECTED_VARIANTS`` (how the loop finds the slots it visits,
+   tokens per program);
+2. the window part's forward over tile shapes, query heads per program and launch settings;
+3. the whole NSA forward and forward+backward: baseline, ours, dense cuDNN beside them.
+
+Every variant's output is compared with the baseline's (max abs difference). GPU only; writes
+benchmarks/results/variants_<gpu>.json.
+
+    python benchmarks/bench_variants.py --baseline baseline_kernels [--length 65536] [--sections selected window nsa]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+import torch
+
+from common import ROOT, bench_ms, environment, gpu_slug, temporarily, write_rows
+from nsa_viz.kernels import block_sparse, nsa_selected
+from nsa_viz.kernels.layout import TokenRule, layout_from_rule
+from nsa_viz.kernels.nsa import nsa_attention
+
+BLOCK, WINDOW = 64, 512
+# (name, ascending rows, {nsa_selected setting: value}); the one-token forward's launch as "fwd": (warps, stages)
+SELECTED_VARIANTS = [
+    ("two tokens per program, owned slots read in order", True, dict(FWD_TOKENS_PER_PROGRAM=2)),
+    ("two tokens per program, owned slots picked from the row", False, dict(FWD_TOKENS_PER_PROGRAM=2)),
+    ("one token, owned slots read in order", True, dict(FWD_TOKENS_PER_PROGRAM=1)),
+]
+# the selected attention's forward+backward: (name, {nsa_selected setting: value}), the dQ launch as "dq"
+SELECTED_FWD_BWD_VARIANTS = [("owned slots", dict())]
+# (block_q, block_kv, heads per program, warps, stages)
+WINDOW_VARIANTS = [(64, 64, 1, 4, 3), (64, 64, 2, 4, 2), (64, 64, 2, 4, 3), (64, 64, 4, 4, 2), (64, 64, 4, 8, 3),
+                   (128, 64, 2, 8, 2)]
+
+
+def settings(module, values: dict):
+    """``temporarily`` changes for ``values``: module attributes, or launch overrides for the kernel names."""
+    return temporarily(*((module.LAUNCH_OVERRIDES, name, value) if name in ("fwd", "dq", "fwd_tokens")
+                         else (module, name, value) for name, value in values.items()))
+
+
+# the whole forward with these nsa_selected settings
+OURS_VARIANTS = [("as committed", {}), ("one token per selected program", dict(FWD_TOKENS_PER_PROGRAM=1)),
+                 ("window one head per program", dict(WINDOW_HEADS_PER_PROGRAM=1))]
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max())
+
+
+def inputs(device, t: int, hq: int, hkv: int, d: int, seed: int, grad: bool = False):
+    torch.manual_seed(seed)
+    return [torch.randn(1, t, h, d, device=device, dtype=torch.bfloat16, requires_grad=grad) for h in (hq, hkv, hkv)]
+
+
+def selected_rows(base, device, env, t: int, hq: int = 64, hkv: int = 4, d: int = 128) -> list:
+    q, k, v = inputs(device, t, hq, hkv, d, 0)
+    scale = d ** -0.5
+    with torch.no_grad():
+        _, aux = nsa_attention(q, k, v, block=BLOCK, top_n=16, window=WINDOW, return_aux=True)
+    idx = aux["block_idx"]
+    last = torch.arange(t, device=device).view(1, 1, t, 1) - WINDOW
+    owned = float(((idx >= 0) & (idx.long() * BLOCK <= last)).sum()) / (t * hkv)
+    print(f"T={t}: {owned:.2f} of {idx.shape[3]} slots per token and kv head own keys before the window", flush=True)
+    meta = dict(env, op="selected", T=t, HQ=hq, HKV=hkv, D=d, owned_slots_per_token=owned)
+    rows = []
+    o_win, lse_win = block_sparse.block_sparse_forward(q, k, v, nsa_selected.window_layout(t, t, WINDOW, d, device),
+                                                       scale)
+    base_step = lambda: base.nsa_selected.selected_part_forward(q, k, v, idx, o_win, lse_win, BLOCK, scale, WINDOW)
+    want = base_step()[0]
+    rows.append(dict(meta, case="baseline: every slot", ms=bench_ms(base_step), max_abs_diff_to_baseline=0.0))
+    print(f"  {rows[-1]['case']}: {rows[-1]['ms']:.2f} ms", flush=True)
+    for name, ascending, values in SELECTED_VARIANTS:
+        with settings(nsa_selected, values):
+            step = lambda: nsa_selected.selected_part_forward(q, k, v, idx, o_win, lse_win, BLOCK, scale, WINDOW,
+                                                              ascending)
+            try:
+                err = max_diff(step()[0], want)
+                ms = bench_ms(step)
+            except Exception as exc:  # e.g. out of shared memory
+                print(f"  {name}: {type(exc).__name__}: {str(exc)[:160]}", flush=True)
+                continue
+        rows.append(dict(meta, case=name, ms=ms, ascending=ascending, settings=repr(values),
+                         max_abs_diff_to_baseline=err))
+        print(f"  {name}: {ms:.2f} ms (max abs diff {err:.2g})", flush=True)
+    # forward + backward of the selected attention (window part included): the dQ kernel's loop changed too
+    qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
+    do = torch.randn_like(q)
+    runs = [("baseline", base.nsa_selected, {}, {})] + [(name, nsa_selected, values, dict(ascending=True))
+                                                        for name, values in SELECTED_FWD_BWD_VARIANTS]
+    want = None
+    for name, module, values, kw in runs:
+        def fwd_bwd():
+            out, _ = module.selected_attention_triton(qg, kg, vg, idx, block=BLOCK, scale=scale, window=WINDOW, **kw)
+            return torch.autograd.grad(out, (qg, kg, vg), do)
+        with settings(module, values):
+            got = fwd_bwd()
+            want = got if want is None else want
+            err = max(max_diff(a, b) for a, b in zip(got, want))
+            ms = bench_ms(fwd_bwd)
+        rows.append(dict(meta, case=f"selected attention fwd+bwd, {name}", ms=ms, fwd_bwd=True, settings=repr(values),
+                         max_abs_grad_diff_to_baseline=err))
+        print(f"  {rows[-1]['case']}: {ms:.2f} ms (max abs grad diff {err:.2g})", flush=True)
+    return rows
+
+
+def window_rows(device, env, t: int, hq: int = 64, hkv: int = 4, d: int = 128) -> list:
+    q, k, v = inputs(device, t, hq, hkv, d, 1)
+    scale = d ** -0.5
+    rows, want = [], None
+    for block_q, block_kv, heads, warps, stages in WINDOW_VARIANTS:
+        layout = layout_from_rule(TokenRule(causal=True, window=WINDOW), t, t, block_q, block_kv, device=device)
+        with temporarily((block_sparse, "FWD_HEADS_PER_PROGRAM", heads),
+                         (block_sparse.LAUNCH_OVERRIDES, "fwd", (warps, stages))):
+            step = lambda: block_sparse.block_sparse_forward(q, k, v, layout, scale)
+            try:
+                got = step()
+                want = got if want is None else want
+                err = max(max_diff(got[0], want[0]), max_diff(got[1], want[1]))
+                ms = bench_ms(step)
+            except Exception as exc:  # e.g. out of shared memory or registers
+                print(f"  window {block_q}x{block_kv}, {heads} heads, {warps}/{stages}: {type(exc).__name__}: "
+                      f"{str(exc)[:160]}", flush=True)
+                continue
+        rows.append(dict(env, op="window_forward", case=f"{block_q}x{block_kv} tiles, {heads} heads per program, "
+                         f"{warps} warps, {stages} stages", T=t, HQ=hq, HKV=hkv, D=d, ms=ms, block_q=block_q,
+                         block_kv=block_kv, heads_per_program=heads, warps=warps, stages=stages,
+                         max_abs_diff_to_first=err))
+        print(f"  {rows[-1]['case']}: {ms:.2f} ms (max abs diff {err:.2g})", flush=True)
+    return rows
+
+
+def nsa_rows(base, device, env, t: int, hq: int = 64, hkv: int = 4, d: int = 128) -> list:
+    """The whole union/token forward and forward+backward: baseline, ours, dense cuDNN."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    q, k, v = inputs(device, t, hq, hkv, d, 2, grad=True)
+    do = torch.randn_like(q)
+
+    def dense():
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                  is_causal=True, enable_gqa=True).transpose(1, 2)
+
+    def ours(values: dict):
+        def step():
+            with settings(nsa_selected, values):
+                return nsa_attention(q, k, v)
+        return step
+
+    steps = {"dense cuDNN": dense, "NSA union/token, baseline": lambda: base.nsa.nsa_attention(q, k, v)}
+    steps.update({f"NSA union/token, ours, {name}": ours(values) for name, values in OURS_VARIANTS})
+    rows, want = [], None
+    for name, step in steps.items():
+        with torch.no_grad():
+            got = step()
+            fwd = bench_ms(step)
+        err = None if name.startswith("dense") else (0.0 if want is None else max_diff(got, want))
+        want = got if (want is None and not name.startswith("dense")) else want
+        fwd_bwd = bench_ms(lambda: torch.autograd.grad(step(), (q, k, v), do))
+        rows.append(dict(env, op="end_to_end", case=name, T=t, HQ=hq, HKV=hkv, D=d, fwd_ms=fwd, fwd_bwd_ms=fwd_bwd,
+                         max_abs_diff_to_baseline=err))
+        print(f"  {name}: fwd {fwd:.2f} ms, fwd+bwd {fwd_bwd:.2f} ms (max abs diff {err})", flush=True)
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--baseline", required=True, help="package folder beside this script with the other kernels")
+    ap.add_argument("--length", type=int, default=65536)
+    ap.add_argument("--sections", nargs="*", default=["selected", "window", "nsa"],
+                    choices=["selected", "window", "nsa"])
+    ap.add_argument("--tag", default="", help="suffix of the result file")
+    args = ap.parse_args()
+    device = torch.device("cuda")
+    env = environment(device)
+    base = importlib.import_module(args.baseline)
+    for name in ("nsa", "nsa_selected"):
+        setattr(base, name, importlib.import_module(f"{args.baseline}.{name}"))
+    rows = []
+    if "selected" in args.sections:
+        rows += selected_rows(base, device, env, args.length)
+    if "window" in args.sections:
+        rows += window_rows(device, env, args.length)
+    if "nsa" in args.sections:
+        rows += nsa_rows(base, device, env, args.length)
+    write_rows(rows, ROOT / "benchmarks" / "results" / f"variants_{gpu_slug(device)}{args.tag}.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
