@@ -25,7 +25,7 @@ import sys
 import torch
 
 from common import ROOT, bench_ms, environment, gpu_slug, temporarily, write_rows
-from nsa_viz.kernels import block_sparse, nsa_selected
+from nsa_viz.kernels import block_sparse, nsa_selected, nsa_topk
 from nsa_viz.kernels.layout import TokenRule, layout_from_rule
 from nsa_viz.kernels.nsa import nsa_attention
 
@@ -38,20 +38,29 @@ SELECTED_VARIANTS = [
 ]
 # the selected attention's forward+backward: (name, {nsa_selected setting: value}), the dQ launch as "dq"
 SELECTED_FWD_BWD_VARIANTS = [("owned slots", dict())]
+# the packed importance kernel: (rows per program, (warps, stages, register cap))
+IMPORTANCE_VARIANTS = [(256, (8, 2, 128)), (128, (4, 2, None)), (128, (4, 2, 128)), (128, (4, 2, 168)),
+                       (128, (8, 2, None)), (128, (4, 3, 128)), (256, (8, 3, 128))]
+# the whole-row top-n: (name, bisection, register cap)
+TOPN_VARIANTS = [("3-way search, cap 96", 96), ("3-way search, cap 128", 128)]
 # (block_q, block_kv, heads per program, warps, stages)
 WINDOW_VARIANTS = [(64, 64, 1, 4, 3), (64, 64, 2, 4, 2), (64, 64, 2, 4, 3), (64, 64, 4, 4, 2), (64, 64, 4, 8, 3),
                    (128, 64, 2, 8, 2)]
 
 
 def settings(module, values: dict):
-    """``temporarily`` changes for ``values``: module attributes, or launch overrides for the kernel names."""
-    return temporarily(*((module.LAUNCH_OVERRIDES, name, value) if name in ("fwd", "dq", "fwd_tokens")
-                         else (module, name, value) for name, value in values.items()))
+    """``temporarily`` changes for ``values``: launch overrides for kernel names ("fwd", "dq", "fwd_tokens", ...) of
+    ``module``, else the attribute of that name in ``module`` or, failing that, in nsa_topk."""
+    changes = []
+    for name, value in values.items():
+        if name in ("fwd", "dq", "fwd_tokens"):
+            changes.append((module.LAUNCH_OVERRIDES, name, value))
+        else:
+            changes.append((module if hasattr(module, name) else nsa_topk, name, value))
+    return temporarily(*changes)
+# the whole forward with these settings (nsa_selected's, else nsa_topk's)
+OURS_VARIANTS = [("as committed", {})]
 
-
-# the whole forward with these nsa_selected settings
-OURS_VARIANTS = [("as committed", {}), ("one token per selected program", dict(FWD_TOKENS_PER_PROGRAM=1)),
-                 ("window one head per program", dict(WINDOW_HEADS_PER_PROGRAM=1))]
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max())
@@ -110,6 +119,58 @@ def selected_rows(base, device, env, t: int, hq: int = 64, hkv: int = 4, d: int 
         rows.append(dict(meta, case=f"selected attention fwd+bwd, {name}", ms=ms, fwd_bwd=True, settings=repr(values),
                          max_abs_grad_diff_to_baseline=err))
         print(f"  {rows[-1]['case']}: {ms:.2f} ms (max abs grad diff {err:.2g})", flush=True)
+    return rows
+
+
+def topn_rows(device, env, t: int, hq: int = 64, hkv: int = 4, d: int = 128) -> list:
+    """The whole-row top-n on the real 64k importance over register caps (indices compared with the first)."""
+    from nsa_viz.kernels.nsa import _pick_rows, compress_kv
+    from nsa_viz.kernels.nsa_compressed import compressed_importance
+    q, k, v = inputs(device, t, hq, hkv, d, 0)
+    k_cmp, _ = compress_kv(k, v, None, 32, 16)
+    importance = compressed_importance(q, k_cmp, cmp_block=32, cmp_stride=16, block=BLOCK, scale=d ** -0.5, kv_len=t,
+                                       backend="triton")
+    step = lambda: _pick_rows(importance, torch.arange(t, device=device), block=BLOCK, window=WINDOW,
+                              select_outside_window=False, top_n=16, init_blocks=1, local_blocks=2, backend="triton")
+    rows, want = [], None
+    for name, cap in TOPN_VARIANTS:
+        launch = dict(nsa_topk.TOPN_WHOLE_ROW_LAUNCH, maxnreg=cap)
+        with temporarily((nsa_topk, "TOPN_WHOLE_ROW_LAUNCH", launch)):
+            got = step()
+            want = got if want is None else want
+            same = bool(torch.equal(got, want))
+            ms = bench_ms(step)
+        rows.append(dict(env, op="top_n", case=name, T=t, HKV=hkv, ms=ms, max_registers=cap,
+                         identical_to_first=same))
+        print(f"  top-n, {name}: {ms:.2f} ms (identical indices: {same})", flush=True)
+    return rows
+
+
+def importance_rows(device, env, t: int, hq: int = 64, hkv: int = 4, d: int = 128) -> list:
+    """The packed importance kernel (LSE and importance passes) over rows per program and launch settings; the
+    result compared with the first variant's (the committed setting)."""
+    from nsa_viz.kernels import nsa_compressed
+    from nsa_viz.kernels.nsa import compress_kv
+    q, k, v = inputs(device, t, hq, hkv, d, 0)
+    k_cmp, _ = compress_kv(k, v, None, 32, 16)
+    step = lambda: nsa_compressed.compressed_importance(q, k_cmp, cmp_block=32, cmp_stride=16, block=BLOCK,
+                                                        scale=d ** -0.5, kv_len=t, backend="triton")
+    rows, want = [], None
+    for rows_per_program, launch in IMPORTANCE_VARIANTS:
+        with temporarily((nsa_compressed, "PACKED_ROWS", rows_per_program),
+                         (nsa_compressed.LAUNCH_OVERRIDES, "packed_importance", launch)):
+            try:
+                got = step()
+                want = got if want is None else want
+                err = max_diff(got, want)
+                ms = bench_ms(step)
+            except Exception as exc:
+                print(f"  importance {rows_per_program} rows {launch}: {type(exc).__name__}: {str(exc)[:160]}")
+                continue
+        case = f"{rows_per_program} rows per program, launch {launch}"
+        rows.append(dict(env, op="importance", case=case, T=t, HQ=hq, HKV=hkv, D=d, ms=ms, rows=rows_per_program,
+                         launch=repr(launch), max_abs_diff_to_first=err))
+        print(f"  importance, {case}: {ms:.2f} ms (max abs diff {err:.2g})", flush=True)
     return rows
 
 
@@ -177,8 +238,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--baseline", required=True, help="package folder beside this script with the other kernels")
     ap.add_argument("--length", type=int, default=65536)
-    ap.add_argument("--sections", nargs="*", default=["selected", "window", "nsa"],
-                    choices=["selected", "window", "nsa"])
+    ap.add_argument("--sections", nargs="*", default=["selected", "importance", "topn", "window", "nsa"],
+                    choices=["selected", "importance", "topn", "window", "nsa"])
     ap.add_argument("--tag", default="", help="suffix of the result file")
     args = ap.parse_args()
     device = torch.device("cuda")
@@ -189,6 +250,10 @@ def main() -> int:
     rows = []
     if "selected" in args.sections:
         rows += selected_rows(base, device, env, args.length)
+    if "importance" in args.sections:
+        rows += importance_rows(device, env, args.length)
+    if "topn" in args.sections:
+        rows += topn_rows(device, env, args.length)
     if "window" in args.sections:
         rows += window_rows(device, env, args.length)
     if "nsa" in args.sections:
