@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from common import ROOT, bench_ms, capture_graph, environment, gpu_slug, temporarily, write_rows
+from common import ROOT, bench_ms, capture_graph, dense_cudnn_step, environment, gpu_slug, temporarily, write_rows
 from nsa_viz.kernels import nsa_selected
 from nsa_viz.kernels.block_sparse import _strides, block_sparse_forward
 from nsa_viz.kernels.nsa import nsa_attention
@@ -197,18 +197,12 @@ def selected_rows(device, env, t: int, hq: int = 64, hkv: int = 4, d: int = 128)
 
 def end_to_end_rows(device, env, t: int, hq: int = 64, hkv: int = 4, d: int = 128) -> list:
     """NSA union/token forward and forward+backward (default launch settings), dense cuDNN beside them."""
-    import torch.nn.functional as F
-    from torch.nn.attention import SDPBackend, sdpa_kernel
     torch.manual_seed(1)
     q, k, v = (torch.randn(1, t, h, d, device=device, dtype=torch.bfloat16, requires_grad=True)
                for h in (hq, hkv, hkv))
     do = torch.randn_like(q)
     rows = []
-
-    def dense():
-        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                  is_causal=True, enable_gqa=True).transpose(1, 2)
+    dense = dense_cudnn_step(q, k, v)
 
     def nsa(tokens_per_program: int):
         def step():

@@ -24,7 +24,7 @@ import sys
 
 import torch
 
-from common import ROOT, bench_ms, environment, gpu_slug, temporarily, write_rows
+from common import ROOT, bench_ms, dense_cudnn_step, environment, gpu_slug, temporarily, write_rows
 from nsa_viz.kernels import block_sparse, nsa_compressed, nsa_selected, nsa_topk
 from nsa_viz.kernels.layout import TokenRule, layout_from_rule
 from nsa_viz.kernels.nsa import nsa_attention
@@ -210,15 +210,8 @@ def window_rows(device, env, t: int, hq: int = 64, hkv: int = 4, d: int = 128) -
 
 def nsa_rows(base, device, env, t: int, hq: int = 64, hkv: int = 4, d: int = 128) -> list:
     """The whole union/token forward and forward+backward: baseline, ours, dense cuDNN."""
-    import torch.nn.functional as F
-    from torch.nn.attention import SDPBackend, sdpa_kernel
     q, k, v = inputs(device, t, hq, hkv, d, 2, grad=True)
     do = torch.randn_like(q)
-
-    def dense():
-        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                  is_causal=True, enable_gqa=True).transpose(1, 2)
 
     def ours(values: dict):
         def step():
@@ -226,7 +219,7 @@ def nsa_rows(base, device, env, t: int, hq: int = 64, hkv: int = 4, d: int = 128
                 return nsa_attention(q, k, v)
         return step
 
-    steps = {"dense cuDNN": dense, "NSA union/token, baseline": lambda: base.nsa.nsa_attention(q, k, v)}
+    steps = {"dense cuDNN": dense_cudnn_step(q, k, v), "NSA union/token, baseline": lambda: base.nsa.nsa_attention(q, k, v)}
     steps.update({f"NSA union/token, ours, {name}": ours(values) for name, values in OURS_VARIANTS})
     rows, want = [], None
     for name, step in steps.items():

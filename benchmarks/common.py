@@ -72,6 +72,19 @@ def gpu_slug(device) -> str:
     return next((w for w in name.replace("-", " ").split() if w[:1] in "abhl" and w[1:].isdigit()), "gpu")
 
 
+def dense_cudnn_step(q, k, v):
+    """A step of dense causal attention by cuDNN (SDPA, GQA expanded) over ``q [B, T, HQ, D]`` and ``k, v [B, T,
+    HKV, D]``: the dense baseline of the NSA benchmarks."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def step():
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                  is_causal=True, enable_gqa=True).transpose(1, 2)
+    return step
+
+
 def dense_decode_steps(q1, kc, vc) -> dict:
     """{backend name: step} of dense SDPA decoding the queries ``q1 [B, Tq, HQ, D]`` over the whole cache
     ``kc``/``vc [B, T, HKV, D]`` (GQA expanded by SDPA), one per backend: a backend may refuse the shape."""
