@@ -147,7 +147,8 @@ def selected_rows(device, env, t: int, hq: int = 64, hkv: int = 4, d: int = 128)
     reference = None
     for warps, stages, tile, cap in SELECTED_LAUNCHES:
         with launch_settings("fwd", warps, stages, tile, cap):
-            step = lambda: nsa_selected.selected_part_forward(q, k, v, idx, o_win, lse_win, BLOCK, scale, WINDOW)
+            step = lambda: nsa_selected.selected_part_forward(q, k, v, idx, o_win, lse_win, BLOCK, scale, WINDOW,
+                                                              True)  # the top-n's rows, as nsa_attention runs them
             try:
                 got = step()[0]
                 same = reference is None or bool(torch.equal(got, reference))
@@ -159,7 +160,8 @@ def selected_rows(device, env, t: int, hq: int = 64, hkv: int = 4, d: int = 128)
                 print(f"  {warps}/{stages}/{tile}: {type(exc).__name__}: {str(exc)[:160]}", flush=True)
     for tokens, warps, stages, cap in SELECTED_TOKEN_LAUNCHES:
         with launch_settings("fwd_tokens", warps, stages, BLOCK, cap, tokens):
-            step = lambda: nsa_selected.selected_part_forward(q, k, v, idx, o_win, lse_win, BLOCK, scale, WINDOW)
+            step = lambda: nsa_selected.selected_part_forward(q, k, v, idx, o_win, lse_win, BLOCK, scale, WINDOW,
+                                                              True)  # the top-n's rows, as nsa_attention runs them
             try:
                 got = step()[0]
                 err = float((got.float() - reference.float()).abs().max())
@@ -179,7 +181,8 @@ def selected_rows(device, env, t: int, hq: int = 64, hkv: int = 4, d: int = 128)
     do = torch.randn_like(q)
 
     def fwd_bwd():
-        out, _ = nsa_selected.selected_attention_triton(qg, kg, vg, idx, block=BLOCK, scale=scale, window=WINDOW)
+        out, _ = nsa_selected.selected_attention_triton(qg, kg, vg, idx, block=BLOCK, scale=scale, window=WINDOW,
+                                                        rows_from_top_n=True)
         return torch.autograd.grad(out, (qg, kg, vg), do)
 
     first = None
@@ -251,7 +254,7 @@ def overlap_rows(device, env, t: int, hq: int = 64, hkv: int = 4, d: int = 128) 
                 x.record_stream(main)
         else:
             o_win, lse_win = block_sparse_forward(q, k, v, layout, scale)
-        return nsa_selected.selected_part_forward(q, k, v, chosen, o_win, lse_win, BLOCK, scale, WINDOW)[0]
+        return nsa_selected.selected_part_forward(q, k, v, chosen, o_win, lse_win, BLOCK, scale, WINDOW, True)[0]
 
     with torch.no_grad():
         whole = nsa_attention(q, k, v, block=BLOCK, window=WINDOW, backend="triton")

@@ -104,7 +104,7 @@ def selected_rows(base, device, env, t: int, hq: int = 64, hkv: int = 4, d: int 
     # forward + backward of the selected attention (window part included): the dQ kernel's loop changed too
     qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
     do = torch.randn_like(q)
-    runs = [("baseline", base.nsa_selected, {}, {})] + [(name, nsa_selected, values, dict(ascending=True))
+    runs = [("baseline", base.nsa_selected, {}, {})] + [(name, nsa_selected, values, dict(rows_from_top_n=True))
                                                         for name, values in SELECTED_FWD_BWD_VARIANTS]
     want = None
     for name, module, values, kw in runs:

@@ -392,10 +392,12 @@ def _tuning(kernel: str, head_dim: int, block_q: int, device: torch.device, head
         return launch_options(*LAUNCH_OVERRIDES[kernel])
     # Chosen by benchmarks/bench_block_sparse.py on an H100 (window 512, 64/4 heads, d=128, 64x64 tiles):
     # forward 4 warps / 3 stages; both backward kernels 4 warps / 2 stages (see benchmarks/NOTES.md).
-    # Two heads per forward program (128 rows): 4 warps / 2 stages, 3.53 ms against 4.44 for one head and
-    # 4.58 for two heads at 8 warps (window 512 at 64k, 64/4, d=128, H200; NOTES run 15)
+    # Several heads per forward program: 2 heads of 64 rows at d=128, 4 warps / 2 stages, 3.53 ms against 4.44 for
+    # one head and 4.58 for two at 8 warps; 4 heads at 8 warps 3.55 (2 or 3 stages), at 4 warps 10.16 (window 512
+    # at 64k, 64/4, H200; NOTES run 15). Larger tiles than two heads' at d=128 take 8 warps / 3 stages.
     if kernel == "fwd" and heads > 1:
-        return dict(num_warps=4, num_stages=2)
+        small = heads * block_q * head_dim <= 2 * 64 * 128
+        return dict(num_warps=4, num_stages=2) if small else dict(num_warps=8, num_stages=3)
     if kernel == "fwd":
         return dict(num_warps=8 if head_dim * block_q >= 128 * 128 else 4, num_stages=3)
     return dict(num_warps=4, num_stages=2)
@@ -452,6 +454,8 @@ def block_sparse_forward(q, k, v, layout: BlockLayout, scale: float, heads_per_p
     lse = torch.empty(b, hq, tq, dtype=torch.float32, device=q.device)
     largs, meta = _layout_args(layout, transposed=False)
     heads = FWD_HEADS_PER_PROGRAM if heads_per_program is None else heads_per_program
+    if not isinstance(heads, int) or isinstance(heads, bool) or heads < 1 or heads & (heads - 1):
+        raise ValueError(f"heads_per_program must be a power of two >= 1, got {heads!r}")
     heads = heads if (hq // hkv) % heads == 0 else 1
     grid = (layout.num_q_blocks, b * hq // heads)
     _fwd_kernel[grid](

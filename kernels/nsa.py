@@ -38,7 +38,7 @@ from .nsa_compressed import compressed_attention, compressed_importance, selecti
 from .nsa_ref import (GRANULARITIES, check_compressed, check_gates, check_nsa_params, num_compressed_blocks,
                       split_compress)
 from .nsa_decode_kernels import selected_window_decode, token_decode_supported, token_decode_triton
-from .nsa_selected import selected_attention, window_layout
+from .nsa_selected import selected_attention, selected_attention_triton, window_layout
 from .nsa_topk import pick_top_blocks
 
 # Block granularity runs the selected tiles through the block-sparse kernel when the layout can express them
@@ -431,8 +431,10 @@ def nsa_from_compressed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cmp
             layout = selection_layout(chosen, tq, tk, block, with_window)
             out, lse = block_sparse_attention(q, k, v, layout, scale, backend=backend, return_lse=True)
             return out, lse.transpose(1, 2)
-        return selected_attention(q, k, v, chosen, block=block, scale=scale, window=with_window, backend=backend,
-                                  ascending=True)  # the top-n writes its rows sorted, -1 last
+        if backend == "triton":  # the top-n's rows: sorted, -1 last
+            return selected_attention_triton(q, k, v, chosen, block=block, scale=scale, window=with_window,
+                                             rows_from_top_n=True)
+        return selected_attention(q, k, v, chosen, block=block, scale=scale, window=with_window, backend=backend)
 
     if combine == "union":
         out, lse = selected_branch(window)

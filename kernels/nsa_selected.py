@@ -60,9 +60,10 @@ def _owned_slot_ranks(row, last, BLOCK: tl.constexpr):
 @triton.jit
 def _nth_owned_block(idx_ptrs, valid, n, sin, row, ranks, ASCENDING: tl.constexpr):
     """``[R]``: the block of each ``n``-th owned slot (``n [R]``, ranks of ``_owned_slot_ranks``; ``ranks`` and ``row``
-    have 1 or R rows), or a slot that owns nothing. With ASCENDING (rows sorted, -1 last, as the top-n writes them)
-    the owned slots come first and entry ``n`` is read directly, a load the pipelined loop issues one step ahead
-    with the keys; otherwise it is picked out of the row held in registers."""
+    have 1 or R rows), or a slot that owns nothing. With ASCENDING (rows as the top-n writes them: sorted ascending,
+    negative entries last) the owned slots come first and entry ``n`` is read directly, a load the pipelined loop
+    issues one step ahead with the keys; otherwise it is picked out of the row held in registers. (Finding the
+    first owned slot, so that negative entries could come first too, cost 0.5-2 ms at 64k: NOTES run 15h.)"""
     if ASCENDING:
         return tl.load(idx_ptrs + n * sin, mask=valid, other=-1)
     return tl.max(tl.where(ranks == n[:, None], row, -1), 1)
@@ -189,7 +190,7 @@ def _sel_fwd_tokens_kernel(
     row = tl.load(idx_base[:, None] + offs_s[None, :] * sin, mask=tmask[:, None] & (offs_s < n_slots)[None, :],
                   other=-1)
     ranks, n_owned = _owned_slot_ranks(row, last, BLOCK)
-    for n in range(0, n_owned):  # a token with fewer owned slots than the other gets masked tiles (-1)
+    for n in range(0, n_owned):  # a token with fewer owned slots than the other: slots that _slot_keys masks
         blk = _nth_owned_block(idx_base, tmask, n + tl.zeros([TOKENS], tl.int32), sin, row, ranks, ASCENDING)
         for c in tl.static_range(0, BLOCK, BLOCK_N):
             offs_k, kmask = _slot_keys(blk[:, None], c, offs_n[None, :], last[:, None], BLOCK)
@@ -351,8 +352,9 @@ TILE_OVERRIDES: dict = {}
 # program at 64k, 64/4, d=128, on an H200 (NOTES run 14); 1 runs _sel_fwd_kernel, which also serves larger groups
 # and d=256 (not timed with two tokens: it would hold 144 KiB of shared memory per program and spill)
 FWD_TOKENS_PER_PROGRAM = 2
-# Query heads per program of the window part's forward (block_sparse_forward): two heads' rows share each key
-# tile, 3.53 ms against 4.44 for one at 64k, 64/4, d=128 on an H200 (NOTES run 15); None: block_sparse's default
+# Query heads per program of the window part's forward at d=128 (block_sparse_forward): two heads' rows share each
+# key tile, 3.53 ms against 4.44 for one at 64k, 64/4, on an H200 (NOTES run 15); other head dims keep one (at
+# d=256 two were 38 % slower in a review's check at 16k)
 WINDOW_HEADS_PER_PROGRAM = 2
 # Tokens of one dK/dV work item, in tiles of ROWS // G tokens: a block chosen by more tokens is split
 # over several programs (benchmarks may change it).
@@ -437,8 +439,8 @@ def selected_forward(q, k, v, block_idx, block: int, scale: float, window: int, 
     """Returns ``(out [B, Tq, HQ, D], lse [B, HQ, Tq] float32)`` of the merged softmax."""
     tq, tk, d = q.shape[1], k.shape[1], q.shape[3]
     if window > 0:
-        o_win, lse_win = block_sparse_forward(q, k, v, window_layout(tq, tk, window, d, q.device), scale,
-                                              WINDOW_HEADS_PER_PROGRAM)
+        heads = WINDOW_HEADS_PER_PROGRAM if d == 128 else 1  # measured at d=128 only (slower at d=256)
+        o_win, lse_win = block_sparse_forward(q, k, v, window_layout(tq, tk, window, d, q.device), scale, heads)
     else:
         o_win, lse_win = q, q  # unused (WINDOW=0 compiles the merge away)
     return selected_part_forward(q, k, v, block_idx, o_win, lse_win, block, scale, window, ascending)
@@ -447,7 +449,7 @@ def selected_forward(q, k, v, block_idx, block: int, scale: float, window: int, 
 def selected_part_forward(q, k, v, block_idx, o_win, lse_win, block: int, scale: float, window: int,
                           ascending: bool = False):
     """The selected blocks' kernel alone, merging the window part's ``(o_win, lse_win)`` when ``window > 0``;
-    ``ascending``: see ``selected_attention``."""
+    ``ascending``: ``rows_from_top_n`` of ``selected_attention_triton``."""
     b, tq, hq, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
     out = torch.empty(b, tq, hq, d, dtype=q.dtype, device=q.device)
@@ -526,30 +528,30 @@ class _SelectedAttention(torch.autograd.Function):
 
 @torch.compiler.disable
 def selected_attention_triton(q, k, v, block_idx, *, block: int, scale: Optional[float] = None, window: int = 0,
-                              ascending: bool = False):
+                              rows_from_top_n: bool = False):
     """Triton version of ``selected_attention_reference``: ``(out [B, Tq, HQ, D], lse [B, Tq, HQ])``
-    (the LSE is a transposed view of a ``[B, HQ, Tq]`` buffer: no copy)."""
+    (the LSE is a transposed view of a ``[B, HQ, Tq]`` buffer: no copy).
+
+    ``rows_from_top_n=True`` promises rows as ``select_blocks`` writes them: sorted ascending with every negative
+    entry last. The kernels then read the slots that own keys in order instead of picking them out of the row
+    (faster); rows in another order (``torch.sort`` puts negatives first) would lose blocks without an error."""
     scale = check_selected_inputs(q, k, v, block_idx, block, scale, window)
-    out, lse = _SelectedAttention.apply(q, k, v, block_idx, block, scale, window, bool(ascending))
+    out, lse = _SelectedAttention.apply(q, k, v, block_idx, block, scale, window, bool(rows_from_top_n))
     return out, lse.transpose(1, 2)
 
 
 def selected_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: torch.Tensor, *, block: int,
-                       scale: Optional[float] = None, window: int = 0, backend: str = "auto",
-                       ascending: bool = False):
+                       scale: Optional[float] = None, window: int = 0, backend: str = "auto"):
     """Attention of ``q [B, Tq, HQ, D]`` over ``k, v [B, Tk, HKV, D]`` restricted, per query token and
     key/value head, to the blocks ``block_idx [B, HKV, Tq, N]`` (-1 = unused slot, any order, no duplicates)
     and, with ``window > 0``, the ``window`` most recent keys, in one softmax; future keys are masked.
     Returns ``(out [B, Tq, HQ, D], lse [B, Tq, HQ] float32)``; differentiable in q, k, v.
 
     The Triton backend trusts the index values (checking them would stall the GPU): an entry < 0 is
-    unused, one past the last block selects nothing. ``ascending=True`` promises rows sorted ascending with
-    the -1 entries last (what ``select_blocks`` returns): the kernels then read the slots that own keys
-    directly instead of picking them out of the row; unsorted rows would lose blocks. The reference ignores it."""
+    unused, one past the last block selects nothing."""
     backend = resolve_backend(backend, q.device)
     if backend == "triton":
-        return selected_attention_triton(q, k, v, block_idx, block=block, scale=scale, window=window,
-                                         ascending=ascending)
+        return selected_attention_triton(q, k, v, block_idx, block=block, scale=scale, window=window)
     return selected_attention_reference(q, k, v, block_idx, block=block, scale=scale, window=window)
 
 

@@ -155,9 +155,27 @@ def test_forward_packs_query_heads_of_a_group(monkeypatch, heads):
         layout = GlobalLocal(window=24, sink=3, global_tokens=(40,)).compile(70, block_q=16, block_kv=16)
         errs = compare_backends(q, k, v, layout)
         assert max(errs) < TOLERANCE[torch.float32], (hq, errs)
-    monkeypatch.setattr(block_sparse, "FWD_HEADS_PER_PROGRAM", 1)
-    q, k, v = random_qkv(2, 70, 70, 8, 2, 32, torch.float32, seed=8)
-    one = block_sparse_attention(q, k, v, layout, backend="triton", return_lse=True)
-    monkeypatch.setattr(block_sparse, "FWD_HEADS_PER_PROGRAM", heads)
-    packed = block_sparse_attention(q, k, v, layout, backend="triton", return_lse=True)
-    assert all(torch.equal(a, b) for a, b in zip(one, packed))
+    # a layout per (sequence, kv head) and a mask_mod layout (partial tiles read from bitmaps by row in the block)
+    from nsa_viz.kernels import BlockLayout, layout_from_mask_mod
+    base = layout_from_rule(TokenRule(causal=True), 64, 64, 16, 16)
+    chosen = (torch.rand(2, 2, 4, 4, generator=torch.Generator().manual_seed(3)) < 0.5) | torch.eye(4, dtype=torch.bool)
+    per_head = BlockLayout(64, 64, 16, 16, torch.where(chosen, base.tile_class, torch.zeros((), dtype=torch.int8)),
+                           base.rule, name="per_head")
+    every_third = layout_from_mask_mod(lambda qp, kp: (kp <= qp) & ((qp - kp) % 3 != 1), 64, 64, 16, 16)
+    for layout in (per_head, every_third):
+        q, k, v = random_qkv(2, 64, 64, 8, 2, 32, torch.float32, seed=9)
+        assert max(compare_backends(q, k, v, layout)) < TOLERANCE[torch.float32], layout.name
+        monkeypatch.setattr(block_sparse, "FWD_HEADS_PER_PROGRAM", 1)
+        one = block_sparse_attention(q, k, v, layout, backend="triton", return_lse=True)
+        monkeypatch.setattr(block_sparse, "FWD_HEADS_PER_PROGRAM", heads)
+        packed = block_sparse_attention(q, k, v, layout, backend="triton", return_lse=True)
+        assert all(torch.equal(a, b) for a, b in zip(one, packed)), layout.name
+
+
+@pytest.mark.parametrize("heads", [0, 3, 2.0])
+def test_heads_per_program_must_be_a_power_of_two(heads):
+    from nsa_viz.kernels.block_sparse import block_sparse_forward
+    q, k, v = random_qkv(1, 32, 32, 4, 2, 32, torch.float32)
+    layout = SlidingWindow(16).compile(32, block_q=16, block_kv=16)
+    with pytest.raises(ValueError, match="heads_per_program must be a power of two"):
+        block_sparse_forward(q, k, v, layout, 0.1, heads)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from nsa_viz.kernels.nsa_selected import selected_attention
+from nsa_viz.kernels.nsa_selected import selected_attention, selected_attention_triton
 from nsa_viz.kernels.nsa_selected_ref import selected_attention_reference
 
 from .helpers import TOLERANCE, random_qkv, rel_err
@@ -68,8 +68,11 @@ def compare(q, k, v, idx, block, window, scale=None, ascending=False):
     do = torch.randn(q.shape, generator=torch.Generator().manual_seed(7)).to(q.dtype)
     res = []
     for backend in ("triton", "reference"):
-        out, lse = selected_attention(q, k, v, idx, block=block, window=window, scale=scale, backend=backend,
-                                      ascending=ascending)
+        if backend == "triton":
+            out, lse = selected_attention_triton(q, k, v, idx, block=block, window=window, scale=scale,
+                                                 rows_from_top_n=ascending)
+        else:
+            out, lse = selected_attention(q, k, v, idx, block=block, window=window, scale=scale, backend=backend)
         res.append((out, lse, *torch.autograd.grad(out, (q, k, v), do)))
     tri, ref = res
     assert not any(torch.isnan(t).any() for t in tri), "NaN in kernel results"
@@ -209,8 +212,6 @@ def test_tokens_per_program_must_be_a_power_of_two(monkeypatch):
         selected_attention(q, k, v, idx, block=4, backend="triton")
 
 
-
-
 def ascending_rows(idx):
     """``idx`` with each row sorted ascending and its -1 entries last, as the top-n writes them."""
     big = torch.iinfo(idx.dtype).max
@@ -222,19 +223,21 @@ def ascending_rows(idx):
 @pytest.mark.parametrize("window", [0, 20])
 def test_slots_that_own_nothing_are_skipped_in_any_order(monkeypatch, tokens, tile, window):
     # the kernels loop over the slots that own keys (not -1, not in the future, not in the window). Random rows
-    # put such slots anywhere (picked out of the row); sorted rows put them first (read directly with
-    # ascending=True). Five slots of 8-token blocks over 60 tokens: most rows hold some of each kind; 4-key
-    # tiles split each block in two.
+    # put such slots anywhere, and so does torch.sort (negative entries first): picked out of the row. The top-n's
+    # rows (sorted, negatives last) put them first: read in order with rows_from_top_n=True. Five slots of 8-token
+    # blocks, 59 queries over 60 keys: most rows hold some of each kind; 4-key tiles split each block in two.
     from nsa_viz.kernels import nsa_selected
     monkeypatch.setattr(nsa_selected, "FWD_TOKENS_PER_PROGRAM", tokens)
     monkeypatch.setitem(nsa_selected.TILE_OVERRIDES, "fwd", tile)
     monkeypatch.setitem(nsa_selected.TILE_OVERRIDES, "dq", tile)
-    q, k, v = random_qkv(1, 60, 60, 4, 2, 32, torch.float32, seed=51 + window)
-    shuffled = random_block_idx(1, 2, 60, 60, 5, 8, seed=52)
-    for idx, ascending in ((shuffled, False), (ascending_rows(shuffled), False), (ascending_rows(shuffled), True)):
-        errs = compare(q, k, v, idx, 8, window, ascending=ascending)
-        assert max(errs.values()) < TOLERANCE[torch.float32], (ascending, errs)
-    runs = [selected_attention(q, k, v, ascending_rows(shuffled), block=8, window=window, backend="triton",
-                               ascending=ascending) for ascending in (False, True)]
+    q, k, v = random_qkv(1, 59, 60, 4, 2, 32, torch.float32, seed=51 + window)  # odd: a half-empty last program
+    shuffled = random_block_idx(1, 2, 59, 60, 5, 8, seed=52)
+    negatives_first = torch.sort(shuffled, -1).values.to(torch.int64)  # torch.sort's order, int64 entries
+    for idx, in_order in ((shuffled, False), (negatives_first, False), (ascending_rows(shuffled), False),
+                          (ascending_rows(shuffled), True)):
+        errs = compare(q, k, v, idx, 8, window, ascending=in_order)
+        assert max(errs.values()) < TOLERANCE[torch.float32], (in_order, errs)
+    runs = [selected_attention_triton(q, k, v, ascending_rows(shuffled), block=8, window=window,
+                                      rows_from_top_n=in_order) for in_order in (False, True)]
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
