@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .checks import check_layout, check_qkv
+from .checks import check_layout, check_power_of_two, check_qkv
 from .layout import BlockLayout
 
 LOG2E = 1.4426950408889634
@@ -454,8 +454,7 @@ def block_sparse_forward(q, k, v, layout: BlockLayout, scale: float, heads_per_p
     lse = torch.empty(b, hq, tq, dtype=torch.float32, device=q.device)
     largs, meta = _layout_args(layout, transposed=False)
     heads = FWD_HEADS_PER_PROGRAM if heads_per_program is None else heads_per_program
-    if not isinstance(heads, int) or isinstance(heads, bool) or heads < 1 or heads & (heads - 1):
-        raise ValueError(f"heads_per_program must be a power of two >= 1, got {heads!r}")
+    check_power_of_two("heads_per_program", heads)
     heads = heads if (hq // hkv) % heads == 0 else 1
     grid = (layout.num_q_blocks, b * hq // heads)
     _fwd_kernel[grid](

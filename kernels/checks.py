@@ -76,3 +76,9 @@ def needs_grad(*tensors) -> bool:
     """Whether autograd will want a gradient of any of ``tensors`` (anything not a tensor, e.g. None, is
     skipped): the references then keep the graph, and the Triton paths that have no backward step aside."""
     return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
+def check_power_of_two(name: str, value) -> None:
+    """A launch or tiling setting that must be a power of two >= 1 (an int, not a bool)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1 or value & (value - 1):
+        raise ValueError(f"{name} must be a power of two >= 1, got {value!r}")

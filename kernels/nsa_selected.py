@@ -30,6 +30,7 @@ import triton.language as tl
 from . import preferred_block_sizes, resolve_backend
 from .block_sparse import (LOG2E, _bwd_delta_kernel, _finish_softmax, _masked_softmax_step, _mm, _precision,
                            _strides, block_sparse_backward, block_sparse_forward, launch_options)
+from .checks import check_power_of_two
 from .layout import TokenRule, layout_from_rule
 from .nsa_selected_ref import check_selected_inputs, selected_attention_reference
 
@@ -45,21 +46,25 @@ def _slot_keys(blk, c, offs_n, last, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _owned_slot_ranks(row, last, BLOCK: tl.constexpr):
-    """For index rows ``row [R, SLOTS]`` (-1 padded past the real slots) whose tokens own keys up to ``last [R]``:
-    each slot's rank among the slots that own any key (-1 for the others) and the most such slots in one row.
+def _owned_slots(idx_ptrs, valid, sin, n_slots, last, SLOTS: tl.constexpr, BLOCK: tl.constexpr):
+    """``(row, ranks, n_owned)`` for the index rows at ``idx_ptrs [R]`` (``valid [R]``; a row of ``n_slots`` entries
+    loaded as ``row [R, SLOTS]``, -1 past them) whose tokens own keys up to ``last [R]``: each slot's rank among the
+    slots that own any key (-1 for the others) and the most such slots in one row.
 
     The kernels loop over ranks, not slots: with a branch-free loop a slot that owns nothing still costs a whole
     QK -> softmax -> PV step, and the top-n's local blocks (about 2.5 of 16 slots at 64k) lie in the window,
     whose keys belong to the window part."""
+    offs_s = tl.arange(0, SLOTS)
+    row = tl.load(idx_ptrs[:, None] + offs_s[None, :] * sin, mask=valid[:, None] & (offs_s < n_slots)[None, :],
+                  other=-1)
     owns = (row >= 0) & (last[:, None] >= 0) & (row <= last[:, None] // BLOCK)
     ranks = tl.cumsum(owns.to(tl.int32), 1) - 1
-    return tl.where(owns, ranks, -1), tl.max(tl.sum(owns.to(tl.int32), 1), 0)
+    return row, tl.where(owns, ranks, -1), tl.max(tl.sum(owns.to(tl.int32), 1), 0)
 
 
 @triton.jit
 def _nth_owned_block(idx_ptrs, valid, n, sin, row, ranks, ASCENDING: tl.constexpr):
-    """``[R]``: the block of each ``n``-th owned slot (``n [R]``, ranks of ``_owned_slot_ranks``; ``ranks`` and ``row``
+    """``[R]``: the block of each ``n``-th owned slot (``n [R]``, ranks of ``_owned_slots``; ``ranks`` and ``row``
     have 1 or R rows), or a slot that owns nothing. With ASCENDING (rows as the top-n writes them: sorted ascending,
     negative entries last) the owned slots come first and entry ``n`` is read directly, a load the pipelined loop
     issues one step ahead with the keys; otherwise it is picked out of the row held in registers. (Finding the
@@ -121,11 +126,10 @@ def _sel_fwd_kernel(
     v_base = V + b.to(tl.int64) * svb + hk * svh
     idx_base = IDX + b.to(tl.int64) * sib + hk * sih + i.to(tl.int64) * sit
     last = q_offset + i - WINDOW  # the last key this part owns: later ones are the window's (or the future)
-    offs_s = tl.arange(0, SLOTS)
     offs_n = tl.arange(0, BLOCK_N)
-    one = tl.arange(0, 1)
-    row = tl.load(idx_base + offs_s[None, :] * sin, mask=(offs_s < n_slots)[None, :], other=-1)
-    ranks, n_owned = _owned_slot_ranks(row, tl.full([1], last, tl.int32), BLOCK)
+    one = tl.arange(0, 1)  # the token's index row as a batch of one
+    row, ranks, n_owned = _owned_slots(idx_base + one, one < 1, sin, n_slots, tl.full([1], last, tl.int32), SLOTS,
+                                       BLOCK)
 
     m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([ROWS], dtype=tl.float32)
@@ -186,10 +190,7 @@ def _sel_fwd_tokens_kernel(
     m_i = tl.full([TOKENS, ROWS], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([TOKENS, ROWS], dtype=tl.float32)
     acc = tl.zeros([TOKENS, ROWS, HEAD_DIM], dtype=tl.float32)
-    offs_s = tl.arange(0, SLOTS)
-    row = tl.load(idx_base[:, None] + offs_s[None, :] * sin, mask=tmask[:, None] & (offs_s < n_slots)[None, :],
-                  other=-1)
-    ranks, n_owned = _owned_slot_ranks(row, last, BLOCK)
+    row, ranks, n_owned = _owned_slots(idx_base, tmask, sin, n_slots, last, SLOTS, BLOCK)
     for n in range(0, n_owned):  # a token with fewer owned slots than the other: slots that _slot_keys masks
         blk = _nth_owned_block(idx_base, tmask, n + tl.zeros([TOKENS], tl.int32), sin, row, ranks, ASCENDING)
         for c in tl.static_range(0, BLOCK, BLOCK_N):
@@ -261,11 +262,10 @@ def _sel_bwd_dq_kernel(
     v_base = V + b.to(tl.int64) * svb + hk * svh
     idx_base = IDX + b.to(tl.int64) * sib + hk * sih + i.to(tl.int64) * sit
     last = q_offset + i - WINDOW
-    offs_s = tl.arange(0, SLOTS)
     offs_n = tl.arange(0, BLOCK_N)
-    one = tl.arange(0, 1)
-    row = tl.load(idx_base + offs_s[None, :] * sin, mask=(offs_s < n_slots)[None, :], other=-1)
-    ranks, n_owned = _owned_slot_ranks(row, tl.full([1], last, tl.int32), BLOCK)
+    one = tl.arange(0, 1)  # the token's index row as a batch of one
+    row, ranks, n_owned = _owned_slots(idx_base + one, one < 1, sin, n_slots, tl.full([1], last, tl.int32), SLOTS,
+                                       BLOCK)
     dq = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
     for n in range(0, n_owned):  # branch-free, as in the forward
         blk = _nth_owned_block(idx_base, one < 1, n + one, sin, row, ranks, ASCENDING)
@@ -359,11 +359,6 @@ WINDOW_HEADS_PER_PROGRAM = 2
 # Tokens of one dK/dV work item, in tiles of ROWS // G tokens: a block chosen by more tokens is split
 # over several programs (benchmarks may change it).
 DKDV_TILES_PER_ITEM = 16
-
-
-def _check_power_of_two(name: str, value) -> None:
-    if not isinstance(value, int) or value < 1 or value & (value - 1):
-        raise ValueError(f"{name} must be a power of two >= 1, got {value!r}")
 
 
 def _rows(group: int) -> int:
@@ -461,7 +456,7 @@ def selected_part_forward(q, k, v, block_idx, o_win, lse_win, block: int, scale:
                   WINDOW=window, PRECISION=_precision(q.dtype, q.device),
                   SLOTS=triton.next_power_of_2(block_idx.shape[3]), ASCENDING=ascending)
     tokens = FWD_TOKENS_PER_PROGRAM if consts["ROWS"] == 16 and d <= 128 else 1
-    _check_power_of_two("FWD_TOKENS_PER_PROGRAM", tokens)
+    check_power_of_two("FWD_TOKENS_PER_PROGRAM", tokens)
     if tokens > 1:
         _sel_fwd_tokens_kernel[(triton.cdiv(tq, tokens), b * hkv)](*args, **consts, TOKENS=tokens,
                                                                    **_tuning("fwd_tokens", q.device))
