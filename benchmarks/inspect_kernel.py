@@ -30,7 +30,7 @@ PRESETS = {
         skt=512, skh=128, skd=1, slb=0, slt=0, slh=0, sib=4 * T * 1024, sih=T * 1024, sit=1024, sis=1, q_len=T,
         num_cmp=4095, num_sel=1024, num_kv_heads=4, q_offset=0, qk_scale_log2=0.1), dict(
         GROUP=16, GROUP_P=16, TOKENS=16, HEAD_DIM=128, BLOCK_N=64, NUM_SEL=16, CMP_BLOCK=32, CMP_STRIDE=16,
-        SEL_BLOCK=64, PRECISION="tf32", FIND_LSE=True, BY_BLOCKS=True)),
+        SEL_BLOCK=64, PRECISION="tf32", FIND_LSE=True, BY_BLOCKS=True, SPREAD=True)),
     "topn_whole_rows": ("nsa_topk", "_topn_whole_rows_kernel", dict(
         S="*fp32", CUR="*i32", OUT="*i32", ssb=4 * T * 1024, ssh=T * 1024, ssr=1024, sss=1, sob=4 * T * 16, soh=T * 16,
         sor=16, son=1, n_rows=T, num_sel=1024, num_heads=4, init_blocks=1, local_blocks=2), dict(
@@ -42,11 +42,21 @@ PRESETS = {
         swb=T * 8192, swt=8192, swh=128, swd=1, q_len=T, num_q_heads=64, num_kv_heads=4, n_slots=16, q_offset=0,
         qk_scale_log2=0.1), dict(GROUP=16, ROWS=16, HEAD_DIM=128, BLOCK=64, BLOCK_N=64, WINDOW=512, PRECISION="tf32", SLOTS=16, ASCENDING=True)),
 }
+# the NSA window part: block-sparse forward on a sliding-window layout, two query heads per program
+PRESETS["window_fwd"] = ("block_sparse", "_fwd_kernel", dict(
+    Q="*bf16", K="*bf16", V="*bf16", O="*bf16", LSE="*fp32", sqb=T * 8192, sqt=8192, sqh=128, sqd=1, skb=T * 512, skt=512,
+    skh=128, skd=1, svb=T * 512, svt=512, svh=128, svd=1, sob=T * 8192, sot=8192, soh=128, sod=1, FULL_IDX="*i32",
+    FULL_CNT="*i32", PART_IDX="*i32", PART_CNT="*i32", PART_TID="*i32", layout_heads=1, num_rows=1024, full_w=16,
+    part_w=16, GLOB="*i8", BITS="*i8", q_len=T, kv_len=T, num_q_heads=64, q_offset=0, qk_scale_log2=0.1), dict(
+    GROUP=16, HEAD_DIM=128, BLOCK_Q=64, BLOCK_KV=64, CAUSAL=True, WINDOW=512, SINK=0, DIL_BLOCK=1, DIL_STRIDE=1,
+    HAS_GLOBAL=False, HAS_BITS=False, LAYOUT_PER_BATCH=False, LAYOUT_PER_HEAD=False, PRECISION="tf32", HEADS=2))
 # the same launch with two query tokens per program (one warp each)
 PRESETS["selected_fwd_tokens"] = ("nsa_selected", "_sel_fwd_tokens_kernel", PRESETS["selected_fwd"][2],
                                   dict(PRESETS["selected_fwd"][3], TOKENS=2))
 # what each preset's kernel is launched with on the GPU: (warps, stages, register cap or None)
-LAUNCHES = {"packed_importance": (8, 2, 128), "topn_whole_rows": (2, 2, 96), "selected_fwd": (2, 2, None), "selected_fwd_tokens": (2, 2, None)}
+LAUNCHES = {"window_fwd": (4, 2, None), "packed_importance": (8, 2, 128), "topn_whole_rows": (2, 2, 96), "selected_fwd": (2, 2, None), "selected_fwd_tokens": (2, 2, None)}
+# pointer arguments that are not bf16 tensors whatever the preset (the packed importance kernel's row order)
+INT_POINTERS = {"ROW_TOKEN": "*i32", "ROW_HEAD": "*i32"}
 # TTGIR operations worth counting: data through shared memory, tensor-core products, reductions
 WATCHED = ("ttg.convert_layout", "ttg.local_alloc", "ttg.local_load", "ttng.warp_group_dot ", "tt.dot ", '"tt.reduce"(')
 
@@ -60,13 +70,14 @@ def _constexpr(text: str):
 
 def signature(fn, consts: dict, args: dict):
     """``(signature, constexprs, attributes)`` as a launch with ``args`` would specialise them; an argument missing
-    from ``args`` is a bf16 pointer if its name is upper case, else a 32-bit integer."""
+    from ``args`` is an int32 pointer if INT_POINTERS names it, a bf16 pointer if its name is upper case, else a
+    32-bit integer."""
     sig, consts, attrs = {}, dict(consts), {}
     for i, name in enumerate(fn.arg_names):
         if name in consts:
             sig[name] = "constexpr"
             continue
-        value = args.get(name, "*bf16" if name.isupper() else 16)
+        value = args.get(name, INT_POINTERS.get(name, "*bf16" if name.isupper() else 16))
         if isinstance(value, str):  # a pointer type: allocations are 16-byte aligned
             sig[name], attrs[(i,)] = value, [["tt.divisibility", 16]]
         elif isinstance(value, float):

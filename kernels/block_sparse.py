@@ -44,6 +44,18 @@ def _masked_softmax_step(m_i, s):
 
 
 @triton.jit
+def _scaled_softmax_step(m_i, s, qk_scale_log2, MASKED: tl.constexpr):
+    """``_masked_softmax_step`` on unscaled scores: the running max ``m_i`` and the scores ``s`` stay unscaled (the
+    scale is positive, so the max commutes with it) and the scale (log2 units) enters each exponent's multiply-add:
+    one multiply per score fewer, the score's max, multiply-add, exp2 and sum left. Without MASKED no score is
+    -inf, so every row ends the tile with a finite max. The final max is ``m_i * qk_scale_log2`` in log2 units."""
+    m_new = tl.maximum(m_i, tl.max(s, -1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new) if MASKED else m_new
+    mc = m_safe * qk_scale_log2
+    return m_new, tl.math.exp2(s * qk_scale_log2 - tl.expand_dims(mc, -1)), tl.math.exp2(m_i * qk_scale_log2 - mc)
+
+
+@triton.jit
 def _finish_softmax(acc, m_i, l_i):
     """``(out, lse in log2 units)`` of an online softmax's final state (``_masked_softmax_step``'s running max and
     sum, the accumulated P·V); a row that saw nothing gives 0 and -inf."""
@@ -127,15 +139,13 @@ def _fwd_kernel(
         kb = tl.load(FULL_IDX + row + j)
         offs_k = kb * BLOCK_KV + offs_n
         k = tl.load(k_base + offs_k[None, :].to(tl.int64) * skt + offs_d[:, None] * skd)
-        s = _mm(q, k, PRECISION) * qk_scale_log2
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
+        m_new, p, alpha = _scaled_softmax_step(m_i, _mm(q, k, PRECISION), qk_scale_log2, False)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + offs_k[:, None].to(tl.int64) * svt + offs_d[None, :] * svd)
         acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PRECISION)
         m_i = m_new
-    # partial tiles: token rule applied; rows may stay empty (m = -inf) so subtract a safe max
+    # partial tiles: token rule applied; rows may stay empty (m = -inf) so subtract a safe max (scores unscaled in both
+    # loops: _scaled_softmax_step)
     n_part = tl.load(PART_CNT + crow)
     q_pos = (offs_m + q_offset)[:, None]
     prow = crow.to(tl.int64) * part_w
@@ -147,17 +157,16 @@ def _fwd_kernel(
         offs_k = kb * BLOCK_KV + offs_n
         kmask = offs_k < kv_len
         k = tl.load(k_base + offs_k[None, :].to(tl.int64) * skt + offs_d[:, None] * skd, mask=kmask[None, :], other=0.0)
-        s = _mm(q, k, PRECISION) * qk_scale_log2
+        s = _mm(q, k, PRECISION)
         vis = _token_visible(q_pos, offs_k[None, :], offs_m[:, None], q_len, kv_len, GLOB, BITS, tid,
                              CAUSAL, WINDOW, SINK, DIL_BLOCK, DIL_STRIDE, HAS_GLOBAL, HAS_BITS, BLOCK_Q, BLOCK_KV,
                              row_in_block[:, None], offs_n[None, :])
-        s = tl.where(vis, s, float("-inf"))
-        m_new, p, alpha = _masked_softmax_step(m_i, s)
+        m_new, p, alpha = _scaled_softmax_step(m_i, tl.where(vis, s, float("-inf")), qk_scale_log2, True)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + offs_k[:, None].to(tl.int64) * svt + offs_d[None, :] * svd, mask=kmask[:, None], other=0.0)
         acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PRECISION)
         m_i = m_new
-    out, lse2 = _finish_softmax(acc, m_i, l_i)
+    out, lse2 = _finish_softmax(acc, m_i * qk_scale_log2, l_i)
     lse = lse2 * 0.6931471805599453
     o_ptrs = O + b.to(tl.int64) * sob + heads[:, None] * soh + offs_m[:, None].to(tl.int64) * sot + offs_d[None, :] * sod
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_m[:, None] < q_len)

@@ -26,8 +26,8 @@ import triton
 import triton.language as tl
 
 from . import resolve_backend
-from .block_sparse import (LOG2E, _bwd_delta_kernel, _finish_softmax, _masked_softmax_step, _mm, _precision, _strides,
-                           launch_options)
+from .block_sparse import (LOG2E, _bwd_delta_kernel, _finish_softmax, _masked_softmax_step, _mm, _precision,
+                           _scaled_softmax_step, _strides, launch_options)
 from .nsa_compressed_ref import (check_compressed_inputs, check_compression, check_importance_inputs,
                                  compressed_attention_reference, compressed_importance_reference,
                                  compressed_lse_reference, selection_importance_reference)
@@ -330,29 +330,95 @@ def _running_lse_step(m_i, l_i, s):
 
 
 @triton.jit
+def _raw_lse_step(m_i, l_i, s, qk_scale_log2, MASKED: tl.constexpr):
+    """``_running_lse_step`` on unscaled scores ``s`` (``_scaled_softmax_step``: the running max unscaled too)."""
+    m_new, p, alpha = _scaled_softmax_step(m_i, s, qk_scale_log2, MASKED)
+    return m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def _head_sum(p, TOKENS: tl.constexpr, GROUP_P: tl.constexpr, BLOCK_N: tl.constexpr, SPREAD: tl.constexpr):
+    """``[TOKENS, BLOCK_N]``: the probabilities ``p [TOKENS * GROUP_P, BLOCK_N]`` summed over each token's heads, rows
+    ordered as ``_packed_row_order`` puts them. SPREAD (256 rows): row bit b is axis 7 - b of a reshape, and the
+    head bits are summed in HEAD_ROW_BITS order (registers first, then lanes)."""
+    if SPREAD:
+        x = tl.reshape(p, [2, 2, 2, 2, 2, 2, 2, 2, BLOCK_N])
+        if GROUP_P >= 2:
+            x = tl.sum(x, 4, keep_dims=True)
+        if GROUP_P >= 4:
+            x = tl.sum(x, 0, keep_dims=True)
+        if GROUP_P >= 8:
+            x = tl.sum(x, 7, keep_dims=True)
+        if GROUP_P >= 16:
+            x = tl.sum(x, 6, keep_dims=True)
+        if GROUP_P >= 32:
+            x = tl.sum(x, 5, keep_dims=True)
+        if GROUP_P >= 64:
+            x = tl.sum(x, 3, keep_dims=True)
+        if GROUP_P >= 128:
+            x = tl.sum(x, 2, keep_dims=True)
+        if GROUP_P >= 256:
+            x = tl.sum(x, 1, keep_dims=True)
+        return tl.reshape(x, [TOKENS, BLOCK_N])
+    return tl.sum(tl.reshape(p, [TOKENS, GROUP_P, BLOCK_N]), 1)
+
+
+@triton.jit
+def _importance_tile(q, k, lse2, offs_k, n_vis, carry, w_own, w_next, qk_scale_log2, TOKENS: tl.constexpr,
+                     GROUP_P: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SEL: tl.constexpr, CMP_BLOCK: tl.constexpr,
+                     CMP_STRIDE: tl.constexpr, SEL_BLOCK: tl.constexpr, PRECISION: tl.constexpr,
+                     BY_BLOCKS: tl.constexpr, SPREAD: tl.constexpr, MASKED: tl.constexpr):
+    """``(own, carry)``: one key tile's probabilities (LSE given in log2 units; +inf for rows that take no part),
+    summed over heads and mapped onto its selection blocks. Without MASKED every row sees the whole tile."""
+    x = _mm(q, k, PRECISION) * qk_scale_log2 - lse2[:, None]
+    if MASKED:
+        x = tl.where(offs_k[None, :] < n_vis[:, None], x, float("-inf"))
+    psum = _head_sum(tl.math.exp2(x), TOKENS, GROUP_P, BLOCK_N, SPREAD)
+    # the eq. 9 mapping: by blocks where no key reaches past the next block (12.7 ms at 64k on an H200 against 14.3
+    # for the products, NOTES run 14), else as fp32 products. Written as a broadcast-multiply-sum, Triton 3.6 made
+    # those TF32 tl.dots: the importance was off by 5.6e-4 and 4 % of rows picked other blocks than the fp32
+    # reference at 16k; an "ieee" tl.dot is exact (NOTES run 13). Fewer than 16 tokens are too few rows for tl.dot:
+    # multiply-adds, which Triton leaves as they are at that size
+    if BY_BLOCKS:
+        own, carry = _map_by_blocks(psum, carry, TOKENS, NUM_SEL, BLOCK_N, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK)
+    elif TOKENS >= 16:
+        own = tl.dot(psum, w_own, input_precision="ieee") + carry
+        carry = tl.dot(psum, w_next, input_precision="ieee")
+    else:
+        own = tl.sum(psum[:, :, None] * w_own[None, :, :], 1) + carry
+        carry = tl.sum(psum[:, :, None] * w_next[None, :, :], 1)
+    return own, carry
+
+
+@triton.jit
 def _packed_importance_kernel(
-    Q, K, LSE, IMP,
+    Q, K, LSE, IMP, ROW_TOKEN, ROW_HEAD,
     sqb, sqt, sqh, sqd, skb, skt, skh, skd, slb, slt, slh, sib, sih, sit, sis,
     q_len, num_cmp, num_sel, num_kv_heads, q_offset, qk_scale_log2,
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, TOKENS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
     NUM_SEL: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SEL_BLOCK: tl.constexpr,
-    PRECISION: tl.constexpr, FIND_LSE: tl.constexpr, BY_BLOCKS: tl.constexpr = False,
+    PRECISION: tl.constexpr, FIND_LSE: tl.constexpr, BY_BLOCKS: tl.constexpr = False, SPREAD: tl.constexpr = False,
 ):
     """Importance with the GQA group packed into the rows: one program per (TOKENS consecutive queries,
-    sequence × kv head); row r is query r // GROUP_P of the tile, head r % GROUP_P of the group (GROUP_P:
-    GROUP rounded up to a power of two, extra rows masked). The query tile is loaded once and every key tile
-    is shared by all rows, instead of reloading each head's queries for every key tile (``_importance_kernel``).
-    FIND_LSE: a first pass over the key tiles finds each row's LSE (the union mode needs nothing else from the
-    compressed branch); otherwise LSE is read. The head sum is a reshape; the eq. 9 mapping is as in
-    ``_importance_kernel`` (own blocks plus the spill carried to the next tile), each column written once."""
-    tb = tl.program_id(0)
+    sequence × kv head); row r is query ROW_TOKEN[r] of the tile and head ROW_HEAD[r] of the group
+    (``_packed_row_order``; GROUP_P: GROUP rounded up to a power of two, extra rows take no part). The query tile
+    is loaded once and every key tile is shared by all rows, instead of reloading each head's queries for every
+    key tile (``_importance_kernel``). FIND_LSE: a first pass over the key tiles finds each row's LSE (the union
+    mode needs nothing else from the compressed branch); otherwise LSE is read. The eq. 9 mapping is as in
+    ``_importance_kernel`` (own blocks plus the spill carried to the next tile), each column written once.
+
+    Both passes split the key tiles into those every row sees whole (no mask: a score then costs 4-5
+    instructions, not 8-10) and the last ones, masked per row."""
+    # the last query tiles first: a tile's work grows with its position (the causal mask), and the GPU starts
+    # programs in order, so the longest run first and the shortest fill the end of the launch
+    tb = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // num_kv_heads
     hk = bh % num_kv_heads
     ROWS: tl.constexpr = TOKENS * GROUP_P
     offs_r = tl.arange(0, ROWS)
-    tok = tb * TOKENS + offs_r // GROUP_P
-    g = offs_r % GROUP_P
+    tok = tb * TOKENS + tl.load(ROW_TOKEN + offs_r)
+    g = tl.load(ROW_HEAD + offs_r)
     rmask = (tok < q_len) & (g < GROUP)
     h = hk * GROUP + g
     offs_n = tl.arange(0, BLOCK_N)
@@ -363,17 +429,25 @@ def _packed_importance_kernel(
     n_vis = tl.where(rmask, tl.minimum(_visible_count(tok + q_offset, CMP_BLOCK, CMP_STRIDE), num_cmp), 0)
     last_tok = tl.minimum(tb * TOKENS + TOKENS, q_len) - 1 + q_offset
     n_tiles = tl.cdiv(tl.minimum(_visible_count(last_tok, CMP_BLOCK, CMP_STRIDE), num_cmp), BLOCK_N)
+    # tiles every taking-part row sees whole (the first token sees the fewest keys; rows that take no part see all)
+    n_full = tl.min(tl.where(rmask, n_vis, num_cmp), 0) // BLOCK_N
     k_base = K + b.to(tl.int64) * skb + hk * skh
     if FIND_LSE:
         m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([ROWS], dtype=tl.float32)
-        for j in range(0, n_tiles):
+        for j in range(0, n_full):
+            offs_k = j * BLOCK_N + offs_n
+            k = tl.load(k_base + offs_k[None, :].to(tl.int64) * skt + offs_d[:, None] * skd)
+            m_i, l_i = _raw_lse_step(m_i, l_i, _mm(q, k, PRECISION), qk_scale_log2, False)
+        for j in range(n_full, n_tiles):
             offs_k = j * BLOCK_N + offs_n
             k = tl.load(k_base + offs_k[None, :].to(tl.int64) * skt + offs_d[:, None] * skd,
                         mask=offs_k[None, :] < num_cmp, other=0.0)
-            s = tl.where(offs_k[None, :] < n_vis[:, None], _mm(q, k, PRECISION) * qk_scale_log2, float("-inf"))
-            m_i, l_i = _running_lse_step(m_i, l_i, s)
-        lse2 = tl.where(l_i > 0, m_i + tl.math.log2(tl.where(l_i > 0, l_i, 1.0)), float("inf"))  # log2 units; +inf: nothing visible
+            s = tl.where(offs_k[None, :] < n_vis[:, None], _mm(q, k, PRECISION), float("-inf"))
+            m_i, l_i = _raw_lse_step(m_i, l_i, s, qk_scale_log2, True)
+        # log2 units; +inf: nothing visible, or a row that takes no part (its scores were not masked)
+        lse2 = tl.where(rmask & (l_i > 0), m_i * qk_scale_log2 + tl.math.log2(tl.where(l_i > 0, l_i, 1.0)),
+                        float("inf"))
     else:
         lse = tl.load(LSE + b.to(tl.int64) * slb + h * slh + tok.to(tl.int64) * slt, mask=rmask, other=float("inf"))
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
@@ -382,27 +456,21 @@ def _packed_importance_kernel(
     imp_rows = IMP + b.to(tl.int64) * sib + hk * sih + offs_t[:, None].to(tl.int64) * sit
     w_own, w_next = _tile_weights(offs_n, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK, NUM_SEL)
     carry = tl.zeros([TOKENS, NUM_SEL], dtype=tl.float32)
-    for j in range(0, n_tiles):
+    for j in range(0, n_full):
+        offs_k = j * BLOCK_N + offs_n
+        k = tl.load(k_base + offs_k[None, :].to(tl.int64) * skt + offs_d[:, None] * skd)
+        own, carry = _importance_tile(q, k, lse2, offs_k, n_vis, carry, w_own, w_next, qk_scale_log2, TOKENS, GROUP_P,
+                                      BLOCK_N, NUM_SEL, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK, PRECISION, BY_BLOCKS, SPREAD,
+                                      False)
+        cols = j * NUM_SEL + offs_s
+        tl.store(imp_rows + cols[None, :] * sis, own, mask=tmask[:, None] & (cols[None, :] < num_sel))
+    for j in range(n_full, n_tiles):
         offs_k = j * BLOCK_N + offs_n
         k = tl.load(k_base + offs_k[None, :].to(tl.int64) * skt + offs_d[:, None] * skd,
                     mask=offs_k[None, :] < num_cmp, other=0.0)
-        s = _mm(q, k, PRECISION) * qk_scale_log2
-        p = tl.where(offs_k[None, :] < n_vis[:, None], tl.math.exp2(s - lse2[:, None]), 0.0)
-        # heads summed first (a reshape: a token's heads are lanes of one warp), then the eq. 9 mapping: by blocks
-        # where no key reaches past the next block (12.7 ms at 64k on an H200 against 14.3 for the products, NOTES
-        # run 14), else as fp32 products. Written as a broadcast-multiply-sum, Triton 3.6 made those TF32 tl.dots:
-        # the importance was off by 5.6e-4 and 4 % of rows picked other blocks than the fp32 reference at 16k; an
-        # "ieee" tl.dot is exact (NOTES run 13). Fewer than 16 tokens are too few rows for tl.dot: multiply-adds,
-        # which Triton leaves as they are at that size
-        psum = tl.sum(tl.reshape(p, [TOKENS, GROUP_P, BLOCK_N]), 1)
-        if BY_BLOCKS:
-            own, carry = _map_by_blocks(psum, carry, TOKENS, NUM_SEL, BLOCK_N, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK)
-        elif TOKENS >= 16:
-            own = tl.dot(psum, w_own, input_precision="ieee") + carry
-            carry = tl.dot(psum, w_next, input_precision="ieee")
-        else:
-            own = tl.sum(psum[:, :, None] * w_own[None, :, :], 1) + carry
-            carry = tl.sum(psum[:, :, None] * w_next[None, :, :], 1)
+        own, carry = _importance_tile(q, k, lse2, offs_k, n_vis, carry, w_own, w_next, qk_scale_log2, TOKENS, GROUP_P,
+                                      BLOCK_N, NUM_SEL, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK, PRECISION, BY_BLOCKS, SPREAD,
+                                      True)
         cols = j * NUM_SEL + offs_s
         tl.store(imp_rows + cols[None, :] * sis, own, mask=tmask[:, None] & (cols[None, :] < num_sel))
     for j in range(n_tiles, tl.cdiv(num_sel, NUM_SEL)):  # the spill of the last tile, then unseen blocks: 0
@@ -652,13 +720,46 @@ def _packed_importance(q, k_cmp, lse, cmp_block, cmp_stride, block, scale, kv_le
     tokens = max(1, rows // group_p)
     lse_args = _strides(lse) if lse is not None else (0, 0, 0)
     launch = launch_options(*LAUNCH_OVERRIDES.get("packed_importance", PACKED_LAUNCH))
+    spread = SPREAD_HEADS and tokens * group_p == 256
+    row_token, row_head = _packed_row_order(tokens, group_p, spread, q.device)
     _packed_importance_kernel[(triton.cdiv(tq, tokens), b * hkv)](
-        q, k_cmp, lse if lse is not None else q, imp, *_strides(q), *_strides(k_cmp), *lse_args, *_strides(imp),
+        q, k_cmp, lse if lse is not None else q, imp, row_token, row_head, *_strides(q), *_strides(k_cmp), *lse_args,
+        *_strides(imp),
         tq, k_cmp.shape[1], imp.shape[-1], hkv, kv_len - tq, scale * LOG2E, GROUP=group, GROUP_P=group_p,
         TOKENS=tokens, HEAD_DIM=d, BLOCK_N=block_n, NUM_SEL=num_sel, CMP_BLOCK=cmp_block, CMP_STRIDE=cmp_stride,
         SEL_BLOCK=block, PRECISION=_precision(q.dtype, q.device), FIND_LSE=lse is None,
-        BY_BLOCKS=_maps_by_blocks(cmp_block, cmp_stride, block), **(launch if q.device.type == "cuda" else {}))
+        BY_BLOCKS=_maps_by_blocks(cmp_block, cmp_stride, block), SPREAD=spread,
+        **(launch if q.device.type == "cuda" else {}))
     return imp
+
+
+# Which row bits of a 256-row packed importance tile hold a token's heads, in the order they are summed. On Hopper
+# (8 warps, wgmma m64 tiles, Triton 3.6) a thread holds rows whose bits 3 and 7 differ, the lanes of a quad spread
+# bits 0-2 and the warps bits 4-6: with the heads on bits 3, 7, 0, 1 (a group of 16) the head sum is two adds in
+# registers and two shuffle rounds on a quarter of the values, against one add and three rounds on half of them in
+# token-major order (131 shuffles per thread and key tile; NOTES run 16). Any order gives the same sums.
+HEAD_ROW_BITS = (3, 7, 0, 1, 2, 4, 5, 6)
+# False: rows in token-major order (row = token * GROUP_P + head) at every size.
+SPREAD_HEADS = True
+_ROW_ORDERS: dict = {}
+
+
+def _packed_row_order(tokens: int, group_p: int, spread: bool, device: torch.device):
+    """``(row_token, row_head)`` int32 ``[tokens * group_p]``: which token of the tile and which head of the group each
+    row of ``_packed_importance_kernel`` holds. Spread (256 rows): head bit i is row bit HEAD_ROW_BITS[i] and the token
+    takes the other bits in ascending order, as ``_head_sum`` sums them; else token-major."""
+    key = (tokens, group_p, spread, device)
+    if key not in _ROW_ORDERS:
+        rows = torch.arange(tokens * group_p)
+        if spread:
+            head_bits = HEAD_ROW_BITS[:group_p.bit_length() - 1]
+            token_bits = [bit for bit in range(8) if bit not in head_bits]
+            head = sum(((rows >> bit) & 1) << i for i, bit in enumerate(head_bits)) if head_bits else rows * 0
+            token = sum(((rows >> bit) & 1) << i for i, bit in enumerate(token_bits)) if token_bits else rows * 0
+        else:
+            token, head = rows // group_p, rows % group_p
+        _ROW_ORDERS[key] = (token.to(torch.int32).to(device), head.to(torch.int32).to(device))
+    return _ROW_ORDERS[key]
 
 
 @torch.compiler.disable
