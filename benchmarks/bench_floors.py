@@ -28,7 +28,7 @@ from common import ROOT, bench_ms, capture_graph, dense_cudnn_step, environment,
 from nsa_viz.kernels import nsa_selected
 from nsa_viz.kernels.block_sparse import _strides, block_sparse_forward
 from nsa_viz.kernels.nsa import nsa_attention
-from nsa_viz.kernels.nsa_selected import _slot_keys
+from nsa_viz.kernels.nsa_selected import _slot_tile
 
 BLOCK, WINDOW = 64, 512
 
@@ -69,10 +69,11 @@ def _gather_selected_kernel(K, V, IDX, OUT, skb, skt, skh, skd, sib, sih, sit, s
     last = q_offset + i - WINDOW
     total = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
     for n in range(0, n_slots):
-        offs_k, kmask = _slot_keys(tl.load(idx_base + n * sin), 0, offs_n, last, BLOCK)
-        ptrs = base + offs_k[:, None].to(tl.int64) * skt + offs_d[None, :] * skd
-        total += tl.load(K + ptrs, mask=kmask[:, None], other=0.0).to(tl.float32)
-        total += tl.load(V + ptrs, mask=kmask[:, None], other=0.0).to(tl.float32)
+        one = tl.arange(0, 1)
+        first, kmask = _slot_tile(tl.load(idx_base + n * sin + one), 0, offs_n, tl.full([1], last, tl.int32), BLOCK)
+        ptrs = base + (tl.sum(first, 0).to(tl.int64) + offs_n[:, None]) * skt + offs_d[None, :] * skd
+        total += tl.load(K + ptrs, mask=tl.trans(kmask), other=0.0).to(tl.float32)
+        total += tl.load(V + ptrs, mask=tl.trans(kmask), other=0.0).to(tl.float32)
     tl.store(OUT + bh * tl.num_programs(0) + i, tl.sum(total))
 
 

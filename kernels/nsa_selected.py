@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from . import preferred_block_sizes, resolve_backend
-from .block_sparse import (LOG2E, _bwd_delta_kernel, _finish_softmax, _masked_softmax_step, _mm, _precision,
+from .block_sparse import (LOG2E, _bwd_delta_kernel, _finish_softmax, _mm, _precision, _scaled_softmax_step,
                            _strides, block_sparse_backward, block_sparse_forward, launch_options)
 from .checks import check_power_of_two
 from .layout import TokenRule, layout_from_rule
@@ -36,13 +36,14 @@ from .nsa_selected_ref import check_selected_inputs, selected_attention_referenc
 
 
 @triton.jit
-def _slot_keys(blk, c, offs_n, last, BLOCK: tl.constexpr):
-    """``(offs_k, kmask)``: keys ``c + offs_n`` of the selected block ``blk`` and which of them the slot owns (up to
-    ``last``). A slot that selects nothing (any negative entry, any block after ``last``) gets negative keys, all
-    masked: decided on the loaded value, so no index wraps around to a real block when it is narrowed to int32
-    (-2**31 * 16 is 0)."""
-    offs_k = tl.where((blk >= 0) & (blk <= last // BLOCK), blk, -1).to(tl.int32) * BLOCK + c + offs_n
-    return offs_k, (offs_k <= last) & (offs_k >= 0)
+def _slot_tile(blk, c, offs_n, last, BLOCK: tl.constexpr):
+    """``(first, kmask)`` for sub-tile ``c`` of the selected blocks ``blk [R]``: each tile's first key, and which of
+    its keys ``first + offs_n`` (``[R, N]``) the slot owns: those up to ``last [R]``. A slot that selects nothing (any
+    negative entry, any block after ``last``) reads block 0 with every key masked, so that loads need no mask of
+    their own; the entry is checked before it is narrowed to int32 (-2**31 * 16 is 0)."""
+    owned = (blk >= 0) & (blk <= last // BLOCK)
+    first = tl.where(owned, blk, 0).to(tl.int32) * BLOCK + c
+    return first, owned[:, None] & ((first[:, None] + offs_n[None, :]) <= last[:, None])
 
 
 @triton.jit
@@ -75,13 +76,18 @@ def _nth_owned_block(idx_ptrs, valid, n, sin, row, ranks, ASCENDING: tl.constexp
 
 
 @triton.jit
-def _selected_tile(q, k_base, v_base, offs_k, kmask, offs_d, m_i, l_i, acc, skt, skd, svt, svd, qk_scale_log2,
+def _selected_tile(q, k_ptrs, v_ptrs, kmask, in_seq, m_i, l_i, acc, qk_scale_log2, IN_BOUNDS: tl.constexpr,
                    PRECISION: tl.constexpr):
-    """One key tile of the online softmax over selected keys ``offs_k`` (masked keys: no load, no mass)."""
-    k = tl.load(k_base + offs_k[None, :].to(tl.int64) * skt + offs_d[:, None] * skd, mask=kmask[None, :], other=0.0)
-    s = tl.where(kmask[None, :], _mm(q, k, PRECISION) * qk_scale_log2, float("-inf"))
-    m_new, p, alpha = _masked_softmax_step(m_i, s)
-    v = tl.load(v_base + offs_k[:, None].to(tl.int64) * svt + offs_d[None, :] * svd, mask=kmask[:, None], other=0.0)
+    """One key tile of the online softmax over selected keys (``k_ptrs [D, N]``, ``v_ptrs [N, D]``; keys outside
+    ``kmask [1, N]`` get no mass, and with IN_BOUNDS false only keys in ``in_seq [1, N]`` are read)."""
+    if IN_BOUNDS:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    else:
+        k = tl.load(k_ptrs, mask=in_seq, other=0.0)
+        v = tl.load(v_ptrs, mask=tl.trans(in_seq), other=0.0)
+    m_new, p, alpha = _scaled_softmax_step(m_i, tl.where(kmask, _mm(q, k, PRECISION), float("-inf")), qk_scale_log2,
+                                           True)
     return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + _mm(p.to(v.dtype), v, PRECISION)
 
 
@@ -136,20 +142,32 @@ def _sel_fwd_kernel(
     acc = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
     # no branch on the slot: the loop stays one that Triton can software-pipeline (prefetching the next block
     # while this one is computed: 20.2 -> 15.2 ms at 64k, benchmarks/NOTES.md run 12)
+    # keys are addressed as a tile's first key plus offsets that are the same for every tile (a gather built per key
+    # took about two thirds of the loop's instructions). Loads are whole tiles: owned blocks lie wholly before the
+    # window, so in the sequence, when the window is at least a block; a mask per key, to skip the keys of the
+    # window's block, cost 128 more instructions per step here and 600 in _sel_fwd_tokens_kernel (NOTES run 16)
+    IN_BOUNDS: tl.constexpr = WINDOW >= BLOCK
+    k_tile = offs_n[None, :] * skt + offs_d[:, None] * skd
+    v_tile = offs_n[:, None] * svt + offs_d[None, :] * svd
     for n in range(0, n_owned):
-        blk = _nth_owned_block(idx_base, one < 1, n + one, sin, row, ranks, ASCENDING)  # [1], broadcast
+        # [1], rebuilt from a scalar: used as it comes out of the row, it took the score tile's layout back into the
+        # row's cumsum, which Triton 3.6 then failed to lower (ASCENDING false)
+        blk = tl.zeros([1], tl.int64) + tl.max(_nth_owned_block(idx_base, one < 1, n + one, sin, row, ranks, ASCENDING), 0)
         for c in tl.static_range(0, BLOCK, BLOCK_N):
-            offs_k, kmask = _slot_keys(blk, c, offs_n, last, BLOCK)
-            m_i, l_i, acc = _selected_tile(q, k_base, v_base, offs_k, kmask, offs_d, m_i, l_i, acc, skt, skd, svt, svd,
-                                           qk_scale_log2, PRECISION)
+            first, kmask = _slot_tile(blk, c, offs_n, tl.full([1], last, tl.int32), BLOCK)
+            first = first[:, None]  # [1, 1]: broadcast
+            in_seq = (first + offs_n[None, :]) < q_offset + q_len
+            first = first.to(tl.int64)
+            m_i, l_i, acc = _selected_tile(q, k_base + first * skt + k_tile, v_base + first * svt + v_tile, kmask,
+                                           in_seq, m_i, l_i, acc, qk_scale_log2, IN_BOUNDS, PRECISION)
     stat = LSE + (b * num_q_heads + heads).to(tl.int64) * q_len + i
     if WINDOW > 0:
         lw = tl.load(LSEW + (b * num_q_heads + heads).to(tl.int64) * q_len + i, mask=rmask, other=float("-inf"))
         ow = tl.load(OW + b.to(tl.int64) * swb + i.to(tl.int64) * swt + heads[:, None] * swh + offs_d[None, :] * swd,
                      mask=rmask[:, None], other=0.0)
-        out, lse2 = _finish_with_window(acc, m_i, l_i, ow, lw)
+        out, lse2 = _finish_with_window(acc, m_i * qk_scale_log2, l_i, ow, lw)
     else:
-        out, lse2 = _finish_softmax(acc, m_i, l_i)
+        out, lse2 = _finish_softmax(acc, m_i * qk_scale_log2, l_i)
     tl.store(O + b.to(tl.int64) * sob + i.to(tl.int64) * sot + heads[:, None] * soh + offs_d[None, :] * sod,
              out.to(O.dtype.element_ty), mask=rmask[:, None])
     tl.store(stat, lse2 * 0.6931471805599453, mask=rmask)
@@ -191,16 +209,24 @@ def _sel_fwd_tokens_kernel(
     l_i = tl.zeros([TOKENS, ROWS], dtype=tl.float32)
     acc = tl.zeros([TOKENS, ROWS, HEAD_DIM], dtype=tl.float32)
     row, ranks, n_owned = _owned_slots(idx_base, tmask, sin, n_slots, last, SLOTS, BLOCK)
-    for n in range(0, n_owned):  # a token with fewer owned slots than the other: slots that _slot_keys masks
+    IN_BOUNDS: tl.constexpr = WINDOW >= BLOCK  # as in _sel_fwd_kernel
+    k_tile = offs_n[None, None, :] * skt + offs_d[None, :, None] * skd
+    v_tile = offs_n[None, :, None] * svt + offs_d[None, None, :] * svd
+    for n in range(0, n_owned):  # a token with fewer owned slots than the other: slots that _slot_tile masks
         blk = _nth_owned_block(idx_base, tmask, n + tl.zeros([TOKENS], tl.int32), sin, row, ranks, ASCENDING)
         for c in tl.static_range(0, BLOCK, BLOCK_N):
-            offs_k, kmask = _slot_keys(blk[:, None], c, offs_n[None, :], last[:, None], BLOCK)
-            k = tl.load(k_base + offs_k[:, None, :].to(tl.int64) * skt + offs_d[None, :, None] * skd,
-                        mask=kmask[:, None, :], other=0.0)
-            s = tl.where(kmask[:, None, :], _mm(q, k, PRECISION) * qk_scale_log2, float("-inf"))
-            m_new, p, alpha = _masked_softmax_step(m_i, s)
-            v = tl.load(v_base + offs_k[:, :, None].to(tl.int64) * svt + offs_d[None, None, :] * svd,
-                        mask=kmask[:, :, None], other=0.0)
+            first, kmask = _slot_tile(blk, c, offs_n, last, BLOCK)
+            k_ptrs = k_base + first[:, None, None].to(tl.int64) * skt + k_tile
+            v_ptrs = v_base + first[:, None, None].to(tl.int64) * svt + v_tile
+            if IN_BOUNDS:
+                k = tl.load(k_ptrs)
+                v = tl.load(v_ptrs)
+            else:
+                in_seq = (first[:, None] + offs_n[None, :]) < q_offset + q_len
+                k = tl.load(k_ptrs, mask=in_seq[:, None, :], other=0.0)
+                v = tl.load(v_ptrs, mask=in_seq[:, :, None], other=0.0)
+            s = tl.where(kmask[:, None, :], _mm(q, k, PRECISION), float("-inf"))
+            m_new, p, alpha = _scaled_softmax_step(m_i, s, qk_scale_log2, True)
             l_i = l_i * alpha + tl.sum(p, 2)
             acc = acc * alpha[:, :, None] + _mm(p.to(v.dtype), v, PRECISION)
             m_i = m_new
@@ -210,22 +236,27 @@ def _sel_fwd_tokens_kernel(
                      other=float("-inf"))
         ow = tl.load(OW + b.to(tl.int64) * swb + tok3 * swt + heads[None, :, None] * swh + offs_d[None, None, :] * swd,
                      mask=qmask[:, :, None], other=0.0)
-        out, lse2 = _finish_with_window(acc, m_i, l_i, ow, lw)
+        out, lse2 = _finish_with_window(acc, m_i * qk_scale_log2, l_i, ow, lw)
     else:
-        out, lse2 = _finish_softmax(acc, m_i, l_i)
+        out, lse2 = _finish_softmax(acc, m_i * qk_scale_log2, l_i)
     tl.store(O + b.to(tl.int64) * sob + tok3 * sot + heads[None, :, None] * soh + offs_d[None, None, :] * sod,
              out.to(O.dtype.element_ty), mask=qmask[:, :, None])
     tl.store(stat, lse2 * 0.6931471805599453, mask=qmask)
 
 
 @triton.jit
-def _selected_dq_tile(q, do, lse, delta, dq, k_base, v_base, offs_k, kmask, offs_d, skt, skd, svt, svd, qk_scale_log2,
+def _selected_dq_tile(q, do, lse, delta, dq, k_ptrs, v_ptrs, kmask, in_seq, qk_scale_log2, IN_BOUNDS: tl.constexpr,
                       PRECISION: tl.constexpr):
-    """dQ of one key tile of the selected part (masked keys: no load, no gradient)."""
-    k = tl.load(k_base + offs_k[:, None].to(tl.int64) * skt + offs_d[None, :] * skd, mask=kmask[:, None], other=0.0)
-    v = tl.load(v_base + offs_k[:, None].to(tl.int64) * svt + offs_d[None, :] * svd, mask=kmask[:, None], other=0.0)
+    """dQ of one key tile of the selected part (``k_ptrs``, ``v_ptrs`` ``[N, D]``; keys outside ``kmask [1, N]`` give
+    no gradient, and with IN_BOUNDS false only keys in ``in_seq [1, N]`` are read)."""
+    if IN_BOUNDS:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    else:
+        k = tl.load(k_ptrs, mask=tl.trans(in_seq), other=0.0)
+        v = tl.load(v_ptrs, mask=tl.trans(in_seq), other=0.0)
     s = _mm(q, tl.trans(k), PRECISION) * qk_scale_log2
-    p = tl.where(kmask[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
+    p = tl.where(kmask, tl.math.exp2(s - lse[:, None]), 0.0)
     ds = p * (_mm(do, tl.trans(v), PRECISION) - delta[:, None])
     return dq + _mm(ds.to(k.dtype), k, PRECISION)
 
@@ -267,12 +298,18 @@ def _sel_bwd_dq_kernel(
     row, ranks, n_owned = _owned_slots(idx_base + one, one < 1, sin, n_slots, tl.full([1], last, tl.int32), SLOTS,
                                        BLOCK)
     dq = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
+    IN_BOUNDS: tl.constexpr = WINDOW >= BLOCK  # keys addressed as in _sel_fwd_kernel
+    k_tile = offs_n[:, None] * skt + offs_d[None, :] * skd
+    v_tile = offs_n[:, None] * svt + offs_d[None, :] * svd
     for n in range(0, n_owned):  # branch-free, as in the forward
-        blk = _nth_owned_block(idx_base, one < 1, n + one, sin, row, ranks, ASCENDING)
+        blk = tl.zeros([1], tl.int64) + tl.max(_nth_owned_block(idx_base, one < 1, n + one, sin, row, ranks, ASCENDING), 0)
         for c in tl.static_range(0, BLOCK, BLOCK_N):
-            offs_k, kmask = _slot_keys(blk, c, offs_n, last, BLOCK)
-            dq = _selected_dq_tile(q, do, lse, delta, dq, k_base, v_base, offs_k, kmask, offs_d, skt, skd, svt, svd,
-                                   qk_scale_log2, PRECISION)
+            first, kmask = _slot_tile(blk, c, offs_n, tl.full([1], last, tl.int32), BLOCK)
+            first = first[:, None]  # [1, 1]: broadcast
+            in_seq = (first + offs_n[None, :]) < q_offset + q_len
+            first = first.to(tl.int64)
+            dq = _selected_dq_tile(q, do, lse, delta, dq, k_base + first * skt + k_tile, v_base + first * svt + v_tile,
+                                   kmask, in_seq, qk_scale_log2, IN_BOUNDS, PRECISION)
     dq = dq * sm_scale
     dq_ptrs = DQ + b.to(tl.int64) * sdb + i.to(tl.int64) * sdt + heads[:, None] * sdh + offs_d[None, :] * sdd
     if ACCUMULATE:

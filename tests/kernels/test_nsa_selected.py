@@ -241,3 +241,20 @@ def test_slots_that_own_nothing_are_skipped_in_any_order(monkeypatch, tokens, ti
                                       rows_from_top_n=in_order) for in_order in (False, True)]
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
+
+
+@pytest.mark.parametrize("tokens", [1, 2])
+@pytest.mark.parametrize("window", [0, 9, 16])
+def test_keys_past_the_sequence_are_never_read(monkeypatch, tokens, window):
+    # the forward and dQ kernels address a selected tile by its first key and load it whole when the window is at
+    # least a block (every owned block then ends before the window); with a shorter window the last block may run
+    # past the keys, so its loads are masked. K and V here are views whose memory goes on with NaN past the last of
+    # 45 keys (not a multiple of the 16-key blocks): a load past the sequence would put NaN into the results
+    from nsa_viz.kernels import nsa_selected
+    monkeypatch.setattr(nsa_selected, "FWD_TOKENS_PER_PROGRAM", tokens)
+    q, k, v = random_qkv(1, 45, 45, 4, 2, 32, torch.float32, seed=61 + window)
+    k, v = (torch.cat([x.detach(), torch.full((1, 19, 2, 32), float("nan"))], 1)[:, :45].requires_grad_(True)
+            for x in (k, v))
+    idx = random_block_idx(1, 2, 45, 45, 3, 16, seed=62)  # blocks 0-2 in random order: most rows hold the partial one
+    errs = compare(q, k, v, idx, 16, window)  # it asserts that nothing is NaN
+    assert max(errs.values()) < TOLERANCE[torch.float32], errs
