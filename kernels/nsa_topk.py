@@ -45,7 +45,8 @@ def _row_block(CUR, n_rows, num_heads, BLOCK_R: tl.constexpr):
     """This program's rows (program ids: row block, sequence × head): ``(b, h, offs_r, rmask, cur)``, with each
     row's current block in ``cur`` (-1: the row sees nothing)."""
     bh = tl.program_id(1)
-    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    # the last rows first: they see the most columns (the causal mask), so the cheapest programs end the launch
+    offs_r = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = offs_r < n_rows
     return bh // num_heads, bh % num_heads, offs_r, rmask, tl.load(CUR + offs_r, mask=rmask, other=-1).to(tl.int32)
 
