@@ -54,7 +54,7 @@ PRESETS["window_fwd"] = ("block_sparse", "_fwd_kernel", dict(
 PRESETS["selected_fwd_tokens"] = ("nsa_selected", "_sel_fwd_tokens_kernel", PRESETS["selected_fwd"][2],
                                   dict(PRESETS["selected_fwd"][3], TOKENS=2))
 # what each preset's kernel is launched with on the GPU: (warps, stages, register cap or None)
-LAUNCHES = {"window_fwd": (4, 2, None), "packed_importance": (8, 2, 128), "topn_whole_rows": (2, 2, 96), "selected_fwd": (2, 2, None), "selected_fwd_tokens": (2, 2, None)}
+LAUNCHES = {"window_fwd": (4, 2, None), "packed_importance": (8, 2, 128), "topn_whole_rows": (2, 2, 128), "selected_fwd": (2, 2, None), "selected_fwd_tokens": (2, 2, None)}
 # pointer arguments that are not bf16 tensors whatever the preset (the packed importance kernel's row order)
 INT_POINTERS = {"ROW_TOKEN": "*i32", "ROW_HEAD": "*i32"}
 # TTGIR operations worth counting: data through shared memory, tensor-core products, reductions

@@ -324,7 +324,7 @@ def _token_top_blocks(M_SPLIT, L_SPLIT, MASS, IMP, CHOSEN, bh, part, nsel, nsel_
     cols = tl.arange(0, NSEL_P)
     valid = cols < nsel
     key = ranking_keys(imp[None, :], cols, tl.full([1], last_cand, tl.int32), init_blocks, local_blocks)
-    chosen = tl.reshape(top_n_mask(tl.where(valid[None, :], key, -1), TOP_N), [NSEL_P])
+    chosen = tl.reshape(top_n_mask(tl.where(valid[None, :], key, -1), TOP_N, TOP_N_P), [NSEL_P])
     order = tl.cumsum(chosen.to(tl.int32), 0) - 1
     here = chosen & (order == part)
     blk = tl.where(tl.sum(here.to(tl.int32), 0) > 0, tl.sum(tl.where(here, cols, 0), 0), -1)

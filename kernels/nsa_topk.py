@@ -131,20 +131,36 @@ def _topn_kernel(
 
 
 @triton.jit
-def top_n_mask(key, TOP_N: tl.constexpr):
+def top_n_mask(key, TOP_N: tl.constexpr, TOP_N_P: tl.constexpr):
     """Each row's top-n of ``key [R, C]`` (int32 ranking keys: the bit pattern of a non-negative float32 score,
     0x7F800000 (+inf) for a forced block, -1 for a column that is not a candidate) as a bool mask; equal keys
     go to the lower column; a row with fewer than TOP_N candidates keeps them all (C < 2^16).
 
     The n-th largest key of each row is found by a 3-way search on the key values: each pass counts the keys
     at or above two thresholds in one packed int32 sum (two counts < 2^16 in 16-bit fields) and keeps the
-    third of [lo, hi) that holds it, so 20 passes cover the 31-bit range, whatever C is. (The first form, a
+    third of [lo, hi) that holds it, so 20 passes cover the 31-bit range, whatever C is (fewer from the bounds
+    below). (The first form, a
     4-way search with int64 counts in 17 passes, took about 7 of the 15.5 us of the decode selection kernel
     at 64k on an H200: int64 compares, adds and shuffles cost about twice their int32 forms.)"""
     R: tl.constexpr = key.shape[0]
-    lo = tl.zeros([R], tl.int32)  # per row: at least TOP_N keys >= lo, or lo = 0
-    hi = tl.full([R], 0x7F800001, tl.int32)  # fewer than TOP_N keys >= hi
-    for _ in range(20):  # each pass leaves at most a third (rounded up) of [lo, hi): 3^20 > 2^31
+    C: tl.constexpr = key.shape[1]
+    FORCED: tl.constexpr = 0x7F800000
+    # per row: at least TOP_N keys >= lo, or lo = 0; fewer than TOP_N keys >= hi. Tighter than [0, 2^31) from the
+    # start: hi just above the largest key that is not forced, lo the smallest of the maxima of TOP_N_P >= TOP_N
+    # disjoint column groups (that many distinct keys are at least that). (When the forced blocks fill the top-n,
+    # TOP_N keys are >= hi: lo then climbs to hi - 1 and the forced keys are exactly those above it, as they
+    # should be.) The passes then needed are counted per program: at 64k on random inputs the top blocks'
+    # importance lies within a few percent, about 13 passes instead of 20 (NOTES run 16)
+    hi = tl.max(tl.where(key == FORCED, -1, key), 1) + 1
+    if C >= TOP_N_P:
+        lo = tl.maximum(tl.min(tl.max(tl.reshape(key, [R, C // TOP_N_P, TOP_N_P]), 1), 1), 0)
+    else:
+        lo = tl.zeros([R], tl.int32)
+    lo = tl.minimum(lo, tl.maximum(hi - 1, 0))
+    # each pass leaves at most a third (rounded up) of [lo, hi); passes past convergence change nothing
+    span = tl.maximum(tl.max(hi - lo, 0), 1)
+    passes = (tl.math.log2(span.to(tl.float32)) * 0.6309297535714574).to(tl.int32) + 2
+    for _ in range(0, passes):
         r = (hi - lo).to(tl.int64)
         t1 = lo + ((r + 2) // 3).to(tl.int32)
         t2 = lo + ((2 * r + 2) // 3).to(tl.int32)
@@ -203,7 +219,7 @@ def _topn_whole_rows(S, OUT, b, h, offs_r, rmask, cur, ssb, ssh, ssr, sss, sob, 
     vis = (cols[None, :] <= cur[:, None]) & (cols[None, :] < num_sel) & rmask[:, None]
     rows_in = b.to(tl.int64) * ssb + h.to(tl.int64) * ssh + offs_r[:, None].to(tl.int64) * ssr
     x = tl.load(S + rows_in + cols[None, :].to(tl.int64) * sss, mask=vis, other=0.0).to(tl.float32)
-    chosen = top_n_mask(tl.where(vis, ranking_keys(x, cols, cur, init_blocks, local_blocks), -1), TOP_N)
+    chosen = top_n_mask(tl.where(vis, ranking_keys(x, cols, cur, init_blocks, local_blocks), -1), TOP_N, NP)
     rows_out = OUT + b.to(tl.int64) * sob + h.to(tl.int64) * soh + offs_r[:, None].to(tl.int64) * sor
     rank = tl.cumsum(chosen.to(tl.int32), 1) - 1
     tl.store(rows_out + rank * son, cols[None, :] + tl.zeros_like(rank), mask=chosen)
@@ -226,9 +242,10 @@ TOPN_WHOLE_ROW_MAX = 1024
 # "maxnreg": a register cap per thread, or None. Uncapped, 2 warps take 202 registers (4 programs, 8 warps per SM)
 # for a search that waits on its own reductions; capped at 96 (24 bytes spilled, 48 with run 14's three column
 # widths) 10 programs fit: 2.6 ms against 3.6 at 64k on an H200 (128: 3.1; 4 warps at 96: 3.9; NOTES run 13;
-# run 14: 2.44 at 96, 2.39 at 128). Counts are Triton 3.6's (3.9 spills 720
+# run 14: 2.44 at 96, 2.39 at 128). Since run 16 the search's bounds spill 456 bytes at 96 and 272 at 128, outside
+# the passes' loops: 128 is the faster (1.97 against 2.06 ms, run 16c). Counts are Triton 3.6's (3.9 spills 720
 # bytes at 96): check them again with benchmarks/inspect_kernel.py when Triton changes.
-TOPN_WHOLE_ROW_LAUNCH = {"block_r": 4, "num_warps": 2, "maxnreg": 96}
+TOPN_WHOLE_ROW_LAUNCH = {"block_r": 4, "num_warps": 2, "maxnreg": 128}
 
 
 def _check(scores, cur_block, top_n, init_blocks, local_blocks):

@@ -25,6 +25,8 @@ def both(scores, cur, **kw):
     ("ties", 9, 23, 16, 1, 2),       # fewer visible blocks than n: -1 padding
     ("random", 200, 37, 5, 0, 0),    # nothing forced, n not a power of two
     ("zeros", 70, 20, 4, 2, 1),      # all scores equal (+0.0 and -0.0): pure index order
+    ("random", 200, 37, 3, 1, 2),    # the forced blocks fill the whole top-n
+    ("close", 300, 24, 16, 1, 2),    # scores within 1e-6 of each other: the search starts from a narrow range
 ])
 def test_matches_reference(kind, nsel, rows, top_n, init, local, both_forms, monkeypatch):
     monkeypatch.setitem(nsa_topk.TOPN_LAUNCH, "chunk", 32)
@@ -34,6 +36,8 @@ def test_matches_reference(kind, nsel, rows, top_n, init, local, both_forms, mon
         scores = torch.randint(0, 3, shape, generator=gen).float()
     elif kind == "random":
         scores = torch.rand(shape, generator=gen)
+    elif kind == "close":
+        scores = 1.0 + 1e-6 * torch.rand(shape, generator=gen)
     else:
         scores = torch.zeros(shape)
         scores[..., ::3] = -0.0
