@@ -33,18 +33,17 @@ BLOCK, WINDOW = 64, 512
 # (name, ascending rows, {nsa_selected setting: value}); the one-token forward's launch as "fwd": (warps, stages)
 SELECTED_VARIANTS = [
     ("two tokens per program, owned slots read in order", True, dict(FWD_TOKENS_PER_PROGRAM=2)),
-    ("two tokens per program, owned slots picked from the row", False, dict(FWD_TOKENS_PER_PROGRAM=2)),
     ("one token, owned slots read in order", True, dict(FWD_TOKENS_PER_PROGRAM=1)),
+    ("one token, cap 168", True, dict(FWD_TOKENS_PER_PROGRAM=1, fwd=(2, 2, 168))),
 ]
 # the selected attention's forward+backward: (name, {nsa_selected setting: value}), the dQ launch as "dq"
 SELECTED_FWD_BWD_VARIANTS = [("owned slots", dict())]
-# the packed importance kernel: (rows per program, (warps, stages, register cap))
-IMPORTANCE_VARIANTS = [(256, (8, 2, 128)), (256, (8, 3, 128)), (128, (4, 2, None)), (128, (4, 2, 168))]
-# the whole-row top-n: (name, bisection, register cap)
-TOPN_VARIANTS = [("3-way search, cap 96", 96), ("3-way search, cap 128", 128)]
-# (block_q, block_kv, heads per program, warps, stages)
-WINDOW_VARIANTS = [(64, 64, 1, 4, 3), (64, 64, 2, 4, 2), (64, 64, 2, 4, 3), (64, 64, 4, 4, 2), (64, 64, 4, 8, 3),
-                   (128, 64, 2, 8, 2)]
+# the packed importance kernel: (name, {setting: value}, (warps, stages, register cap) or None for the committed one)
+IMPORTANCE_VARIANTS = [("as committed", {}, None), ("8 warps, 3 stages, cap 128", {}, (8, 3, 128))]
+# the whole-row top-n: (name, register cap)
+TOPN_VARIANTS = [("as committed (cap 128)", None), ("cap 96", 96)]
+# (block_q, block_kv, heads per program, warps, stages); the first is the committed setting, also the baseline's
+WINDOW_VARIANTS = [(64, 64, 2, 4, 2), (64, 64, 2, 8, 2), (64, 64, 4, 8, 3)]
 
 
 def settings(module, values: dict):
@@ -54,12 +53,16 @@ def settings(module, values: dict):
     for name, value in values.items():
         if name in ("fwd", "dq", "fwd_tokens"):
             changes.append((module.LAUNCH_OVERRIDES, name, value))
+        elif name == "packed_importance":
+            changes.append((nsa_compressed.LAUNCH_OVERRIDES, name, value))
         else:
             owner = next(m for m in (module, nsa_topk, nsa_compressed) if hasattr(m, name))
             changes.append((owner, name, value))
     return temporarily(*changes)
 # the whole forward with these settings (nsa_selected's, else nsa_topk's)
-OURS_VARIANTS = [("as committed", {})]
+OURS_VARIANTS = [("as committed", {}), ("one token per selected program, cap 168",
+                                        dict(FWD_TOKENS_PER_PROGRAM=1, fwd=(2, 2, 168))),
+                 ("one token per selected program", dict(FWD_TOKENS_PER_PROGRAM=1))]
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -86,7 +89,7 @@ def selected_rows(base, device, env, t: int, hq: int = 64, hkv: int = 4, d: int 
                                                        scale)
     base_step = lambda: base.nsa_selected.selected_part_forward(q, k, v, idx, o_win, lse_win, BLOCK, scale, WINDOW)
     want = base_step()[0]
-    rows.append(dict(meta, case="baseline: every slot", ms=bench_ms(base_step), max_abs_diff_to_baseline=0.0))
+    rows.append(dict(meta, case="baseline", ms=bench_ms(base_step), max_abs_diff_to_baseline=0.0))
     print(f"  {rows[-1]['case']}: {rows[-1]['ms']:.2f} ms", flush=True)
     for name, ascending, values in SELECTED_VARIANTS:
         with settings(nsa_selected, values):
@@ -122,46 +125,52 @@ def selected_rows(base, device, env, t: int, hq: int = 64, hkv: int = 4, d: int 
     return rows
 
 
-def topn_rows(device, env, t: int, hq: int = 64, hkv: int = 4, d: int = 128) -> list:
-    """The whole-row top-n on the real 64k importance over register caps (indices compared with the first)."""
+def topn_rows(base, device, env, t: int, hq: int = 64, hkv: int = 4, d: int = 128) -> list:
+    """The whole-row top-n on the real 64k importance: the baseline's, then ours over register caps (indices
+    compared with the baseline's)."""
     from nsa_viz.kernels.nsa import _pick_rows, compress_kv
     from nsa_viz.kernels.nsa_compressed import compressed_importance
     q, k, v = inputs(device, t, hq, hkv, d, 0)
     k_cmp, _ = compress_kv(k, v, None, 32, 16)
     importance = compressed_importance(q, k_cmp, cmp_block=32, cmp_stride=16, block=BLOCK, scale=d ** -0.5, kv_len=t,
                                        backend="triton")
-    step = lambda: _pick_rows(importance, torch.arange(t, device=device), block=BLOCK, window=WINDOW,
-                              select_outside_window=False, top_n=16, init_blocks=1, local_blocks=2, backend="triton")
+    args = dict(block=BLOCK, window=WINDOW, select_outside_window=False, top_n=16, init_blocks=1, local_blocks=2,
+                backend="triton")
+    runs = [("baseline", base.nsa._pick_rows, base.nsa_topk, None)] + [(name, _pick_rows, nsa_topk, cap)
+                                                                       for name, cap in TOPN_VARIANTS]
     rows, want = [], None
-    for name, cap in TOPN_VARIANTS:
-        launch = dict(nsa_topk.TOPN_WHOLE_ROW_LAUNCH, maxnreg=cap)
-        with temporarily((nsa_topk, "TOPN_WHOLE_ROW_LAUNCH", launch)):
+    for name, pick, module, cap in runs:
+        step = lambda: pick(importance, torch.arange(t, device=device), **args)
+        launch = dict(module.TOPN_WHOLE_ROW_LAUNCH, **({"maxnreg": cap} if cap else {}))
+        with temporarily((module, "TOPN_WHOLE_ROW_LAUNCH", launch)):
             got = step()
             want = got if want is None else want
             same = bool(torch.equal(got, want))
             ms = bench_ms(step)
         rows.append(dict(env, op="top_n", case=name, T=t, HKV=hkv, ms=ms, max_registers=cap,
-                         identical_to_first=same))
+                         identical_to_baseline=same))
         print(f"  top-n, {name}: {ms:.2f} ms (identical indices: {same})", flush=True)
     return rows
 
 
-def importance_rows(device, env, t: int, hq: int = 64, hkv: int = 4, d: int = 128) -> list:
-    """The packed importance kernel (LSE and importance passes) over rows per program and launch settings; the
-    result compared with the first variant's (the committed setting)."""
-    from nsa_viz.kernels.nsa import compress_kv
+def importance_rows(base, device, env, t: int, hq: int = 64, hkv: int = 4, d: int = 128) -> list:
+    """The packed importance kernel (LSE and importance passes): the baseline's, then ours over the variants of
+    ``IMPORTANCE_VARIANTS``; each result compared with the baseline's (largest difference relative to its largest
+    value, and the share of rows whose top-n picks the baseline's blocks)."""
+    from nsa_viz.kernels.nsa import _pick_rows, compress_kv
     q, k, v = inputs(device, t, hq, hkv, d, 0)
     k_cmp, _ = compress_kv(k, v, None, 32, 16)
-    step = lambda: nsa_compressed.compressed_importance(q, k_cmp, cmp_block=32, cmp_stride=16, block=BLOCK,
-                                                        scale=d ** -0.5, kv_len=t, backend="triton")
-    from nsa_viz.kernels.nsa import _pick_rows
+    args = dict(cmp_block=32, cmp_stride=16, block=BLOCK, scale=d ** -0.5, kv_len=t)
     pick = lambda imp: _pick_rows(imp, torch.arange(t, device=device), block=BLOCK, window=WINDOW,
                                   select_outside_window=False, top_n=16, init_blocks=1, local_blocks=2,
                                   backend="triton")
+    runs = [("baseline", base.nsa_compressed, {}, None)] + [(name, nsa_compressed, values, launch)
+                                                           for name, values, launch in IMPORTANCE_VARIANTS]
     rows, want, chosen = [], None, None
-    for rows_per_program, launch in IMPORTANCE_VARIANTS:
-        with temporarily((nsa_compressed, "PACKED_ROWS", rows_per_program),
-                         (nsa_compressed.LAUNCH_OVERRIDES, "packed_importance", launch)):
+    for name, module, values, launch in runs:
+        step = lambda: module.compressed_importance_triton(q, k_cmp, **args)
+        pinned = [(module.LAUNCH_OVERRIDES, "packed_importance", launch)] if launch else []
+        with settings(module, values), temporarily(*pinned):
             try:
                 got = step()
                 want = got if want is None else want
@@ -171,26 +180,25 @@ def importance_rows(device, env, t: int, hq: int = 64, hkv: int = 4, d: int = 12
                 same_rows = float((picked == chosen).all(-1).float().mean())
                 ms = bench_ms(step)
             except Exception as exc:
-                print(f"  importance {rows_per_program} rows {launch}: {type(exc).__name__}: {str(exc)[:160]}")
+                print(f"  importance, {name}: {type(exc).__name__}: {str(exc)[:160]}")
                 continue
-        case = f"{rows_per_program} rows per program, launch {launch}"
-        rows.append(dict(env, op="importance", case=case, T=t, HQ=hq, HKV=hkv, D=d, ms=ms, rows=rows_per_program,
-                         launch=repr(launch), max_rel_diff_to_first=err,
-                         rows_with_the_first_blocks=same_rows))
-        print(f"  importance, {case}: {ms:.2f} ms (max diff {err:.2g} of the largest; rows picking the first's "
+        rows.append(dict(env, op="importance", case=name, T=t, HQ=hq, HKV=hkv, D=d, ms=ms, settings=repr(values),
+                         launch=repr(launch), max_rel_diff_to_baseline=err, rows_with_the_baselines_blocks=same_rows))
+        print(f"  importance, {name}: {ms:.2f} ms (max diff {err:.2g} of the largest; rows picking the baseline's "
               f"blocks {same_rows:.6f})", flush=True)
     return rows
 
 
-def window_rows(device, env, t: int, hq: int = 64, hkv: int = 4, d: int = 128) -> list:
+def window_rows(base, device, env, t: int, hq: int = 64, hkv: int = 4, d: int = 128) -> list:
     q, k, v = inputs(device, t, hq, hkv, d, 1)
     scale = d ** -0.5
     rows, want = [], None
-    for block_q, block_kv, heads, warps, stages in WINDOW_VARIANTS:
+    runs = [(base.block_sparse, "baseline, ") + WINDOW_VARIANTS[0]] + [(block_sparse, "") + w for w in WINDOW_VARIANTS]
+    for module, who, block_q, block_kv, heads, warps, stages in runs:
         layout = layout_from_rule(TokenRule(causal=True, window=WINDOW), t, t, block_q, block_kv, device=device)
-        with temporarily((block_sparse, "FWD_HEADS_PER_PROGRAM", heads),
-                         (block_sparse.LAUNCH_OVERRIDES, "fwd", (warps, stages))):
-            step = lambda: block_sparse.block_sparse_forward(q, k, v, layout, scale)
+        with temporarily((module, "FWD_HEADS_PER_PROGRAM", heads),
+                         (module.LAUNCH_OVERRIDES, "fwd", (warps, stages))):
+            step = lambda: module.block_sparse_forward(q, k, v, layout, scale)
             try:
                 got = step()
                 want = got if want is None else want
@@ -200,7 +208,7 @@ def window_rows(device, env, t: int, hq: int = 64, hkv: int = 4, d: int = 128) -
                 print(f"  window {block_q}x{block_kv}, {heads} heads, {warps}/{stages}: {type(exc).__name__}: "
                       f"{str(exc)[:160]}", flush=True)
                 continue
-        rows.append(dict(env, op="window_forward", case=f"{block_q}x{block_kv} tiles, {heads} heads per program, "
+        rows.append(dict(env, op="window_forward", case=f"{who}{block_q}x{block_kv} tiles, {heads} heads per program, "
                          f"{warps} warps, {stages} stages", T=t, HQ=hq, HKV=hkv, D=d, ms=ms, block_q=block_q,
                          block_kv=block_kv, heads_per_program=heads, warps=warps, stages=stages,
                          max_abs_diff_to_first=err))
@@ -246,17 +254,17 @@ def main() -> int:
     device = torch.device("cuda")
     env = environment(device)
     base = importlib.import_module(args.baseline)
-    for name in ("nsa", "nsa_selected"):
+    for name in ("nsa", "nsa_selected", "nsa_compressed", "block_sparse", "nsa_topk"):
         setattr(base, name, importlib.import_module(f"{args.baseline}.{name}"))
     rows = []
     if "selected" in args.sections:
         rows += selected_rows(base, device, env, args.length)
     if "importance" in args.sections:
-        rows += importance_rows(device, env, args.length)
+        rows += importance_rows(base, device, env, args.length)
     if "topn" in args.sections:
-        rows += topn_rows(device, env, args.length)
+        rows += topn_rows(base, device, env, args.length)
     if "window" in args.sections:
-        rows += window_rows(device, env, args.length)
+        rows += window_rows(base, device, env, args.length)
     if "nsa" in args.sections:
         rows += nsa_rows(base, device, env, args.length)
     write_rows(rows, ROOT / "benchmarks" / "results" / f"variants_{gpu_slug(device)}{args.tag}.json")
