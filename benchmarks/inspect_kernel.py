@@ -6,6 +6,7 @@ register cap lets one more program onto an SM.
 
     python benchmarks/inspect_kernel.py packed_importance [--warps 8] [--stages 2] [--maxnreg 128] [--dump DIR]
     python benchmarks/inspect_kernel.py selected_fwd --warps 4
+    python benchmarks/inspect_kernel.py window_fwd --sass   # instructions per loop iteration, by opcode
 
 Integer arguments are specialised as a real launch does (1 becomes a constant, multiples of 16 are marked so),
 from the 64k shapes of the presets below. The Triton installed here compiles: the GPU image's version (3.6) can
@@ -116,6 +117,26 @@ def resources(compiled, folder: Path) -> dict:
                 shared_bytes=int(compiled.metadata.shared))
 
 
+def loop_opcodes(cubin: Path, top: int = 12) -> list:
+    """``[(start, end, instructions, [(opcode, count), ...])]`` for each loop of the cubin's SASS (a branch back to an
+    earlier address; bodies of at most 4000 instructions, so not the unrolled whole-kernel jumps): where a kernel
+    spends its instructions per iteration, e.g. address arithmetic against products and exponentials."""
+    import triton
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    text = subprocess.run([str(tool), "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+    found = re.findall(r"/\*([0-9a-f]{4,6})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)\s*([^;]*)", text)
+    ins = [(int(at, 16), op.split(".")[0], arg) for at, op, arg in found]
+    loops = []
+    for at, op, arg in ins:
+        target = re.search(r"0x([0-9a-f]+)", arg) if op == "BRA" else None
+        if target and int(target.group(1), 16) < at:
+            body = [o for a, o, _ in ins if int(target.group(1), 16) <= a <= at]
+            if len(body) <= 4000:
+                counts = sorted(((o, body.count(o)) for o in set(body)), key=lambda x: -x[1])
+                loops.append((int(target.group(1), 16), at, len(body), counts[:top]))
+    return loops
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("preset", choices=sorted(PRESETS))
@@ -124,6 +145,7 @@ def main() -> int:
     ap.add_argument("--maxnreg", type=int, default=None, help="register cap per thread (a launch option)")
     ap.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE", help="override constexprs (ints, floats, True or False)")
     ap.add_argument("--dump", type=Path, default=None, help="write ttgir, ptx and the cubin here")
+    ap.add_argument("--sass", action="store_true", help="count each loop's SASS instructions by opcode")
     args = ap.parse_args()
     import importlib
     import tempfile
@@ -152,6 +174,9 @@ def main() -> int:
           f"registers allow {by_registers}, shared memory at most {by_shared}")
     ttgir = compiled.asm["ttgir"]
     print("  " + ", ".join(f"{re.sub(r'[^a-z_.]', '', op)} {ttgir.count(op)}" for op in WATCHED))
+    if args.sass:
+        for start, end, n, counts in loop_opcodes(folder / "kernel.cubin"):
+            print(f"  loop {start:#x}-{end:#x}: {n} instructions: " + ", ".join(f"{o} {c}" for o, c in counts))
     if args.dump:
         for ext in ("ttgir", "ptx"):
             (folder / f"kernel.{ext}").write_text(compiled.asm[ext])
