@@ -343,22 +343,9 @@ def _head_sum(p, TOKENS: tl.constexpr, GROUP_P: tl.constexpr, BLOCK_N: tl.conste
     head bits are summed in HEAD_ROW_BITS order (registers first, then lanes)."""
     if SPREAD:
         x = tl.reshape(p, [2, 2, 2, 2, 2, 2, 2, 2, BLOCK_N])
-        if GROUP_P >= 2:
-            x = tl.sum(x, 4, keep_dims=True)
-        if GROUP_P >= 4:
-            x = tl.sum(x, 0, keep_dims=True)
-        if GROUP_P >= 8:
-            x = tl.sum(x, 7, keep_dims=True)
-        if GROUP_P >= 16:
-            x = tl.sum(x, 6, keep_dims=True)
-        if GROUP_P >= 32:
-            x = tl.sum(x, 5, keep_dims=True)
-        if GROUP_P >= 64:
-            x = tl.sum(x, 3, keep_dims=True)
-        if GROUP_P >= 128:
-            x = tl.sum(x, 2, keep_dims=True)
-        if GROUP_P >= 256:
-            x = tl.sum(x, 1, keep_dims=True)
+        for i in tl.static_range(8):
+            if GROUP_P >= (2 << i):  # head bit i is row bit HEAD_ROW_BITS[i], axis 7 - HEAD_ROW_BITS[i]
+                x = tl.sum(x, 4 if i == 0 else (0 if i == 1 else (9 - i if i < 5 else 8 - i)), keep_dims=True)
         return tl.reshape(x, [TOKENS, BLOCK_N])
     return tl.sum(tl.reshape(p, [TOKENS, GROUP_P, BLOCK_N]), 1)
 
@@ -739,6 +726,9 @@ def _packed_importance(q, k_cmp, lse, cmp_block, cmp_stride, block, scale, kv_le
 # registers and two shuffle rounds on a quarter of the values, against one add and three rounds on half of them in
 # token-major order (131 shuffles per thread and key tile; NOTES run 16). Any order gives the same sums.
 HEAD_ROW_BITS = (3, 7, 0, 1, 2, 4, 5, 6)
+# _head_sum sums these bits as axes 7 - bit of its reshape, in this order, by a formula: they must agree
+assert [7 - bit for bit in HEAD_ROW_BITS] == [4 if i == 0 else 0 if i == 1 else 9 - i if i < 5 else 8 - i
+                                              for i in range(8)]
 # False: rows in token-major order (row = token * GROUP_P + head) at every size.
 SPREAD_HEADS = True
 _ROW_ORDERS: dict = {}
