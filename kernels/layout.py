@@ -99,6 +99,9 @@ class BlockLayout:
     tile_masks: Optional[torch.Tensor] = None
     tile_index: Optional[torch.Tensor] = None
     name: str = "custom"
+    # index lists as wide as the rows of tile_class instead of its busiest row: no device-to-host read to find that
+    # width, which a layout built on every call (NSA's per-block selection) would otherwise wait for
+    full_width_lists: bool = False
 
     def __post_init__(self):
         check_block_size("block_q", self.block_q)
@@ -133,35 +136,36 @@ class BlockLayout:
     def to(self, device) -> "BlockLayout":
         move = lambda t: None if t is None else t.to(device)
         return BlockLayout(self.q_len, self.kv_len, self.block_q, self.block_kv, self.tile_class.to(device), self.rule,
-                           move(self.is_global), move(self.tile_masks), move(self.tile_index), self.name)
+                           move(self.is_global), move(self.tile_masks), move(self.tile_index), self.name,
+                           self.full_width_lists)
 
     # ------------------------------------------------------------ index lists
     @staticmethod
-    def _compact(cls: torch.Tensor, wanted: int):
+    def _compact(cls: torch.Tensor, wanted: int, full_width: bool = False):
         hit = cls == wanted
         counts = hit.sum(-1, dtype=torch.int32)
-        width = max(int(counts.max().item()) if counts.numel() else 0, 1)
+        width = cls.shape[-1] if full_width else max(int(counts.max().item()) if counts.numel() else 0, 1)
         order = torch.argsort((~hit).to(torch.int8), dim=-1, stable=True)[..., :width]
         return order.to(torch.int32).contiguous(), counts.contiguous()
 
     @cached_property
     def full_blocks(self):
         """(indices [LB, LH, NQB, W] int32, counts [LB, LH, NQB] int32) of full key blocks per query block."""
-        return self._compact(self.tile_class, FULL)
+        return self._compact(self.tile_class, FULL, self.full_width_lists)
 
     @cached_property
     def partial_blocks(self):
         """Same for partial key blocks (token mask applied inside)."""
-        return self._compact(self.tile_class, PARTIAL)
+        return self._compact(self.tile_class, PARTIAL, self.full_width_lists)
 
     @cached_property
     def full_blocks_t(self):
         """Transposed: for each key block, the query blocks that visit it fully (for dK/dV)."""
-        return self._compact(self.tile_class.transpose(-1, -2), FULL)
+        return self._compact(self.tile_class.transpose(-1, -2), FULL, self.full_width_lists)
 
     @cached_property
     def partial_blocks_t(self):
-        return self._compact(self.tile_class.transpose(-1, -2), PARTIAL)
+        return self._compact(self.tile_class.transpose(-1, -2), PARTIAL, self.full_width_lists)
 
     @cached_property
     def partial_tile_ids(self) -> Optional[torch.Tensor]:

@@ -343,3 +343,30 @@ def test_few_queries_without_gradient_take_the_decode_kernels(combine):
     assert rel_err(out, want) < TOLERANCE[torch.float32]
     for key in [key for key in aux if key.startswith("lse")]:
         assert rel_err(aux[key], want_aux[key]) < TOLERANCE[torch.float32], key
+
+
+def test_selection_layout_lists_need_no_read_from_the_device(monkeypatch):
+    """The per-block path builds its layout on every call: its index lists are as wide as the key blocks, so that no
+    device-to-host read finds the busiest row first (the GPU would wait for the host there). Same attention as
+    with lists of the minimal width."""
+    import dataclasses
+    from nsa_viz.kernels import block_sparse_attention
+    from .helpers import random_qkv
+    q, k, v = random_qkv(1, 70, 200, 4, 2, 32, torch.float32, seed=3)
+    gen = torch.Generator().manual_seed(4)
+    nkb = math.ceil(200 / 16)
+    chosen = torch.stack([torch.randperm(nkb, generator=gen)[:3] for _ in range(2 * math.ceil(70 / 16))])
+    chosen = chosen.view(1, 2, -1, 3).to(torch.int32)
+    chosen[0, 0, 1, 2] = -1
+    layout = nsa.selection_layout(chosen, 70, 200, 16, window=20)
+
+    def no_read(self):
+        raise AssertionError("a device-to-host read while building the index lists")
+    monkeypatch.setattr(torch.Tensor, "item", no_read)
+    assert layout.full_blocks[0].shape[-1] == layout.partial_blocks[0].shape[-1] == nkb
+    assert layout.full_blocks_t[0].shape[-1] == layout.partial_blocks_t[0].shape[-1] == math.ceil(70 / 16)
+    monkeypatch.undo()
+    narrow = dataclasses.replace(layout, full_width_lists=False)
+    assert narrow.full_blocks[0].shape[-1] < nkb
+    runs = [block_sparse_attention(q, k, v, lay, backend="triton", return_lse=True) for lay in (layout, narrow)]
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
