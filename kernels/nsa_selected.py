@@ -143,9 +143,10 @@ def _sel_fwd_kernel(
     # no branch on the slot: the loop stays one that Triton can software-pipeline (prefetching the next block
     # while this one is computed: 20.2 -> 15.2 ms at 64k, benchmarks/NOTES.md run 12)
     # keys are addressed as a tile's first key plus offsets that are the same for every tile (a gather built per key
-    # took about two thirds of the loop's instructions). Loads are whole tiles: owned blocks lie wholly before the
-    # window, so in the sequence, when the window is at least a block; a mask per key, to skip the keys of the
-    # window's block, cost 128 more instructions per step here and 600 in _sel_fwd_tokens_kernel (NOTES run 16)
+    # took about two thirds of the loop's instructions). Loads are whole tiles: an owned block starts at or before
+    # last = p - window, so it ends before p, inside the sequence, when the window is at least a block (its keys
+    # past last are masked in the scores); a mask per key, to skip those keys' loads, cost 128 more instructions per
+    # step here and 600 in _sel_fwd_tokens_kernel (NOTES run 16)
     IN_BOUNDS: tl.constexpr = WINDOW >= BLOCK
     k_tile = offs_n[None, :] * skt + offs_d[:, None] * skd
     v_tile = offs_n[:, None] * svt + offs_d[None, :] * svd

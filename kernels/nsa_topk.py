@@ -17,13 +17,13 @@ whose best score cannot enter any row's list is skipped. Columns past a row's ow
 read (half the tensor under the causal mask).
 
 ``top_n_mask`` / ``ranking_keys`` are the same rule for rows held whole in registers (the one-token
-decode kernels): a 3-way search over the key values finds each row's n-th largest key in 20 counting
-passes. ``_topn_whole_rows_kernel`` uses them for the forward when a row has at most
+decode kernels): a 3-way search over the key values finds each row's n-th largest key in at most 20
+counting passes (as many as the row's own bounds need: about 13 at 64k since run 16). ``_topn_whole_rows_kernel`` uses them for the forward when a row has at most
 ``TOPN_WHOLE_ROW_MAX`` columns: in its first, int64 4-way form it was slower than the chunked merge on an
 H200 at 64k (5.7 vs 5.1 ms, NOTES run 9); in the int32 3-way form, with 4 rows and 2 warps per program,
 it takes 3.6 ms (run 12), 2.6 ms with registers capped at 96 so that more programs share an SM (run 13). Since
 run 14 a program holds only the columns its rows can see (2.4 ms in that run's machine; not timed against the
-old form in one call).
+old form in one call); since run 16 the search starts from each row's bounds, capped at 128 registers (1.97 ms).
 Longer rows and decode's column splits keep the merge.
 """
 from __future__ import annotations
@@ -146,12 +146,12 @@ def top_n_mask(key, TOP_N: tl.constexpr, TOP_N_P: tl.constexpr):
     C: tl.constexpr = key.shape[1]
     FORCED: tl.constexpr = 0x7F800000
     # per row: at least TOP_N keys >= lo, or lo = 0; fewer than TOP_N keys >= hi. Tighter than [0, 2^31) from the
-    # start: hi just above the largest key that is not forced, lo the smallest of the maxima of TOP_N_P >= TOP_N
-    # disjoint column groups (that many distinct keys are at least that). (When the forced blocks fill the top-n,
-    # TOP_N keys are >= hi: lo then climbs to hi - 1 and the forced keys are exactly those above it, as they
-    # should be.) The passes then needed are counted per program: at 64k on random inputs the top blocks'
-    # importance lies within a few percent, about 13 passes instead of 20 (NOTES run 16)
-    hi = tl.max(tl.where(key == FORCED, -1, key), 1) + 1
+    # start: hi just above the largest key below +inf (forced blocks and infinite scores share that key) unless
+    # TOP_N keys are +inf, lo the smallest of the maxima of TOP_N_P >= TOP_N disjoint column groups (that many
+    # distinct keys are at least that). The passes then needed are counted per program: at 64k on random inputs
+    # the top blocks' importance lies within a few percent, about 13 passes instead of 20 (NOTES run 16)
+    n_inf = tl.sum((key >= FORCED).to(tl.int32), 1)
+    hi = tl.where(n_inf >= TOP_N, FORCED + 1, tl.max(tl.where(key >= FORCED, -1, key), 1) + 1)
     if C >= TOP_N_P:
         lo = tl.maximum(tl.min(tl.max(tl.reshape(key, [R, C // TOP_N_P, TOP_N_P]), 1), 1), 0)
     else:

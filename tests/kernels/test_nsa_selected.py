@@ -247,7 +247,7 @@ def test_slots_that_own_nothing_are_skipped_in_any_order(monkeypatch, tokens, ti
 @pytest.mark.parametrize("window", [0, 9, 16])
 def test_keys_past_the_sequence_are_never_read(monkeypatch, tokens, window):
     # the forward and dQ kernels address a selected tile by its first key and load it whole when the window is at
-    # least a block (every owned block then ends before the window); with a shorter window the last block may run
+    # least a block (every owned block then ends before the query); with a shorter window the last block may run
     # past the keys, so its loads are masked. K and V here are views whose memory goes on with NaN past the last of
     # 45 keys (not a multiple of the 16-key blocks): a load past the sequence would put NaN into the results
     from nsa_viz.kernels import nsa_selected

@@ -27,6 +27,7 @@ def both(scores, cur, **kw):
     ("zeros", 70, 20, 4, 2, 1),      # all scores equal (+0.0 and -0.0): pure index order
     ("random", 200, 37, 3, 1, 2),    # the forced blocks fill the whole top-n
     ("close", 300, 24, 16, 1, 2),    # scores within 1e-6 of each other: the search starts from a narrow range
+    ("inf", 64, 20, 5, 1, 2),        # more +inf scores than top_n (they rank with the forced blocks): exactly n
 ])
 def test_matches_reference(kind, nsel, rows, top_n, init, local, both_forms, monkeypatch):
     monkeypatch.setitem(nsa_topk.TOPN_LAUNCH, "chunk", 32)
@@ -36,6 +37,9 @@ def test_matches_reference(kind, nsel, rows, top_n, init, local, both_forms, mon
         scores = torch.randint(0, 3, shape, generator=gen).float()
     elif kind == "random":
         scores = torch.rand(shape, generator=gen)
+    elif kind == "inf":
+        scores = torch.rand(shape, generator=gen)
+        scores[..., 10:20] = float("inf")
     elif kind == "close":
         scores = 1.0 + 1e-6 * torch.rand(shape, generator=gen)
     else:
