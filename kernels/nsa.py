@@ -24,8 +24,8 @@ selected-attention primitive runs instead. ``nsa_ref.nsa_attention_reference`` i
 """
 from __future__ import annotations
 
+import functools
 import math
-from collections import OrderedDict
 from typing import Optional
 
 import torch
@@ -266,24 +266,14 @@ def _layout_expresses(granularity: str, combine: str, block: int, window: int, q
             and (combine == "gated" or window == 0 or window >= block))
 
 
-_RULE_TILES: "OrderedDict[tuple, tuple]" = OrderedDict()
-
-
-def _rule_tiles(q_len: int, kv_len: int, block: int, window: int, device: torch.device):
+@functools.lru_cache(maxsize=16)
+def _rule_tiles(q_len: int, kv_len: int, block: int, window: int, device: str):
     """``(causal, window)`` tile classes of ``selection_layout``, cached per shape: built on every call they were
     about forty small launches of host work, which at 8k-16k kept the GPU waiting (NOTES run 16)."""
-    key = (q_len, kv_len, block, window, str(device))
-    tiles = _RULE_TILES.get(key)
-    if tiles is None:
-        causal = layout_from_rule(TokenRule(causal=True), q_len, kv_len, block, block, device=device).tile_class
-        win = (layout_from_rule(TokenRule(causal=True, window=window), q_len, kv_len, block, block,
-                                device=device).tile_class if window > 0 else None)
-        tiles = _RULE_TILES[key] = (causal, win)
-        while len(_RULE_TILES) > 16:
-            _RULE_TILES.popitem(last=False)
-    else:
-        _RULE_TILES.move_to_end(key)
-    return tiles
+    causal = layout_from_rule(TokenRule(causal=True), q_len, kv_len, block, block, device=device).tile_class
+    win = (layout_from_rule(TokenRule(causal=True, window=window), q_len, kv_len, block, block,
+                            device=device).tile_class if window > 0 else None)
+    return causal, win
 
 
 def selection_layout(chosen: torch.Tensor, q_len: int, kv_len: int, block: int, window: int = 0) -> BlockLayout:
@@ -292,7 +282,7 @@ def selection_layout(chosen: torch.Tensor, q_len: int, kv_len: int, block: int, 
     b, h, nqb, _ = chosen.shape
     dev = chosen.device
     nkb = math.ceil(kv_len / block)
-    causal, win = _rule_tiles(q_len, kv_len, block, window, dev)
+    causal, win = _rule_tiles(q_len, kv_len, block, window, str(dev))
     hit = torch.zeros(b, h, nqb, nkb + 1, dtype=torch.bool, device=dev)
     hit.scatter_(-1, torch.where(chosen < 0, torch.full_like(chosen, nkb), chosen).long(), True)
     cls = torch.where(hit[..., :nkb], causal, torch.zeros((), dtype=torch.int8, device=dev))

@@ -20,7 +20,7 @@ blocks are not):
 """
 from __future__ import annotations
 
-from collections import OrderedDict
+import functools
 from typing import Optional
 
 import torch
@@ -420,24 +420,17 @@ def _tuning(kernel: str, device: torch.device, rows: int = 16) -> dict:
     # on 64 threads
     return dict(num_warps=2 if kernel == "fwd" and rows <= 16 else 4, num_stages=2)
 
-_WINDOW_LAYOUTS: "OrderedDict[tuple, object]" = OrderedDict()
-
-
 def window_layout(q_len: int, kv_len: int, window: int, head_dim: int, device: torch.device):
     """Sliding-window BlockLayout for the window part, cached (a model calls this with the same shapes
     in every layer)."""
-    key = (q_len, kv_len, window, head_dim, str(device))
-    layout = _WINDOW_LAYOUTS.get(key)
-    if layout is None:
-        block_q, block_kv = preferred_block_sizes(head_dim, device)
-        layout = layout_from_rule(TokenRule(causal=True, window=window), q_len, kv_len, block_q, block_kv,
-                                  device=device, name=f"window{window}")
-        _WINDOW_LAYOUTS[key] = layout
-        while len(_WINDOW_LAYOUTS) > 16:
-            _WINDOW_LAYOUTS.popitem(last=False)
-    else:
-        _WINDOW_LAYOUTS.move_to_end(key)
-    return layout
+    return _window_layout(q_len, kv_len, window, head_dim, str(device))
+
+
+@functools.lru_cache(maxsize=16)
+def _window_layout(q_len: int, kv_len: int, window: int, head_dim: int, device: str):
+    block_q, block_kv = preferred_block_sizes(head_dim, torch.device(device))
+    return layout_from_rule(TokenRule(causal=True, window=window), q_len, kv_len, block_q, block_kv, device=device,
+                            name=f"window{window}")
 
 
 def inverse_index(block_idx: torch.Tensor, q_offset: int, kv_len: int, block: int, window: int, tokens_per_item: int):
