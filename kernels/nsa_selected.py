@@ -76,16 +76,29 @@ def _nth_owned_block(idx_ptrs, valid, n, sin, row, ranks, ASCENDING: tl.constexp
 
 
 @triton.jit
+def _token_block(idx_ptr, n, sin, row, ranks, ASCENDING: tl.constexpr):
+    """``[1]``: the one-token kernels' ``n``-th owned block (``_nth_owned_block`` on the token's row as a batch of
+    one), rebuilt from a scalar: used as it comes out of the row, it took the score tile's layout back into the
+    row's cumsum, which Triton 3.6 then failed to lower (ASCENDING false; NOTES run 16)."""
+    one = tl.arange(0, 1)
+    return tl.zeros([1], tl.int64) + tl.max(_nth_owned_block(idx_ptr, one < 1, n + one, sin, row, ranks, ASCENDING), 0)
+
+
+@triton.jit
+def _load_kv(k_ptrs, v_ptrs, k_in, v_in, IN_BOUNDS: tl.constexpr):
+    """A selected tile's keys and values: whole where every owned block lies in the sequence (IN_BOUNDS), else only
+    the keys in it (``k_in``, ``v_in``: masks shaped like the tiles; the rest 0)."""
+    if IN_BOUNDS:
+        return tl.load(k_ptrs), tl.load(v_ptrs)
+    return tl.load(k_ptrs, mask=k_in, other=0.0), tl.load(v_ptrs, mask=v_in, other=0.0)
+
+
+@triton.jit
 def _selected_tile(q, k_ptrs, v_ptrs, kmask, in_seq, m_i, l_i, acc, qk_scale_log2, IN_BOUNDS: tl.constexpr,
                    PRECISION: tl.constexpr):
     """One key tile of the online softmax over selected keys (``k_ptrs [D, N]``, ``v_ptrs [N, D]``; keys outside
     ``kmask [1, N]`` get no mass, and with IN_BOUNDS false only keys in ``in_seq [1, N]`` are read)."""
-    if IN_BOUNDS:
-        k = tl.load(k_ptrs)
-        v = tl.load(v_ptrs)
-    else:
-        k = tl.load(k_ptrs, mask=in_seq, other=0.0)
-        v = tl.load(v_ptrs, mask=tl.trans(in_seq), other=0.0)
+    k, v = _load_kv(k_ptrs, v_ptrs, in_seq, tl.trans(in_seq), IN_BOUNDS)
     m_new, p, alpha = _scaled_softmax_step(m_i, tl.where(kmask, _mm(q, k, PRECISION), float("-inf")), qk_scale_log2,
                                            True)
     return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + _mm(p.to(v.dtype), v, PRECISION)
@@ -151,9 +164,7 @@ def _sel_fwd_kernel(
     k_tile = offs_n[None, :] * skt + offs_d[:, None] * skd
     v_tile = offs_n[:, None] * svt + offs_d[None, :] * svd
     for n in range(0, n_owned):
-        # [1], rebuilt from a scalar: used as it comes out of the row, it took the score tile's layout back into the
-        # row's cumsum, which Triton 3.6 then failed to lower (ASCENDING false)
-        blk = tl.zeros([1], tl.int64) + tl.max(_nth_owned_block(idx_base, one < 1, n + one, sin, row, ranks, ASCENDING), 0)
+        blk = _token_block(idx_base, n, sin, row, ranks, ASCENDING)
         for c in tl.static_range(0, BLOCK, BLOCK_N):
             first, kmask = _slot_tile(blk, c, offs_n, tl.full([1], last, tl.int32), BLOCK)
             first = first[:, None]  # [1, 1]: broadcast
@@ -219,13 +230,8 @@ def _sel_fwd_tokens_kernel(
             first, kmask = _slot_tile(blk, c, offs_n, last, BLOCK)
             k_ptrs = k_base + first[:, None, None].to(tl.int64) * skt + k_tile
             v_ptrs = v_base + first[:, None, None].to(tl.int64) * svt + v_tile
-            if IN_BOUNDS:
-                k = tl.load(k_ptrs)
-                v = tl.load(v_ptrs)
-            else:
-                in_seq = (first[:, None] + offs_n[None, :]) < q_offset + q_len
-                k = tl.load(k_ptrs, mask=in_seq[:, None, :], other=0.0)
-                v = tl.load(v_ptrs, mask=in_seq[:, :, None], other=0.0)
+            in_seq = (first[:, None] + offs_n[None, :]) < q_offset + q_len
+            k, v = _load_kv(k_ptrs, v_ptrs, in_seq[:, None, :], in_seq[:, :, None], IN_BOUNDS)
             s = tl.where(kmask[:, None, :], _mm(q, k, PRECISION), float("-inf"))
             m_new, p, alpha = _scaled_softmax_step(m_i, s, qk_scale_log2, True)
             l_i = l_i * alpha + tl.sum(p, 2)
@@ -250,12 +256,7 @@ def _selected_dq_tile(q, do, lse, delta, dq, k_ptrs, v_ptrs, kmask, in_seq, qk_s
                       PRECISION: tl.constexpr):
     """dQ of one key tile of the selected part (``k_ptrs``, ``v_ptrs`` ``[N, D]``; keys outside ``kmask [1, N]`` give
     no gradient, and with IN_BOUNDS false only keys in ``in_seq [1, N]`` are read)."""
-    if IN_BOUNDS:
-        k = tl.load(k_ptrs)
-        v = tl.load(v_ptrs)
-    else:
-        k = tl.load(k_ptrs, mask=tl.trans(in_seq), other=0.0)
-        v = tl.load(v_ptrs, mask=tl.trans(in_seq), other=0.0)
+    k, v = _load_kv(k_ptrs, v_ptrs, tl.trans(in_seq), tl.trans(in_seq), IN_BOUNDS)
     s = _mm(q, tl.trans(k), PRECISION) * qk_scale_log2
     p = tl.where(kmask, tl.math.exp2(s - lse[:, None]), 0.0)
     ds = p * (_mm(do, tl.trans(v), PRECISION) - delta[:, None])
@@ -303,7 +304,7 @@ def _sel_bwd_dq_kernel(
     k_tile = offs_n[:, None] * skt + offs_d[None, :] * skd
     v_tile = offs_n[:, None] * svt + offs_d[None, :] * svd
     for n in range(0, n_owned):  # branch-free, as in the forward
-        blk = tl.zeros([1], tl.int64) + tl.max(_nth_owned_block(idx_base, one < 1, n + one, sin, row, ranks, ASCENDING), 0)
+        blk = _token_block(idx_base, n, sin, row, ranks, ASCENDING)
         for c in tl.static_range(0, BLOCK, BLOCK_N):
             first, kmask = _slot_tile(blk, c, offs_n, tl.full([1], last, tl.int32), BLOCK)
             first = first[:, None]  # [1, 1]: broadcast
