@@ -337,6 +337,17 @@ def _raw_lse_step(m_i, l_i, s, qk_scale_log2, MASKED: tl.constexpr):
 
 
 @triton.jit
+def _key_tile(k_base, j, offs_n, offs_d, skt, skd, num_cmp, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """``(offs_k, k [D, BLOCK_N])``: compressed key tile ``j``; MASKED reads only keys below ``num_cmp`` (a tile that
+    every row sees whole lies below it)."""
+    offs_k = j * BLOCK_N + offs_n
+    ptrs = k_base + offs_k[None, :].to(tl.int64) * skt + offs_d[:, None] * skd
+    if MASKED:
+        return offs_k, tl.load(ptrs, mask=offs_k[None, :] < num_cmp, other=0.0)
+    return offs_k, tl.load(ptrs)
+
+
+@triton.jit
 def _head_sum(p, TOKENS: tl.constexpr, GROUP_P: tl.constexpr, BLOCK_N: tl.constexpr, SPREAD: tl.constexpr):
     """``[TOKENS, BLOCK_N]``: the probabilities ``p [TOKENS * GROUP_P, BLOCK_N]`` summed over each token's heads, rows
     ordered as ``_packed_row_order`` puts them. SPREAD (256 rows): row bit b is axis 7 - b of a reshape, and the
@@ -423,13 +434,10 @@ def _packed_importance_kernel(
         m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([ROWS], dtype=tl.float32)
         for j in range(0, n_full):
-            offs_k = j * BLOCK_N + offs_n
-            k = tl.load(k_base + offs_k[None, :].to(tl.int64) * skt + offs_d[:, None] * skd)
+            _, k = _key_tile(k_base, j, offs_n, offs_d, skt, skd, num_cmp, BLOCK_N, False)
             m_i, l_i = _raw_lse_step(m_i, l_i, _mm(q, k, PRECISION), qk_scale_log2, False)
         for j in range(n_full, n_tiles):
-            offs_k = j * BLOCK_N + offs_n
-            k = tl.load(k_base + offs_k[None, :].to(tl.int64) * skt + offs_d[:, None] * skd,
-                        mask=offs_k[None, :] < num_cmp, other=0.0)
+            offs_k, k = _key_tile(k_base, j, offs_n, offs_d, skt, skd, num_cmp, BLOCK_N, True)
             s = tl.where(offs_k[None, :] < n_vis[:, None], _mm(q, k, PRECISION), float("-inf"))
             m_i, l_i = _raw_lse_step(m_i, l_i, s, qk_scale_log2, True)
         # log2 units; +inf: nothing visible, or a row that takes no part (its scores were not masked)
@@ -444,17 +452,14 @@ def _packed_importance_kernel(
     w_own, w_next = _tile_weights(offs_n, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK, NUM_SEL)
     carry = tl.zeros([TOKENS, NUM_SEL], dtype=tl.float32)
     for j in range(0, n_full):
-        offs_k = j * BLOCK_N + offs_n
-        k = tl.load(k_base + offs_k[None, :].to(tl.int64) * skt + offs_d[:, None] * skd)
+        offs_k, k = _key_tile(k_base, j, offs_n, offs_d, skt, skd, num_cmp, BLOCK_N, False)
         own, carry = _importance_tile(q, k, lse2, offs_k, n_vis, carry, w_own, w_next, qk_scale_log2, TOKENS, GROUP_P,
                                       BLOCK_N, NUM_SEL, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK, PRECISION, BY_BLOCKS, SPREAD,
                                       False)
         cols = j * NUM_SEL + offs_s
         tl.store(imp_rows + cols[None, :] * sis, own, mask=tmask[:, None] & (cols[None, :] < num_sel))
     for j in range(n_full, n_tiles):
-        offs_k = j * BLOCK_N + offs_n
-        k = tl.load(k_base + offs_k[None, :].to(tl.int64) * skt + offs_d[:, None] * skd,
-                    mask=offs_k[None, :] < num_cmp, other=0.0)
+        offs_k, k = _key_tile(k_base, j, offs_n, offs_d, skt, skd, num_cmp, BLOCK_N, True)
         own, carry = _importance_tile(q, k, lse2, offs_k, n_vis, carry, w_own, w_next, qk_scale_log2, TOKENS, GROUP_P,
                                       BLOCK_N, NUM_SEL, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK, PRECISION, BY_BLOCKS, SPREAD,
                                       True)
