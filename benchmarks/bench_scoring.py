@@ -2,7 +2,8 @@
 branch, the largest pieces of the 64k forward).
 
 1. The packed importance kernel timed as it is and with one part of its work taken out at a time. Each variant
-   is the kernel's own source (``nsa_compressed._packed_importance_kernel``) with one textual substitution,
+   is the kernel's own source (``nsa_compressed._packed_importance_kernel`` and its per-tile helpers
+   ``_raw_lse_step``, ``_importance_tile``) with one textual substitution,
    compiled from a temporary module and launched through ``nsa_compressed._packed_importance`` (so tiles and
    launch settings are the real ones). The variants compute wrong numbers on purpose; only their time matters.
    Then the kernel as it is under other launch settings.
@@ -32,9 +33,15 @@ from common import ROOT, bench_ms, environment, gpu_slug, temporarily, write_row
 from nsa_viz.kernels import nsa_compressed, nsa_topk
 from nsa_viz.kernels.nsa import compress_mean
 
-KERNEL = inspect.getsource(nsa_compressed._packed_importance_kernel.fn)
-IMPORTANCE_EXP = "tl.math.exp2(s - lse2[:, None])"
-LSE_STEP = "m_i, l_i = _running_lse_step(m_i, l_i, s)"
+# the kernel and the two helpers whose work the variants take out (since run 16 the per-tile steps live there): the
+# variants' module defines its own copies, which the kernel then calls
+KERNEL = "\n\n".join(inspect.getsource(f.fn) for f in (nsa_compressed._raw_lse_step, nsa_compressed._importance_tile,
+                                                       nsa_compressed._packed_importance_kernel))
+IMPORTANCE_EXP = "_head_sum(tl.math.exp2(x),"
+NO_IMPORTANCE_EXP = "_head_sum(x,"
+LSE_STEP = """    m_new, p, alpha = _scaled_softmax_step(m_i, s, qk_scale_log2, MASKED)
+    return m_new, l_i * alpha + tl.sum(p, 1)"""
+NO_LSE_EXP = "    return tl.maximum(m_i, tl.max(s, 1)), l_i + tl.sum(s, 1)"
 MAPPING = ("own = tl.dot(psum, w_own, input_precision=\"ieee\") + carry",
            "carry = tl.dot(psum, w_next, input_precision=\"ieee\")")
 # the second pass alone: the LSE comes from compressed_lse (timed on its own as well)
@@ -50,11 +57,9 @@ PRODUCTS = ("if BY_BLOCKS:", "if False:")
 VARIANTS = {
     "as is": [],
     "eq. 9 mapping as products (until run 14)": [PRODUCTS],
-    "importance pass without exp2": [(IMPORTANCE_EXP, "(s - lse2[:, None])")],
-    "LSE pass without exp2 (max and plain sum)": [
-        (LSE_STEP, "m_i = tl.maximum(m_i, tl.max(s, 1)); l_i += tl.sum(s, 1)")],
-    "no exp2 in either pass": [(IMPORTANCE_EXP, "(s - lse2[:, None])"),
-                               (LSE_STEP, "m_i = tl.maximum(m_i, tl.max(s, 1)); l_i += tl.sum(s, 1)")],
+    "importance pass without exp2": [(IMPORTANCE_EXP, NO_IMPORTANCE_EXP)],
+    "LSE pass without exp2 (max and plain sum)": [(LSE_STEP, NO_LSE_EXP)],
+    "no exp2 in either pass": [(IMPORTANCE_EXP, NO_IMPORTANCE_EXP), (LSE_STEP, NO_LSE_EXP)],
     "eq. 9 mapping replaced by a reshape-sum": [PRODUCTS] + list(zip(MAPPING, CHEAP_MAP)),
     ONE_TF32: [PRODUCTS] + list(zip(MAPPING, (
         "own = tl.sum(psum[:, :, None] * w_own[None, :, :], 1) + carry",
@@ -63,13 +68,6 @@ VARIANTS = {
         "own = tl.dot(psum, w_own, input_precision=\"tf32x3\") + carry",
         "carry = tl.dot(psum, w_next, input_precision=\"tf32x3\")"))),
     GIVEN_LSE: [],
-    # the form until run 14: the eq. 9 weights (the same for every key tile) recomputed and stored to shared memory
-    # in every iteration of the importance pass
-    "eq. 9 weights recomputed per key tile (products, as until run 14)": [PRODUCTS, (
-        "p = tl.where(offs_k[None, :] < n_vis[:, None], tl.math.exp2(s - lse2[:, None]), 0.0)",
-        "p = tl.where(offs_k[None, :] < n_vis[:, None], tl.math.exp2(s - lse2[:, None]), 0.0)\n"
-        "        w_own = _overlap_weights(offs_k, j * NUM_SEL, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK, NUM_SEL)\n"
-        "        w_next = _overlap_weights(offs_k, (j + 1) * NUM_SEL, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK, NUM_SEL)")],
 }
 # the kernel as it is under other launch settings: (rows per program, warps, stages, register cap or None). The caps
 # are the largest that give one more program per SM: 256 rows / 8 warps takes 166 registers uncapped (one program,
@@ -92,9 +90,9 @@ def variant_kernel(name: str, subs: list, folder: Path):
         source = source.replace(old, new)
     module = folder / f"importance_variant_{abs(hash(name))}.py"
     module.write_text("import triton\nimport triton.language as tl\n"
-                      "from nsa_viz.kernels.nsa_compressed import (_visible_count, _overlap_weights, _running_lse_step,"
-                      " _tile_weights, _map_by_blocks)\n"
-                      "from nsa_viz.kernels.block_sparse import _mm\n\n" + source)
+                      "from nsa_viz.kernels.nsa_compressed import (_visible_count, _overlap_weights, _tile_weights,"
+                      " _map_by_blocks, _head_sum, _key_tile)\n"
+                      "from nsa_viz.kernels.block_sparse import _mm, _scaled_softmax_step\n\n" + source)
     spec = importlib.util.spec_from_file_location(module.stem, module)
     loaded = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(loaded)
