@@ -45,7 +45,8 @@ PRESETS = {
 }
 # the NSA window part: block-sparse forward on a sliding-window layout, two query heads per program
 PRESETS["window_fwd"] = ("block_sparse", "_fwd_kernel", dict(
-    Q="*bf16", K="*bf16", V="*bf16", O="*bf16", LSE="*fp32", sqb=T * 8192, sqt=8192, sqh=128, sqd=1, skb=T * 512, skt=512,
+    Q="*bf16", K="*bf16", V="*bf16", O="*bf16", LSE="*fp32", sqb=T * 8192, sqt=8192, sqh=128, sqd=1, skb=T * 512,
+    skt=512,
     skh=128, skd=1, svb=T * 512, svt=512, svh=128, svd=1, sob=T * 8192, sot=8192, soh=128, sod=1, FULL_IDX="*i32",
     FULL_CNT="*i32", PART_IDX="*i32", PART_CNT="*i32", PART_TID="*i32", layout_heads=1, num_rows=1024, full_w=16,
     part_w=16, GLOB="*i8", BITS="*i8", q_len=T, kv_len=T, num_q_heads=64, q_offset=0, qk_scale_log2=0.1), dict(
@@ -55,7 +56,8 @@ PRESETS["window_fwd"] = ("block_sparse", "_fwd_kernel", dict(
 PRESETS["selected_fwd_tokens"] = ("nsa_selected", "_sel_fwd_tokens_kernel", PRESETS["selected_fwd"][2],
                                   dict(PRESETS["selected_fwd"][3], TOKENS=2))
 # what each preset's kernel is launched with on the GPU: (warps, stages, register cap or None)
-LAUNCHES = {"window_fwd": (4, 2, None), "packed_importance": (8, 2, 128), "topn_whole_rows": (2, 2, 128), "selected_fwd": (2, 2, None), "selected_fwd_tokens": (2, 2, None)}
+LAUNCHES = {"window_fwd": (4, 2, None), "packed_importance": (8, 2, 128), "topn_whole_rows": (2, 2, 128),
+            "selected_fwd": (2, 2, None), "selected_fwd_tokens": (2, 2, None)}
 # pointer arguments that are not bf16 tensors whatever the preset (the packed importance kernel's row order)
 INT_POINTERS = {"ROW_TOKEN": "*i32", "ROW_HEAD": "*i32"}
 # TTGIR operations worth counting: data through shared memory, tensor-core products, reductions

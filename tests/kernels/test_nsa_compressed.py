@@ -143,8 +143,9 @@ def test_packed_importance_whole_and_masked_key_tiles(hq, hkv):
     """Both passes of the packed kernel run the key tiles that every row of a program sees whole without a mask and
     the rest masked per row. With stride d=16 a tile of 64 compressed keys spans 1024 tokens: 1100 queries from
     position 0 put the first token that sees a whole tile (position 1039) at the end of a program whose other tokens
-    see 63 keys, and 60 queries at the end of 2100 keys the first that sees two (2063) among tokens that see one. A group of 3 has padded rows,
-    which take no part but see every tile unmasked. Both must give the reference's importance."""
+    see 63 keys, and 60 queries at the end of 2100 keys the first that sees two (2063) among tokens that see one.
+    A group of 3 has padded rows, which take no part but see every tile unmasked. Both must give the reference's
+    importance."""
     assert packed_importance_error(1100, 1100, hq, hkv, 32, 16, 64, seed=hq) < 1e-5
     assert packed_importance_error(60, 2100, hq, hkv, 32, 16, 64, seed=hq + 1) < 1e-5
 
