@@ -19,8 +19,9 @@ read (half the tensor under the causal mask).
 ``top_n_mask`` / ``ranking_keys`` are the same rule for rows held whole in registers (the one-token
 decode kernels): a 3-way search over the key values finds each row's n-th largest key in at most 20
 counting passes (as many as the row's own bounds need: about 13 at 64k since run 16).
-``_topn_whole_rows_kernel`` uses them for the forward when a row has at most ``TOPN_WHOLE_ROW_MAX`` columns: in its first, int64 4-way form it was slower than the chunked merge on an
-H200 at 64k (5.7 vs 5.1 ms, NOTES run 9); in the int32 3-way form, with 4 rows and 2 warps per program,
+``_topn_whole_rows_kernel`` uses them for the forward when a row has at most ``TOPN_WHOLE_ROW_MAX`` columns:
+in its first, int64 4-way form it was slower than the chunked merge on an H200 at 64k (5.7 vs 5.1 ms, NOTES
+run 9); in the int32 3-way form, with 4 rows and 2 warps per program,
 it takes 3.6 ms (run 12), 2.6 ms with registers capped at 96 so that more programs share an SM (run 13). Since
 run 14 a program holds only the columns its rows can see (2.4 ms in that run's machine; not timed against the
 old form in one call); since run 16 the search starts from each row's bounds, capped at 128 registers (1.97 ms).
